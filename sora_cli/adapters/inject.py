@@ -1,0 +1,106 @@
+"""Find the target `nn.Linear` modules, replace them with the method's layer, freeze the rest."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from sora_cli.adapters.method import Method
+from sora_cli.errors import InputError
+
+# Output heads: never adapted by `all-linear`, and the default `modules_to_save` (PEFT's choice too).
+HEAD_NAMES = ("classifier", "score", "lm_head")
+
+
+@dataclass(frozen=True)
+class Injection:
+    targets: list[str]  # full names of the adapted Linear modules, in model order
+    modules_to_save: list[str]  # full names of the trained (not adapted) modules
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _compact(names: list[str]) -> str:
+    """Linear module names with layer indices folded (`encoder.layer.N.attention.self.query`)."""
+    seen: dict[str, None] = {}
+    for n in names:
+        seen[re.sub(r"\.\d+\.", ".N.", n)] = None
+    return ", ".join(seen)
+
+
+def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], heads: list[str]) -> list[str]:
+    names = linear_names(model)
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        chosen = [n for n in names if not any(_matches(n, h) for h in heads + list(HEAD_NAMES))]
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise InputError(f"adapter.target_modules: {target_modules!r} is not a valid regex ({e}); "
+                             "give a list of module-name suffixes, a regex, or all-linear") from None
+        chosen = [n for n in names if pattern.fullmatch(n)]
+    else:
+        missing = [s for s in target_modules if not any(_matches(n, s) for n in names)]
+        if missing:
+            raise InputError(f"adapter.target_modules: {', '.join(map(repr, missing))} matches no Linear module; "
+                             f"the model's Linear modules are: {_compact(names)}")
+        chosen = [n for n in names if any(_matches(n, s) for s in target_modules)]
+    if not chosen:
+        raise InputError(f"adapter.target_modules: {target_modules!r} matches no Linear module; "
+                         f"the model's Linear modules are: {_compact(names)}")
+    return chosen
+
+
+def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    if modules_to_save is None:
+        return [n for n in names if n.split(".")[-1] in HEAD_NAMES[:2] and any(True for _ in _params(model, n))]
+    chosen: list[str] = []
+    for suffix in modules_to_save:
+        found = [n for n in names if _matches(n, suffix)]
+        if not found:
+            raise InputError(f"adapter.modules_to_save: {suffix!r} matches no module of the model; "
+                             f"top-level modules are: {', '.join(n for n in names if '.' not in n)}")
+        # Keep only outermost matches (a module and its children are trained as one).
+        chosen += [n for n in found if not any(n.startswith(c + ".") for c in chosen)]
+    return chosen
+
+
+def _params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    return list(model.get_submodule(name).parameters())
+
+
+def inject(model: nn.Module, method: Method) -> Injection:
+    """Freeze the model, replace the target Linears by the method's layer, unfreeze modules_to_save."""
+    cfg = method.adapter
+    heads = select_heads(model, cfg.modules_to_save)
+    targets = select_targets(model, cfg.target_modules, heads)
+    clash = [t for t in targets if any(t == h or t.startswith(h + ".") for h in heads)]
+    if clash:
+        raise InputError(f"adapter.target_modules: {clash[0]!r} is also in adapter.modules_to_save; "
+                         "a module is either adapted or trained in full, not both")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, method.make_layer(getattr(parent, child)))
+    for name in heads:
+        for p in _params(model, name):
+            p.requires_grad_(True)
+    return Injection(targets=targets, modules_to_save=heads)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, from tensor shapes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

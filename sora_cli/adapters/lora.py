@@ -1,0 +1,62 @@
+"""LoRA (Hu et al., 2021), the in-tool baseline: h = W0 x + b + s · B A dropout(x)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sora_cli.adapters.method import Method
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update.
+
+        h = W0 x + b + s · B (A · dropout(x))        A: (r, d_in)  B: (d_out, r)  s = alpha / r
+
+    `weight` and `bias` are the base layer's own parameters under their original names,
+    so a base checkpoint loads into the adapted model without key remapping.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (d_out, d_in), frozen
+        self.bias = base.bias  # (d_out,) or None, frozen
+        # Adapters train in float32 even on a half-precision base (autocast handles the matmuls).
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
+        device = base.weight.device
+        self.r = r
+        self.scaling = alpha / r  # fixed at creation; pruning never changes it
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """z = A · dropout(x), shape (..., r)."""
+        return F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.weight, self.bias)  # (..., d_out)
+        z = self.adapter_input(x)  # (..., r)
+        return h + (self.scaling * F.linear(z, self.lora_B)).to(h.dtype)
+
+    def active_rank(self) -> int:
+        return self.r
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def make_layer(self, base: nn.Linear) -> nn.Module:
+        return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout)
+
+    def describe(self) -> dict[str, Any]:
+        return {}

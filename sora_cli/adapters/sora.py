@@ -1,0 +1,73 @@
+"""SoRA (Ding et al., EMNLP 2023, arXiv 2311.11696): LoRA with a gate between A and B,
+made sparse by a proximal (soft-threshold) step after every optimizer step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from sora_cli.adapters.lora import LoRALinear
+from sora_cli.adapters.method import Method
+from sora_cli.optim import proximal_step
+
+
+class SoRALinear(LoRALinear):
+    """LoRA with a rank gate g (r,):
+
+        h = W0 x + b + s · B (g ⊙ (A · dropout(x)))
+
+    A rank i is off exactly when g_i == 0; `prune` then removes row i of A and column i of B.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, gate_init: str = "normal"):
+        super().__init__(base, r, alpha, dropout)
+        gate = torch.empty(r, dtype=self.lora_A.dtype, device=self.lora_A.device)
+        if gate_init == "normal":
+            nn.init.normal_(gate)  # N(0, 1), as the reference code
+        else:
+            nn.init.ones_(gate)
+        self.gate = nn.Parameter(gate)
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return super().adapter_input(x) * self.gate  # (..., r) ⊙ (r,)
+
+    def active_rank(self) -> int:
+        return int(torch.count_nonzero(self.gate))
+
+
+def gates(model: nn.Module) -> list[nn.Parameter]:
+    return [m.gate for m in model.modules() if isinstance(m, SoRALinear)]
+
+
+class SoRA(Method):
+    name = "sora"
+
+    def make_layer(self, base: nn.Linear) -> nn.Module:
+        a = self.adapter
+        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal")
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr).
+        lr = self.adapter.gate_lr or self.train.lr
+        return [{"params": gates(model), "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "gate"}]
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        # Optional l1_loss_weight · Σ|g| / numel(g) (the reference GLUE scripts); the proximal step is the real L1.
+        weight = self.adapter.l1_loss_weight or 0.0
+        if weight == 0.0:
+            return None
+        g = torch.cat([p.reshape(-1) for p in gates(model)])
+        return weight * g.abs().sum() / g.numel()
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        (group,) = [g for g in optimizer.param_groups if g.get("name") == "gate"]
+        tau = proximal_step(group["params"], self.adapter.threshold or "scaled", self.adapter.sparse_lambda or 0.0,
+                            lr=group["lr"])
+        return {"threshold": tau}
+
+    def describe(self) -> dict[str, Any]:
+        a = self.adapter
+        return {"gate_init": a.gate_init, "sparse_lambda": a.sparse_lambda, "threshold": a.threshold,
+                "gate_lr": a.gate_lr, "l1_loss_weight": a.l1_loss_weight}

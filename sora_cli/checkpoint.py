@@ -1,0 +1,191 @@
+"""Run directories and checkpoints: safetensors + JSON, written atomically, no pickle.
+
+    <run>/recipe.yaml  metrics.jsonl
+    <run>/checkpoints/step-N/  adapter.safetensors  adapter.json  training_state.safetensors  training_state.json
+    <run>/final/  <run>/best/  adapter.safetensors  adapter.json
+
+A directory appears under its final name only by `rename` after every file in it was
+fsync'ed, so a killed run never leaves a half-written checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sora_cli.errors import CheckpointError
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_META = "training_state.json"
+FORMAT = "sora-adapter"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling to fill; on success it replaces `target` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = target.parent / f".old-{target.name}-{os.getpid()}"
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter files
+
+
+def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / ADAPTER_WEIGHTS)
+    _write_json(directory / ADAPTER_META, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
+
+
+def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a checkpoint directory, with a clear error for anything wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"{directory}: not a sora checkpoint ({p.name} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a sora adapter file (format {meta.get('format')!r})")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({e}); the checkpoint is damaged") from None
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state (optimizer, RNG, counters) for exact resume
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_to_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, counters: dict[str, Any]) -> None:
+    opt_tensors, opt_meta = optimizer_to_files(optimizer)
+    rng_tensors, rng_meta = rng_to_files()
+    save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()}, directory / STATE_TENSORS)
+    _write_json(directory / STATE_META, {"counters": counters, "optimizer": opt_meta, "rng": rng_meta})
+
+
+def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        return load_file(directory / STATE_TENSORS), json.loads((directory / STATE_META).read_text())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: training state unreadable ({e}); resume from an earlier checkpoint "
+                              "or start over with --overwrite") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+
+
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete step checkpoints, oldest first (temporary `.tmp-*` directories are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def remove_old_checkpoints(run_dir: Path, keep_last: int) -> None:
+    for _, path in step_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)

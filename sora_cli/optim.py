@@ -1,0 +1,87 @@
+"""Optimizer groups, learning-rate schedules and the proximal gate step (METHODS.md, SoRA)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def soft_threshold_(v: torch.Tensor, tau: float) -> torch.Tensor:
+    """In place: S_τ(v) = sign(v) · max(|v| − τ, 0)."""
+    shrunk = (v.abs() - tau).clamp_(min=0)
+    return v.copy_(torch.sign(v) * shrunk)
+
+
+@torch.no_grad()
+def reference_threshold_(v: torch.Tensor, lam: float) -> torch.Tensor:
+    """In place, the reference code's step: shrink by λ, then zero what is now below λ.
+
+    Net effect |v| < 2λ → 0, else v − sign(v)·λ. Not a true soft-threshold: kept only for
+    parity with published numbers (`threshold: reference`).
+    """
+    soft_threshold_(v, lam)
+    return v.masked_fill_(v.abs() < lam, 0.0)
+
+
+def proximal_step(params: Iterable[torch.Tensor], mode: str, lam: float, lr: float) -> float:
+    """Apply the L1 proximal operator to every gate after the optimizer step; return τ used.
+
+    scaled: τ = λ·η_t (the proximal gradient step, η_t the gate group's LR at this step);
+    fixed: τ = λ; reference: the reference code's shrink-then-cut with λ.
+    """
+    tau = lam * lr if mode == "scaled" else lam
+    if tau == 0.0:
+        return 0.0
+    for p in params:
+        if mode == "reference":
+            reference_threshold_(p.data, tau)
+        else:
+            soft_threshold_(p.data, tau)
+    return tau
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the base LR for optimizer step `step` (0-based); transformers' schedules."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)  # linear
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    lowered = name.lower()
+    return p.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "norm." in lowered
+
+
+def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: float,
+                    weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with groups: main (weight decay), main without decay (biases, norms), then the method's own."""
+    owned = {id(p) for g in extra_groups for p in g["params"]}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr, "name": "main"},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "main_no_decay"},
+        *extra_groups,
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

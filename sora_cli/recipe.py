@@ -1,0 +1,375 @@
+"""Recipes: frozen, typed dataclasses. YAML is only their serialisation.
+
+YAML keys = dataclass field names = override paths (`train.lr=5e-4`). `load_recipe`
+validates at the edge and reports every problem at once, each with its field path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sora_cli.errors import InputError, RecipeError
+
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+_REQUIRED: Any = dataclasses.MISSING
+
+# Field checks, by name in `metadata={"check": ...}`: (predicate, what "must be").
+_CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "probability": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+
+
+def _check(name: str) -> dict[str, str]:
+    return {"check": name}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = _REQUIRED  # local dir, hub id, or `packaged:all-MiniLM-L6-v2`
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: Literal["sora", "lora"] = "sora"
+    r: int = field(default=8, metadata=_check("positive"))
+    alpha: float = field(default=8.0, metadata=_check("positive"))  # s = alpha / r (PEFT's default alpha)
+    dropout: float = field(default=0.0, metadata=_check("probability"))
+    target_modules: str | tuple[str, ...] = "all-linear"
+    modules_to_save: tuple[str, ...] | None = None  # None: the task head (classifier / score)
+    # SoRA only (None = the method's default; an error for other methods)
+    gate_init: Literal["normal", "ones"] | None = None
+    sparse_lambda: float | None = field(default=None, metadata=_check("non_negative"))
+    threshold: Literal["scaled", "fixed", "reference"] | None = None
+    gate_lr: float | None = field(default=None, metadata=_check("positive"))  # None: train.lr
+    l1_loss_weight: float | None = field(default=None, metadata=_check("non_negative"))
+
+
+SORA_DEFAULTS: dict[str, Any] = {
+    "gate_init": "normal",
+    "sparse_lambda": 0.1,
+    "threshold": "scaled",
+    "l1_loss_weight": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str | None = None  # `packaged:rotten_tomatoes`, or a hub id
+    config_name: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    task: Literal[GLUE_TASKS] | None = None  # type: ignore[valid-type]
+    task_type: Literal["classification", "regression"] | None = None
+    text_fields: tuple[str, ...] | None = None  # one field, or a pair
+    label_field: str = "label"
+    num_labels: int | None = field(default=None, metadata=_check("positive"))
+    split: tuple[float, ...] = (0.8, 0.1, 0.1)  # train/dev/test fractions when only train data is given
+    split_seed: int = 0
+    max_length: int = field(default=128, metadata=_check("positive"))
+    max_train_samples: int | None = field(default=None, metadata=_check("positive"))
+    max_eval_samples: int | None = field(default=None, metadata=_check("positive"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str | None = None  # None: runs/<recipe file stem>
+    lr: float = field(default=5e-4, metadata=_check("positive"))
+    batch_size: int = field(default=16, metadata=_check("positive"))
+    eval_batch_size: int = field(default=64, metadata=_check("positive"))
+    grad_accum: int = field(default=1, metadata=_check("positive"))
+    max_steps: int | None = field(default=None, metadata=_check("positive"))
+    epochs: float = field(default=3.0, metadata=_check("positive"))
+    warmup_ratio: float = field(default=0.0, metadata=_check("probability"))
+    warmup_steps: int | None = field(default=None, metadata=_check("non_negative"))
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = field(default=0.0, metadata=_check("non_negative"))
+    max_grad_norm: float | None = field(default=1.0, metadata=_check("positive"))
+    log_every: int = field(default=10, metadata=_check("positive"))
+    eval_every: int | None = field(default=None, metadata=_check("positive"))
+    save_every: int | None = field(default=None, metadata=_check("positive"))
+    keep_last: int = field(default=2, metadata=_check("positive"))
+    patience: int | None = field(default=None, metadata=_check("positive"))
+    metric_for_best: str | None = None  # None: the task's metric
+    seed: int = 42
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+
+
+# Names users know from transformers / PEFT, accepted as synonyms of a field.
+_ALIASES: dict[str, dict[str, str]] = {"train": {"learning_rate": "lr"}, "adapter": {"lora_alpha": "alpha"}}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig
+    adapter: AdapterConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (lists, not tuples) that YAML serialises and `load_recipe` reads back."""
+        return _plain(dataclasses.asdict(self))
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found; pass the path of a YAML recipe (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), [f"top level: expected a mapping of sections {list(SECTIONS)}, got {_show(raw)}"])
+    problems: list[str] = []
+    apply_overrides(raw, overrides, problems)
+    recipe = recipe_from_dict(raw, problems, default_output=f"runs/{path.stem}")
+    if problems:
+        raise RecipeError(str(path), problems)
+    assert recipe is not None
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], problems: list[str]) -> None:
+    """`section.field=value` (value read as YAML: 3, 1e-3, true, null, [a, b]) into `raw`, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            problems.append(f"override {item!r}: expected section.field=value, e.g. train.lr=5e-4")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            problems.append(f"{parts[0]}: expected a mapping, got {_show(section)}")
+            continue
+        section[parts[1]] = value
+
+
+def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: str = "runs/run") -> Recipe | None:
+    """Build a Recipe from plain data, appending every problem (with its field path) to `problems`."""
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section{_did_you_mean(str(key), SECTIONS)}")
+    if "model" not in raw:
+        problems.append("model: required section (at least model.name_or_path)")
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            problems.append(f"{name}: expected a mapping of fields, got {_show(section)}")
+            section = {}
+        built[name] = _build_section(name, cls, dict(section), problems)
+    if any(v is None for v in built.values()):
+        return None
+    recipe = Recipe(**built)
+    return _resolve(recipe, problems, default_output)
+
+
+def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[str]) -> Any:
+    for alias, target in _ALIASES.get(name, {}).items():
+        if alias in data:
+            if target in data:
+                problems.append(f"{name}.{alias}: same field as {name}.{target}; give only one of them")
+            data[target] = data.pop(alias)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = list(fields) + list(_ALIASES.get(name, {}))
+    kwargs: dict[str, Any] = {}
+    ok = True
+    for key, value in data.items():
+        if key not in fields:
+            problems.append(f"{name}.{key}: unknown field{_did_you_mean(str(key), known)}")
+            ok = False
+            continue
+        where = f"{name}.{key}"
+        try:
+            value = _coerce(value, hints[key])
+        except _Invalid as e:
+            problems.append(f"{where}: {e}")
+            ok = False
+            continue
+        check = fields[key].metadata.get("check")
+        if check and value is not None:
+            predicate, must = _CHECKS[check]
+            if not predicate(value):
+                problems.append(f"{where}: {must}, got {_show(value)}")
+                ok = False
+                continue
+        kwargs[key] = value
+    for key, f in fields.items():
+        if key not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if key not in data:
+                problems.append(f"{name}.{key}: required")
+            ok = False
+    return cls(**kwargs) if ok else None
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint and convert what YAML leaves loose (1e-3 is a string in YAML 1.1)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise _Invalid(f"must not be null; expected {_describe(hint)}")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option)
+            except _Invalid as e:
+                errors.append(str(e))
+        raise _Invalid(errors[0] if len(errors) == 1 else f"expected {_describe(hint)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and not isinstance(value, bool):
+            return value
+        raise _Invalid(f"expected one of {', '.join(map(str, choices))}, got {_show(value)}"
+                       + _did_you_mean(str(value), [str(c) for c in choices]))
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _Invalid(f"expected a list, got {_show(value)}")
+        return tuple(_coerce(v, item) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Invalid(f"expected an integer, got {_show(value)}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _Invalid(f"expected a number, got {_show(value)}")
+    if hint is str:
+        if isinstance(value, str) and value:
+            return value
+        raise _Invalid(f"expected a non-empty string, got {_show(value)}")
+    raise TypeError(f"unsupported recipe type {hint}")  # a bug in this file, not user input
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return "a list"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    return names.get(hint, str(hint))
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known: {', '.join(known)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field rules and method defaults
+
+
+def _resolve(recipe: Recipe, problems: list[str], default_output: str) -> Recipe:
+    a, d, t = recipe.adapter, recipe.data, recipe.train
+    sora_fields = list(SORA_DEFAULTS) + ["gate_lr"]
+    if a.method == "sora":
+        a = dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
+    else:
+        for name in sora_fields:
+            if getattr(a, name) is not None:
+                problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
+    if isinstance(a.target_modules, tuple) and not a.target_modules:
+        problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
+
+    if d.dataset is None and d.train_file is None and d.task is None:
+        problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, or data.task")
+    if d.dataset is not None and d.train_file is not None:
+        problems.append("data.train_file: give either data.dataset or data files, not both")
+    if d.train_file is None and (d.validation_file or d.test_file):
+        problems.append("data.train_file: required when data.validation_file or data.test_file is given")
+    if d.text_fields is not None and len(d.text_fields) not in (1, 2):
+        problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
+    if len(d.split) not in (2, 3) or any(x <= 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
+        problems.append(f"data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
+                        f"got {list(d.split)}")
+
+    if t.warmup_steps is not None and t.warmup_ratio:
+        problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
+    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+        problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if t.output_dir is None:
+        t = dataclasses.replace(t, output_dir=default_output)
+    return dataclasses.replace(recipe, adapter=a, train=t)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
+    """Field paths whose values differ between two recipes."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
