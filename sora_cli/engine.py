@@ -83,7 +83,7 @@ def load_model(cfg: ModelConfig, task_type: str, num_labels: int,
     common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         common["gguf_file"] = cfg.gguf_file
-    kwargs: dict[str, Any] = {"num_labels": num_labels}
+    kwargs: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": cfg.ignore_mismatched_sizes}
     if task_type == "regression":
         kwargs["problem_type"] = "regression"
     if label_names:
@@ -97,6 +97,12 @@ def load_model(cfg: ModelConfig, task_type: str, num_labels: int,
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a task head of another size than the "
+                         f"{num_labels} label(s) of this data; set model.ignore_mismatched_sizes: true to start "
+                         "a fresh head") from None
     if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

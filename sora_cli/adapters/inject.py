@@ -44,7 +44,7 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
         try:
             pattern = re.compile(target_modules)
         except re.error as e:
-            raise InputError(f"adapter.target_modules: {target_modules!r} is not a valid regex ({e}); "
+            raise InputError(f"adapter.target_modules: '{target_modules}' is not a valid regex ({e}); "
                              "give a list of module-name suffixes, a regex, or all-linear") from None
         chosen = [n for n in names if pattern.fullmatch(n)]
     else:
@@ -54,7 +54,8 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
                              f"the model's Linear modules are: {_compact(names)}")
         chosen = [n for n in names if any(_matches(n, s) for s in target_modules)]
     if not chosen:
-        raise InputError(f"adapter.target_modules: {target_modules!r} matches no Linear module; "
+        shown = f"'{target_modules}'" if isinstance(target_modules, str) else ", ".join(map(repr, target_modules))
+        raise InputError(f"adapter.target_modules: {shown} matches no Linear module; "
                          f"the model's Linear modules are: {_compact(names)}")
     return chosen
 

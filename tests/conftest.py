@@ -1,0 +1,94 @@
+"""Tiny models built from configs and small generated data: no network, seconds per run."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "moving", "bright", "warm", "smart"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "flat", "messy", "cold", "stale", "silly"]
+NEUTRAL = ["the", "a", "film", "movie", "plot", "story", "cast", "was", "is", "very", "quite", "and", "but", "this"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_sentences(n: int, seed: int) -> list[tuple[str, int]]:
+    """Sentences whose label is the majority sentiment of their words (learnable, deterministic)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        strong, weak = (POSITIVE, NEGATIVE) if label else (NEGATIVE, POSITIVE)
+        words = rng.sample(NEUTRAL, rng.randint(2, 6)) + rng.sample(strong, 2) + rng.sample(weak, rng.randint(0, 1))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, Any]], header: tuple[str, str] = ("text", "label")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def tiny_bert_config(vocab_size: int, **kw: Any) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=48, max_position_embeddings=64, **kw)
+
+
+def tiny_llama_config(**kw: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny pre-trained-style BERT (no task head; random weights, fixed seed) and its tokenizer."""
+    import torch
+    from transformers import BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    torch.manual_seed(0)
+    model = BertModel(tiny_bert_config(len(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE)))
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", make_sentences(400, seed=1))
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path, tiny_bert_dir: Path, tiny_csv: Path):
+    """Write a recipe for the tiny model + CSV, with section overrides; return its path."""
+
+    def make(name: str = "recipe", **sections: dict[str, Any]) -> Path:
+        recipe: dict[str, Any] = {
+            "model": {"name_or_path": str(tiny_bert_dir)},
+            "adapter": {"method": "sora", "r": 4, "alpha": 8, "sparse_lambda": 5.0},
+            "data": {"train_file": str(tiny_csv), "max_length": 16},
+            "train": {"lr": 1e-2, "batch_size": 16, "max_steps": 30, "log_every": 5, "eval_every": 15,
+                      "save_every": 10, "output_dir": str(tmp_path / "runs" / name), "seed": 7},
+        }
+        for key, values in sections.items():
+            recipe.setdefault(key, {}).update(values)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make

