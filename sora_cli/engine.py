@@ -75,7 +75,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_model(cfg: ModelConfig, task_type: str, num_labels: int,
                label_names: list[str] | None) -> tuple[nn.Module, Any]:
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -83,16 +83,20 @@ def load_model(cfg: ModelConfig, task_type: str, num_labels: int,
     common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         common["gguf_file"] = cfg.gguf_file
-    kwargs: dict[str, Any] = {"num_labels": num_labels, "ignore_mismatched_sizes": cfg.ignore_mismatched_sizes}
-    if task_type == "regression":
-        kwargs["problem_type"] = "regression"
-    if label_names:
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    if cfg.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, cfg.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        config = AutoConfig.from_pretrained(path, **common)
+        # This task's head, whatever the checkpoint saved: problem_type cleared first, since transformers
+        # validates it against num_labels on every assignment.
+        config.problem_type = None
+        config.num_labels = num_labels
+        config.problem_type = "regression" if task_type == "regression" else "single_label_classification"
+        if label_names:
+            config.id2label = dict(enumerate(label_names))
+            config.label2id = {n: i for i, n in enumerate(label_names)}
+        kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": cfg.ignore_mismatched_sizes}
+        if cfg.dtype != "auto":
+            kwargs["dtype"] = getattr(torch, cfg.dtype)
         model = AutoModelForSequenceClassification.from_pretrained(path, **common, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -51,19 +51,36 @@ def tiny_llama_config(**kw: Any) -> Any:
                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, **kw)
 
 
+def pretrain_tiny_bert(vocab: Path, steps: int = 150) -> Any:
+    """A tiny BERT with some sentiment features (like a real pre-trained encoder): full fine-tuning of a
+    random one for a few seconds on other generated sentences; returns the encoder without its head."""
+    import torch
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(str(vocab), do_lower_case=True)  # `vocab` (v5) or `vocab_file` (v4)
+    rows = make_sentences(320, seed=99)
+    enc = tokenizer([t for t, _ in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(len(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(rows), (16,), generator=gen)
+        model(input_ids=enc.input_ids[idx], attention_mask=enc.attention_mask[idx], labels=labels[idx]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return tokenizer, model.bert
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny pre-trained-style BERT (no task head; random weights, fixed seed) and its tokenizer."""
-    import torch
-    from transformers import BertModel, BertTokenizerFast
-
+    """A saved tiny "pre-trained" BERT encoder (no task head) with its word-level tokenizer."""
     root = tmp_path_factory.mktemp("tiny-bert")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    torch.manual_seed(0)
-    model = BertModel(tiny_bert_config(len(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE)))
-    model.save_pretrained(root)
+    tokenizer, encoder = pretrain_tiny_bert(vocab)
+    encoder.save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root
 

@@ -21,7 +21,7 @@ from sora_cli.recipe import load_recipe
 
 # Train losses at steps 5, 10, ..., 30 of the tiny recipe (conftest.make_recipe), CPU, float32.
 # Regenerate only for a deliberate change of the math: print them from metrics.jsonl.
-GOLDEN_LOSSES = [0.6988, 0.6944, 0.6925, 0.6981, 0.6925, 0.6866]
+GOLDEN_LOSSES = [0.2943, 0.0621, 0.0082, 0.0119, 0.0023, 0.0868]
 
 
 def events(run: Path, kind: str) -> list[dict]:
@@ -47,7 +47,7 @@ def test_short_run_golden_losses_and_sparsity(make_recipe) -> None:
     assert sum(m["active_rank"] for m in meta["modules"].values()) == 52 - zero == result.active_rank
     assert meta["modules"]["bert.pooler.dense"] == {"r": 4, "s": 2.0, "d_in": 32, "d_out": 32,
                                                     "active_rank": meta["modules"]["bert.pooler.dense"]["active_rank"]}
-    assert set(meta["metrics"]) == {"dev", "test"} and 0 <= meta["metrics"]["test"]["accuracy"] <= 1
+    assert set(meta["metrics"]) == {"dev", "test"} and meta["metrics"]["test"]["accuracy"] >= 0.9  # it learns
     assert load_recipe(run / "recipe.yaml") == recipe  # the resolved recipe, readable again
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep_last 2
     assert [e["step"] for e in events(run, "eval")] == [15, 30]
