@@ -43,11 +43,38 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _tmp(target: Path) -> Path:
+    return target.parent / f".tmp-{target.name}"
+
+
+def _old(target: Path) -> Path:
+    return target.parent / f".old-{target.name}"
+
+
+def recover(directory: Path) -> None:
+    """Tidy what a killed writer left in `directory`: drop `.tmp-*`; put back a `.old-X` whose X is gone."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif p.name.startswith(".old-"):
+            target = directory / p.name.removeprefix(".old-")
+            if target.exists():
+                shutil.rmtree(p)
+            else:
+                os.rename(p, target)  # killed between the two renames of a replacement
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling to fill; on success it replaces `target` in one rename."""
+    """Yield a temporary sibling to fill; on success it takes `target`'s name by rename.
+
+    Replacing an existing `target` takes two renames (target -> .old-X, tmp -> target); a kill
+    between them is undone by `recover`.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    tmp, old = _tmp(target), _old(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -55,8 +82,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
         if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.rename(target, old)
         os.rename(tmp, target)
         _fsync(target.parent)
@@ -66,12 +93,16 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -167,10 +198,13 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, count
 
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        return load_file(directory / STATE_TENSORS), json.loads((directory / STATE_META).read_text())
+        tensors, meta = load_file(directory / STATE_TENSORS), json.loads((directory / STATE_META).read_text())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: training state unreadable ({e}); resume from an earlier checkpoint "
-                              "or start over with --overwrite") from None
+        raise CheckpointError(f"{directory}: training state unreadable ({e})") from None
+    missing = [k for k in ("counters", "optimizer", "rng") if k not in meta]
+    if missing or "rng.torch" not in tensors:
+        raise CheckpointError(f"{directory / STATE_META}: training state incomplete (missing {missing or 'rng'})")
+    return tensors, meta
 
 
 # ---------------------------------------------------------------------------------------------

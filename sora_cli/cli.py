@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import dataclasses
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -75,10 +75,10 @@ def train(
         from sora_cli.engine import train as run_training
         from sora_cli.recipe import load_recipe
 
-        extra = list(overrides or [])
-        if output_dir is not None:
-            extra.append(f"train.output_dir={output_dir}")
-        return run_training(load_recipe(recipe, extra), resume=resume, overwrite=overwrite)
+        loaded = load_recipe(recipe, overrides or [])
+        if output_dir is not None:  # a path, taken as given (never read as YAML)
+            loaded = dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, output_dir=str(output_dir)))
+        return run_training(loaded, resume=resume, overwrite=overwrite)
 
     result = _run(go, debug)
     rows = [("run", str(result.output_dir)), ("steps", str(result.step))]
@@ -103,8 +103,3 @@ def train(
 
 def main() -> None:
     app(prog_name="sora")
-
-
-if __name__ == "__main__":
-    main()
-    sys.exit(0)

@@ -152,7 +152,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     if test is not None and task_type == "classification" and all(y == -1 for y in test.labels):
         test = None  # GLUE's hidden test labels
     if dev is None:
-        train, dev, split_test = _split(train, cfg.split, cfg.split_seed)
+        fractions = cfg.split
+        if test is not None and len(fractions) == 3:  # a test set is given: split train into train/dev only
+            fractions = (fractions[0] / (fractions[0] + fractions[1]), fractions[1] / (fractions[0] + fractions[1]))
+        train, dev, split_test = _split(train, fractions, cfg.split_seed)
         test = test or split_test
 
     label_names = None

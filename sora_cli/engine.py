@@ -25,8 +25,8 @@ from sora_cli import __version__, render
 from sora_cli.adapters import LoRALinear, Method, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.checkpoint import (
-    atomic_dir, load_adapter, load_training_state, optimizer_from_files, remove_old_checkpoints, rng_from_files,
-    save_adapter, save_training_state, step_checkpoints, write_text_atomic,
+    atomic_dir, load_adapter, load_training_state, optimizer_from_files, recover, remove_old_checkpoints,
+    rng_from_files, save_adapter, save_training_state, step_checkpoints, write_text_atomic,
 )
 from sora_cli.data import Encoded, TrainOrder, collate, encode, eval_order, load_splits, packaged_file
 from sora_cli.errors import CheckpointError, InputError, SoraError
@@ -55,6 +55,7 @@ class RunResult:
     trainable: int = 0
     seconds: float = 0.0
     already_complete: bool = False
+    resumed_from: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,14 +129,25 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def rank_stats(model: nn.Module) -> dict[str, int]:
-    layers = adapter_layers(model)
-    active = sum(m.active_rank() for _, m in layers)
-    maximum = sum(m.r for _, m in layers)
-    gated = [m.gate for _, m in layers if hasattr(m, "gate")]
-    zero = sum(int((g == 0).sum()) for g in gated)
-    return {"active_rank": active, "max_rank": maximum, "zero_gates": zero,
-            "total_gates": sum(g.numel() for g in gated)}
+def rank_stats(ranks: list[tuple[int, int]], gates: list[torch.Tensor]) -> dict[str, int]:
+    """Totals over modules from (r, active rank) pairs and the gate tensors (none for LoRA)."""
+    return {"active_rank": sum(a for _, a in ranks), "max_rank": sum(r for r, _ in ranks),
+            "zero_gates": sum(int((g == 0).sum()) for g in gates), "total_gates": sum(g.numel() for g in gates)}
+
+
+def model_rank_stats(model: nn.Module) -> dict[str, int]:
+    layers = [m for _, m in adapter_layers(model)]
+    return rank_stats([(m.r, m.active_rank()) for m in layers], [m.gate for m in layers if hasattr(m, "gate")])
+
+
+def checkpoint_rank_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, int]:
+    return rank_stats([(m["r"], m["active_rank"]) for m in meta["modules"].values()],
+                      [t for k, t in tensors.items() if k.endswith(".gate")])
+
+
+def data_fingerprint(texts: list[tuple[str, ...]], labels: list[Any]) -> str:
+    """sha256 of the training examples in order: resume refuses data that changed under the run."""
+    return hashlib.sha256(json.dumps([texts, labels]).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,16 +176,20 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int, pad_id: int, task
 
 
 def _check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
-    """Refuse to clobber an existing run; return True when there is a run to resume. Writes nothing."""
+    """Refuse to clobber anything; return True when there is a run to resume. Writes nothing."""
     if out.exists() and not out.is_dir():
         raise InputError(f"train.output_dir: {out} exists and is not a directory; choose another --output-dir")
-    exists = out.is_dir() and any(out.iterdir())
     if resume and overwrite:
         raise InputError("--resume and --overwrite contradict each other; give one")
+    exists = out.is_dir() and any(out.iterdir())
+    is_run = (out / "recipe.yaml").is_file()
+    if exists and not is_run:  # never write into, or delete, a directory that is not a sora run
+        raise InputError(f"train.output_dir: {out} is not empty and holds no sora run (no recipe.yaml); "
+                         "choose another --output-dir")
     if exists and not (resume or overwrite):
         raise InputError(f"train.output_dir: {out} already holds a run; continue it with --resume, "
                          "replace it with --overwrite, or choose another --output-dir")
-    if resume and exists and (out / "recipe.yaml").is_file():
+    if resume and is_run:
         try:
             previous = load_recipe(out / "recipe.yaml")
         except SoraError as e:
@@ -182,17 +198,18 @@ def _check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> 
         if changed:
             raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                              "resume with the same recipe, or start a new run")
-    return resume and exists
+    return resume and is_run
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop events logged after the checkpoint we resume from (they will be logged again)."""
+    """Drop events logged after the checkpoint we resume from, and test events (all are logged again)."""
     if not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            event = json.loads(line)
+            if event.get("step", 0) <= step and event.get("event") != "test":
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
@@ -221,9 +238,6 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     t0 = time.perf_counter()
     cfg, out = recipe.train, Path(recipe.train.output_dir or "runs/run")
     has_run = _check_run_dir(out, recipe, resume, overwrite)
-    checkpoints = step_checkpoints(out) if has_run else []
-    if has_run and (out / "final" / "adapter.json").is_file() and not checkpoints:
-        raise CheckpointError(f"{out}: the run has final/ but no step checkpoint to resume from")
 
     # -- data, model, adapters (nothing written yet: a failure here leaves the run dir as it was)
     device = pick_device(cfg.device)
@@ -236,9 +250,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
         raise InputError(f"train.metric_for_best: {metric!r} is not a {splits.task_type} metric; "
                          f"use one of {', '.join(allowed)}")
     model, tokenizer = load_model(recipe.model, splits.task_type, splits.num_labels, splits.label_names)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and recipe.data.max_length > positions:
+        raise InputError(f"data.max_length: {recipe.data.max_length} is longer than the model's "
+                         f"{positions} positions; use at most {positions}")
     method = get_method(recipe.adapter, cfg)
     injection = inject(model, method)
-    fingerprint = base_fingerprint(model, injection.targets)
+    fingerprints = {"base_fingerprint": base_fingerprint(model, injection.targets),
+                    "data_fingerprint": data_fingerprint(splits.train.texts, splits.train.labels)}
     model.to(device)
     pad_id = tokenizer.pad_token_id
     enc_train = encode(splits.train, tokenizer, recipe.data.max_length, splits.task_type)
@@ -247,48 +266,51 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     params = trainable_parameters(model)
     order = TrainOrder(len(enc_train), cfg.batch_size, cfg.seed)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * order.per_epoch / cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 3.0) * order.per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
     autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
     trainable, all_params = count_parameters(model)
 
+    def evaluate_on(data: Encoded) -> dict[str, float]:
+        return evaluate(model, data, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
+
     counters: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "stopped": False,
-                                "window_loss": 0.0, "window_steps": 0, "window_examples": 0, "window_seconds": 0.0}
+                                "last_dev": {}, "window_loss": 0.0, "window_steps": 0, "window_examples": 0,
+                                "window_seconds": 0.0}
 
     # -- run directory: resume, or start fresh
-    if has_run and checkpoints:
-        step_no, ckpt = checkpoints[-1]
-        tensors, _ = load_adapter(ckpt)
-        _load_trainable(model, tensors, ckpt)
-        state_tensors, state = load_training_state(ckpt)
-        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
-        rng_from_files(state_tensors, state["rng"])
-        counters.update(state["counters"])
-        _truncate_metrics(out / "metrics.jsonl", counters["step"])
-        render.note(f"resuming {out} from step {step_no} ({ckpt.name})")
-    else:
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
+    resumed_from = None
+    if has_run:
+        recover(out)
+        recover(out / "checkpoints")
+        resumed_from = _resume(out, model, optimizer, counters, fingerprints)
+    if resumed_from is None:
+        if has_run:
+            render.note(f"{out}: no complete checkpoint yet; starting at step 0")
+        elif out.exists() and overwrite:
+            shutil.rmtree(out)  # only ever a sora run: _check_run_dir saw its recipe.yaml
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+        for stale in ("checkpoints", "best", "final"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe, f"sora train {out / 'recipe.yaml'} --resume"))
         (out / "metrics.jsonl").write_text("")
     if (counters["step"] >= total or counters["stopped"]) and (out / "final" / "adapter.json").is_file():
         return _finished(out, counters, trainable, t0)
+    if resumed_from is not None:
+        _truncate_metrics(out / "metrics.jsonl", counters["step"])
 
     render.note(render.trainable_line(trainable, all_params))
     render.note(f"{method.name} on {len(injection.targets)} modules, r={recipe.adapter.r}; "
                 f"{len(enc_train):,d} train / {len(enc_dev or []):,d} dev / {len(enc_test or []):,d} test examples; "
                 f"{total} steps on {device.type}")
 
-    def meta(step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return _adapter_meta(recipe, method, injection, model, splits, fingerprint, step, metrics)
-
-    def save_step_checkpoint(step: int, metrics: dict[str, Any]) -> None:
-        with atomic_dir(out / "checkpoints" / f"step-{step}") as tmp:
-            save_adapter(tmp, _trainable_tensors(model), meta(step, metrics))
-            save_training_state(tmp, optimizer, counters)
-        remove_old_checkpoints(out, cfg.keep_last)
+    def save(directory: Path, step: int, metrics: dict[str, Any], with_state: bool = False) -> None:
+        with atomic_dir(directory) as tmp:
+            save_adapter(tmp, _trainable_tensors(model),
+                         _adapter_meta(recipe, method, injection, model, splits, fingerprints, step, metrics))
+            if with_state:
+                save_training_state(tmp, optimizer, counters)
 
     log = open(out / "metrics.jsonl", "a")
 
@@ -299,14 +321,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     # -- the loop
     model.train()
     step = counters["step"]
-    dev_metrics: dict[str, float] = {}
     with render.TrainProgress(total, start=step) as progress:
         while step < total and not counters["stopped"]:
             step_start = time.perf_counter()
             set_lr(optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                epoch, indices = order.indices(step * cfg.grad_accum + micro)
+                _, indices = order.indices(step * cfg.grad_accum + micro)
                 batch = {k: v.to(device) for k, v in collate(enc_train, indices, pad_id).items()}
                 with autocast:
                     loss = model(**batch).loss
@@ -329,7 +350,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
             counters["window_seconds"] += time.perf_counter() - step_start
 
             if step % cfg.log_every == 0 or step == total:
-                ranks = rank_stats(model)
+                ranks = model_rank_stats(model)
                 event = {"event": "train", "step": step, "epoch": round(step * cfg.grad_accum / order.per_epoch, 4),
                          "loss": counters["window_loss"] / counters["window_steps"],
                          "lr": optimizer.param_groups[0]["lr"], **stats,
@@ -343,48 +364,72 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
                 progress.update(step)
 
             if enc_dev is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                dev_metrics = evaluate(model, enc_dev, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
-                emit({"event": "eval", "split": "dev", "step": step, **dev_metrics})
-                progress.log(f"step {step}  dev  {render.metrics_text(dev_metrics)}")
-                if counters["best_metric"] is None or dev_metrics[metric] > counters["best_metric"]:
-                    counters.update(best_metric=dev_metrics[metric], best_step=step, bad_evals=0)
-                    with atomic_dir(out / "best") as tmp:
-                        save_adapter(tmp, _trainable_tensors(model), meta(step, {"dev": dev_metrics}))
+                counters["last_dev"] = dev = evaluate_on(enc_dev)
+                emit({"event": "eval", "split": "dev", "step": step, **dev})
+                progress.log(f"step {step}  dev  {render.metrics_text(dev)}")
+                if counters["best_metric"] is None or dev[metric] > counters["best_metric"]:
+                    counters.update(best_metric=dev[metric], best_step=step, bad_evals=0)
+                    save(out / "best", step, {"dev": dev})
                 else:
                     counters["bad_evals"] += 1
                     counters["stopped"] = bool(cfg.patience and counters["bad_evals"] >= cfg.patience)
 
             if (cfg.save_every and step % cfg.save_every == 0) or step == total or counters["stopped"]:
-                save_step_checkpoint(step, {"dev": dev_metrics} if dev_metrics else {})
+                save(out / "checkpoints" / f"step-{step}", step, {"dev": counters["last_dev"]}, with_state=True)
+                remove_old_checkpoints(out, cfg.keep_last)
             if counters["stopped"]:
                 progress.log(f"early stop at step {step}: no dev {metric} gain in {cfg.patience} evaluations")
 
     # -- the end: test metrics of the final (and best) adapter, then final/
-    result = RunResult(out, step, dev=dev_metrics, trainable=trainable, best_step=counters["best_step"])
+    result = RunResult(out, step, dev=counters["last_dev"], trainable=trainable, best_step=counters["best_step"],
+                       resumed_from=resumed_from, **model_rank_stats(model))
     if enc_test is not None:
-        result.test = evaluate(model, enc_test, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
+        result.test = evaluate_on(enc_test)
         emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
-    final_metrics = {"dev": dev_metrics, **({"test": result.test} if result.test else {})}
-    with atomic_dir(out / "final") as tmp:
-        save_adapter(tmp, _trainable_tensors(model), meta(step, final_metrics))
-    ranks = rank_stats(model)
+    save(out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {})})
     if counters["best_step"] is not None and counters["best_step"] != step and (out / "best").is_dir():
         best_tensors, best_meta = load_adapter(out / "best")
         result.best_dev = best_meta["metrics"].get("dev", {})
         if enc_test is not None:
             _load_trainable(model, best_tensors, out / "best")
-            result.best_test = evaluate(model, enc_test, cfg.eval_batch_size, pad_id, splits.task_type, device,
-                                        autocast)
+            result.best_test = evaluate_on(enc_test)
             emit({"event": "test", "checkpoint": "best", "step": counters["best_step"], **result.best_test})
     log.close()
-    result.active_rank, result.max_rank = ranks["active_rank"], ranks["max_rank"]
-    result.zero_gates, result.total_gates = ranks["zero_gates"], ranks["total_gates"]
     result.seconds = time.perf_counter() - t0
     return result
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, counters: dict[str, Any],
+            fingerprints: dict[str, str]) -> int | None:
+    """Load the newest readable step checkpoint (falling back to older ones); return its step, or None."""
+    damaged: list[str] = []
+    for step_no, ckpt in reversed(step_checkpoints(out)):
+        try:
+            tensors, meta = load_adapter(ckpt)
+            state_tensors, state = load_training_state(ckpt)
+        except CheckpointError as e:
+            render.note(f"skipping damaged checkpoint: {e}")
+            damaged.append(str(e))
+            continue
+        for key, value in fingerprints.items():
+            if meta.get(key) != value:
+                what = "base model's adapted weights" if key == "base_fingerprint" else "training data"
+                raise CheckpointError(f"{ckpt}: the {what} changed since this run started; resume with the "
+                                      "same model and data, or start a new run")
+        _load_trainable(model, tensors, ckpt)
+        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
+        rng_from_files(state_tensors, state["rng"])
+        counters.update(state["counters"])
+        render.note(f"resuming {out} from step {step_no} ({ckpt.name})")
+        return step_no
+    if damaged:  # never start over on top of checkpoints the user may still want
+        raise CheckpointError(f"{out}: no readable checkpoint to resume from ({damaged[0]}); "
+                              "start over with --overwrite")
+    return None
 
 
 def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -408,17 +453,8 @@ def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: P
             params[name].copy_(value)
 
 
-def _rank_stats_of(directory: Path) -> dict[str, int]:
-    tensors, meta = load_adapter(directory)
-    gates = [t for k, t in tensors.items() if k.endswith(".gate")]
-    zero = sum(int((g == 0).sum()) for g in gates)
-    return {"active_rank": sum(m["active_rank"] for m in meta["modules"].values()),
-            "max_rank": sum(m["r"] for m in meta["modules"].values()),
-            "zero_gates": zero, "total_gates": sum(g.numel() for g in gates)}
-
-
 def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: nn.Module, splits: Any,
-                  fingerprint: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+                  fingerprints: dict[str, str], step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     modules = {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
                       "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
     return {
@@ -427,7 +463,7 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
         "method_config": method.describe(),
         "base_model": recipe.model.name_or_path,
         "base_model_revision": recipe.model.revision,
-        "base_fingerprint": fingerprint,
+        **fingerprints,
         "task": {"type": splits.task_type, "num_labels": splits.num_labels, "label_names": splits.label_names},
         "target_modules": injection.targets,
         "modules_to_save": injection.modules_to_save,
@@ -438,9 +474,7 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
 
 
 def _finished(out: Path, counters: dict[str, Any], trainable: int, t0: float) -> RunResult:
-    _, meta = load_adapter(out / "final")
-    ranks = _rank_stats_of(out / "final")
+    tensors, meta = load_adapter(out / "final")
     return RunResult(out, counters["step"], dev=meta["metrics"].get("dev", {}), test=meta["metrics"].get("test", {}),
-                     best_step=counters["best_step"], active_rank=ranks["active_rank"], max_rank=ranks["max_rank"],
-                     zero_gates=ranks["zero_gates"], total_gates=ranks["total_gates"], trainable=trainable,
-                     seconds=time.perf_counter() - t0, already_complete=True)
+                     best_step=counters["best_step"], trainable=trainable, seconds=time.perf_counter() - t0,
+                     already_complete=True, **checkpoint_rank_stats(tensors, meta))

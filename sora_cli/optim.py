@@ -19,12 +19,12 @@ def soft_threshold_(v: torch.Tensor, tau: float) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_threshold_(v: torch.Tensor, lam: float) -> torch.Tensor:
-    """In place, the reference code's step: shrink by λ, then zero what is now below λ.
+    """In place, the reference code's three lines: v[v > λ] −= λ; v[v < −λ] += λ; v[|v| < λ] = 0.
 
-    Net effect |v| < 2λ → 0, else v − sign(v)·λ. Not a true soft-threshold: kept only for
-    parity with published numbers (`threshold: reference`).
+    Net effect |v| < 2λ → 0, else v − sign(v)·λ (and |v| == λ stays). Not a true soft-threshold:
+    kept only for parity with published numbers (`threshold: reference`).
     """
-    soft_threshold_(v, lam)
+    v.sub_(lam * (v > lam)).add_(lam * (v < -lam))
     return v.masked_fill_(v.abs() < lam, 0.0)
 
 
@@ -62,19 +62,14 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    lowered = name.lower()
-    return p.ndim < 2 or lowered.endswith("bias") or "layernorm" in lowered or "norm." in lowered
-
-
 def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: float,
                     weight_decay: float) -> torch.optim.AdamW:
     """AdamW with groups: main (weight decay), main without decay (biases, norms), then the method's own."""
     owned = {id(p) for g in extra_groups for p in g["params"]}
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad and id(p) not in owned:
-            (no_decay if _no_decay(name, p) else decay).append(p)
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and norm weights are the 1-D tensors
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr, "name": "main"},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "main_no_decay"},

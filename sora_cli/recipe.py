@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "must be positive"),
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "probability": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in 0 .. 2**32 - 1"),
 }
 
 
@@ -94,7 +97,7 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata=_check("positive"))
     grad_accum: int = field(default=1, metadata=_check("positive"))
     max_steps: int | None = field(default=None, metadata=_check("positive"))
-    epochs: float = field(default=3.0, metadata=_check("positive"))
+    epochs: float | None = field(default=None, metadata=_check("positive"))  # None: 3, unless max_steps
     warmup_ratio: float = field(default=0.0, metadata=_check("probability"))
     warmup_steps: int | None = field(default=None, metadata=_check("non_negative"))
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -106,7 +109,7 @@ class TrainConfig:
     keep_last: int = field(default=2, metadata=_check("positive"))
     patience: int | None = field(default=None, metadata=_check("positive"))
     metric_for_best: str | None = None  # None: the task's metric
-    seed: int = 42
+    seed: int = field(default=42, metadata=_check("seed"))
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
 
@@ -160,10 +163,17 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     problems: list[str] = []
     apply_overrides(raw, overrides, problems)
     recipe = recipe_from_dict(raw, problems, default_output=f"runs/{path.stem}")
-    if problems:
-        raise RecipeError(str(path), problems)
-    assert recipe is not None
+    if problems or recipe is None:
+        raise RecipeError(str(path), problems or ["model: required section (at least model.name_or_path)"])
     return recipe
+
+
+@dataclass(frozen=True)
+class _Override:
+    """An override's value as YAML read it, and its text: a string field takes the text (revision=1.0)."""
+
+    text: str
+    value: Any
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], problems: list[str]) -> None:
@@ -178,11 +188,13 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], proble
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        section = raw.setdefault(parts[0], {})
+        if raw.get(parts[0]) is None:  # absent, or a section left empty in the YAML
+            raw[parts[0]] = {}
+        section = raw[parts[0]]
         if not isinstance(section, dict):
             problems.append(f"{parts[0]}: expected a mapping, got {_show(section)}")
             continue
-        section[parts[1]] = value
+        section[parts[1]] = _Override(text.strip(), value)
 
 
 def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: str = "runs/run") -> Recipe | None:
@@ -198,16 +210,18 @@ def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: s
         if not isinstance(section, dict):
             problems.append(f"{name}: expected a mapping of fields, got {_show(section)}")
             section = {}
-        built[name] = _build_section(name, cls, dict(section), problems)
+        built[name] = _build_section(name, cls, dict(section), problems, present=name in raw)
     return _resolve(built, problems, default_output)
 
 
-def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[str]) -> Any:
+def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[str], present: bool) -> Any:
+    spelled: dict[str, str] = {}  # field -> the key the user wrote (an alias is named back as written)
     for alias, target in _ALIASES.get(name, {}).items():
         if alias in data:
             if target in data:
                 problems.append(f"{name}.{alias}: same field as {name}.{target}; give only one of them")
             data[target] = data.pop(alias)
+            spelled[target] = alias
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     known = list(fields) + list(_ALIASES.get(name, {}))
@@ -218,7 +232,7 @@ def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[st
             problems.append(f"{name}.{key}: unknown field{_did_you_mean(str(key), known)}")
             ok = False
             continue
-        where = f"{name}.{key}"
+        where = f"{name}.{spelled.get(key, key)}"
         try:
             value = _coerce(value, hints[key])
         except _Invalid as e:
@@ -235,7 +249,7 @@ def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[st
         kwargs[key] = value
     for key, f in fields.items():
         if key not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            if key not in data and data:  # an absent section is reported once, by the caller
+            if key not in data and present:  # an absent section is reported once, by the caller
                 problems.append(f"{name}.{key}: required")
             ok = False
     return cls(**kwargs) if ok else None
@@ -247,10 +261,15 @@ class _Invalid(ValueError):
 
 def _coerce(value: Any, hint: Any) -> Any:
     """Check `value` against a type hint and convert what YAML leaves loose (1e-3 is a string in YAML 1.1)."""
+    if isinstance(value, _Override):
+        if hint is str and value.text and value.value is not None and not isinstance(value.value, (list, dict)):
+            return value.text
+        if typing.get_origin(hint) not in (Union, types.UnionType):
+            value = value.value
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
-        if value is None:
+        if (value.value if isinstance(value, _Override) else value) is None:
             if type(None) in options:
                 return None
             raise _Invalid(f"must not be null; expected {_describe(hint)}")
@@ -291,7 +310,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         number = _float(value)
         if number is not None:
             return number
-        raise _Invalid(f"expected a number, got {_show(value)}")
+        raise _Invalid(f"expected a finite number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str) and value:
             return value
@@ -300,15 +319,16 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 def _float(value: Any) -> float | None:
-    """A number from YAML: ints, floats, and strings such as '1e-3' (not bools)."""
+    """A finite number from YAML: ints, floats, and strings such as '1e-3' (not bools, inf or nan)."""
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             return None
-    return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def _describe(hint: Any) -> str:
@@ -324,6 +344,8 @@ def _describe(hint: Any) -> str:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, _Override):
+        value = value.value
     return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
@@ -351,6 +373,12 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
                     problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
         if isinstance(a.target_modules, tuple) and not a.target_modules:
             problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
+        if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
+            try:
+                re.compile(a.target_modules)
+            except re.error as e:
+                problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
+                                "give a list of module-name suffixes, a regex, or all-linear")
     if d is not None:
         if d.dataset is None and d.train_file is None and d.task is None:
             problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, "
@@ -361,7 +389,9 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
             problems.append("data.train_file: required when data.validation_file or data.test_file is given")
         if d.text_fields is not None and len(d.text_fields) not in (1, 2):
             problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
-        if len(d.split) not in (2, 3) or any(x <= 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
+        if d.task_type == "regression" and d.num_labels not in (None, 1):
+            problems.append(f"data.num_labels: a regression task has 1 output, got {d.num_labels}")
+        if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
             problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
                             f"got {list(d.split)}")
     if t is not None:
@@ -369,6 +399,10 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
             problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
         if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
             problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+        if t.max_steps is not None and t.epochs is not None:
+            problems.append("train.epochs: give either train.max_steps or train.epochs, not both")
+        if t.max_steps is None and t.epochs is None:
+            t = dataclasses.replace(t, epochs=3.0)
         if t.output_dir is None:
             t = dataclasses.replace(t, output_dir=default_output)
     if problems or built["model"] is None:
@@ -376,8 +410,10 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
     return Recipe(model=built["model"], adapter=a, data=d, train=t)
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    """YAML of a recipe; `header` (e.g. the command that runs it) becomes its opening comment."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
 def recipe_diff(a: Recipe, b: Recipe) -> list[str]:

@@ -49,7 +49,7 @@ def test_bad_recipe_exits_2_with_field_and_creates_nothing(make_recipe, tmp_path
     assert result.exit_code == 2
     assert "2 problems" in result.output
     assert "adapter.r: must be positive, got -3" in result.output
-    assert "train.lr: expected a number, got 'abc'" in result.output
+    assert "train.lr: expected a finite number, got 'abc'" in result.output
     assert "Traceback" not in result.output
     assert not out.exists()
 
@@ -68,7 +68,10 @@ def test_existing_run_dir_exits_2(make_recipe, tmp_path: Path) -> None:
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = invoke("train", str(make_recipe()), "-o", str(out))
-    assert result.exit_code == 2 and "already holds a run" in result.output
+    assert result.exit_code == 2 and "is not empty and holds no sora run" in result.output
+    for flag in ("--overwrite", "--resume"):  # neither deletes nor writes into a directory that is not a run
+        result = invoke("train", str(make_recipe()), "-o", str(out), flag)
+        assert result.exit_code == 2 and "holds no sora run (no recipe.yaml)" in result.output
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 

@@ -59,6 +59,13 @@ def test_split_without_test_and_sample_caps(tmp_path: Path) -> None:
     assert (len(s.train), len(s.dev), s.test) == (50, 10, None)
 
 
+def test_given_test_file_keeps_all_training_data_for_train_and_dev(tmp_path: Path) -> None:
+    train = write_csv(tmp_path / "train.csv", [(f"t{i}", i % 2) for i in range(100)])
+    test = write_csv(tmp_path / "test.csv", [(f"s{i}", i % 2) for i in range(30)])
+    s = load_splits(DataConfig(train_file=str(train), test_file=str(test)))
+    assert (len(s.train), len(s.dev), len(s.test)) == (88, 12, 30)  # 0.8 : 0.1 renormalised to 8/9 : 1/9
+
+
 def test_data_errors(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "d.csv", [("t", 0), ("u", 1)] * 10)
     with pytest.raises(InputError, match=r"data.text_fields: 'sentence' not in the data \(data.train_file\); "

@@ -88,7 +88,7 @@ def test_resume_mid_epoch_equals_uninterrupted(make_recipe) -> None:
     for name in ("checkpoints/step-20", "checkpoints/step-30", "final", "best"):
         shutil.rmtree(run / name)  # as if killed right after step 10's checkpoint
     result = train(part, resume=True)
-    assert result.step == 30
+    assert (result.resumed_from, result.step) == (10, 30)
     a, b = final_tensors(Path(full.train.output_dir)), final_tensors(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert list(map(_strip, events(run, "train"))) == list(map(_strip, events(Path(full.train.output_dir), "train")))
@@ -106,10 +106,12 @@ def test_kill_9_then_resume_equals_uninterrupted(make_recipe) -> None:
     deadline = time.time() + 120
     while not (run / "checkpoints" / "step-20").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    assert proc.poll() is None, "the training process ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists(), "the run finished before it could be killed"
-    train(load_recipe(path), resume=True)
+    result = train(load_recipe(path), resume=True)
+    assert result.resumed_from is not None and 20 <= result.resumed_from < 120
     a, b = final_tensors(Path(reference.train.output_dir)), final_tensors(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -132,15 +134,27 @@ def test_existing_run_dir_is_never_overwritten(make_recipe) -> None:
     assert load_recipe(run / "recipe.yaml").train.lr == 0.5
 
 
-def test_damaged_checkpoint_is_refused(make_recipe) -> None:
-    recipe = load_recipe(make_recipe(train={"max_steps": 10, "eval_every": None, "save_every": 5}))
+def test_damaged_checkpoint_falls_back_then_is_refused(make_recipe) -> None:
+    steps = {"max_steps": 10, "eval_every": None, "save_every": 5}
+    clean = load_recipe(make_recipe("clean", train=steps))
+    train(clean)
+    recipe = load_recipe(make_recipe(train=steps))
     train(recipe)
     run = Path(recipe.train.output_dir)
     shutil.rmtree(run / "final")
     weights = run / "checkpoints" / "step-10" / "adapter.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"step-10/adapter.safetensors: unreadable safetensors file"):
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    result = train(recipe, resume=True)
+    assert result.resumed_from == 5  # the newest readable checkpoint
+    a, b = final_tensors(Path(clean.train.output_dir)), final_tensors(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.rmtree(run / "final")
+    for step in (5, 10):
+        (run / "checkpoints" / f"step-{step}" / "training_state.json").write_text("{")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint to resume from .*training state unreadable"):
         train(recipe, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_early_stopping(make_recipe) -> None:

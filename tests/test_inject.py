@@ -97,3 +97,23 @@ def test_parameter_counts() -> None:
     adapters = sum(4 * (m.in_features + m.out_features + 1) for m in model.modules() if isinstance(m, SoRALinear))
     assert trainable == adapters + 32 * 2 + 2  # + classifier
     assert total == total_before + adapters
+
+
+def test_all_linear_leaves_a_two_layer_head_alone() -> None:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=48))
+    result = run(model)
+    assert result.modules_to_save == ["classifier"]  # classifier.dense and classifier.out_proj, trained in full
+    assert not any(t.startswith("classifier") for t in result.targets) and len(result.targets) == 6
+    result = run(bert(), modules_to_save=("pooler", "classifier"))
+    assert result.modules_to_save == ["bert.pooler", "classifier"] and "bert.pooler.dense" not in result.targets
+
+
+def test_a_model_without_a_known_head_needs_modules_to_save() -> None:
+    from transformers import BertModel
+
+    with pytest.raises(InputError, match="adapter.modules_to_save: this model has no 'classifier' or 'score' head"):
+        run(BertModel(tiny_bert_config(40)))

@@ -19,10 +19,14 @@ def test_soft_threshold_hand_values() -> None:
 
 
 def test_reference_threshold_hand_values() -> None:
-    # shrink by λ = 0.1, then zero whatever is now below λ: |v| < 2λ -> 0, else v - sign(v)·λ
-    v = torch.tensor([0.5, -0.15, 0.25, -0.3, 0.05, 0.19, -0.21])
+    # v[v > λ] -= λ; v[v < -λ] += λ; v[|v| < λ] = 0 with λ = 0.1: |v| < 2λ -> 0, else v - sign(v)·λ;
+    # |v| == λ is left as it is (neither shrunk nor cut), as in the reference code
+    v = torch.tensor([0.5, -0.15, 0.25, -0.3, 0.05, 0.19, -0.21, 0.1, -0.1])
     reference_threshold_(v, 0.1)
-    torch.testing.assert_close(v, torch.tensor([0.4, 0.0, 0.15, -0.2, 0.0, 0.0, -0.11]))
+    torch.testing.assert_close(v, torch.tensor([0.4, 0.0, 0.15, -0.2, 0.0, 0.0, -0.11, 0.1, -0.1]))
+    g = torch.tensor([0.5, 0.15, -0.05])
+    assert proximal_step([g], "reference", lam=0.1, lr=0.01) == 0.1  # λ itself, not λ·lr
+    torch.testing.assert_close(g, torch.tensor([0.4, 0.0, 0.0]))
 
 
 @pytest.mark.parametrize(("mode", "tau"), [("scaled", 0.5 * 0.2), ("fixed", 0.5)])
@@ -81,3 +85,29 @@ def test_one_adamw_and_proximal_step_by_hand() -> None:
     # [0.12, -0.6, 1.0] -> [0.09, -0.57, 0.97]
     torch.testing.assert_close(layer.gate.detach(), torch.tensor([0.09, -0.57, 0.97]), atol=1e-6, rtol=0)
     assert stats["threshold"] == pytest.approx(0.03)
+
+
+def test_threshold_uses_the_gate_groups_lr() -> None:
+    layer = SoRALinear(nn.Linear(2, 2), r=2, alpha=2.0)
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([1.0, -1.0]))
+    model = nn.Sequential(layer)
+    method = get_method(AdapterConfig(sparse_lambda=2.0, gate_lr=0.05), TrainConfig(lr=0.001))
+    opt = build_optimizer(model, method.param_groups(model), 0.001, 0.0)
+    set_lr(opt, 0.5)  # schedule at half: gate lr 0.025, main lr 0.0005
+    stats = method.after_step(model, opt, 0)
+    assert stats["threshold"] == pytest.approx(2.0 * 0.025)
+    torch.testing.assert_close(layer.gate.detach(), torch.tensor([0.95, -0.95]))
+
+
+def test_l1_loss_weight_adds_the_mean_absolute_gate() -> None:
+    layers = [SoRALinear(nn.Linear(3, 3), r=2, alpha=2.0) for _ in range(2)]
+    with torch.no_grad():
+        layers[0].gate.copy_(torch.tensor([0.5, -1.0]))
+        layers[1].gate.copy_(torch.tensor([0.0, 2.5]))
+    model = nn.Sequential(*layers)
+    loss = get_method(AdapterConfig(l1_loss_weight=0.2), TrainConfig()).extra_loss(model)
+    assert float(loss) == pytest.approx(0.2 * 4.0 / 4)  # 0.2 · Σ|g| / numel
+    loss.backward()
+    torch.testing.assert_close(layers[0].gate.grad, torch.tensor([0.05, -0.05]))  # 0.2/4 · sign(g)
+    assert get_method(AdapterConfig(), TrainConfig()).extra_loss(model) is None  # default 0: nothing added

@@ -33,7 +33,7 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("adapter:\n  method: lora\n  sparse_lambda: 0.1\n",
      "adapter.sparse_lambda: only applies to method sora, not lora; remove it"),
     ("adapter:\n  threshold: soft\n", "adapter.threshold: expected one of scaled, fixed, reference, got 'soft'"),
-    ("train:\n  lr: fast\n", "train.lr: expected a number, got 'fast'"),
+    ("train:\n  lr: fast\n", "train.lr: expected a finite number, got 'fast'"),
     ("train:\n  learning_rate: 1e-3\n  lr: 1e-3\n", "train.learning_rate: same field as train.lr; give only one of them"),
     ("train:\n  batch_sise: 8\n", "train.batch_sise: unknown field; did you mean 'batch_size'?"),
     ("train:\n  precision: fp16\n", "train.precision: expected one of fp32, bf16, got 'fp16'"),
@@ -45,7 +45,13 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("data:\n  text_fields: [a, b, c]\n", "data.text_fields: expected one field or a pair, got 3"),
     ("data:\n  task: sst3\n", "data.task: expected one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, got 'sst3'"),
     ("trian:\n  lr: 1\n", "trian: unknown section; did you mean 'train'?"),
-    ("adapter:\n  lora_alpha: 0\n", "adapter.alpha: must be positive, got 0.0"),
+    ("adapter:\n  lora_alpha: 0\n", "adapter.lora_alpha: must be positive, got 0.0"),
+    ("train:\n  lr: .inf\n", "train.lr: expected a finite number, got inf"),
+    ("train:\n  seed: 1152921504606846976\n", "train.seed: must be in 0 .. 2**32 - 1, got 1152921504606846976"),
+    ("data:\n  split: [.nan, .nan, .nan]\n", "data.split: expected a finite number, got nan"),
+    ("train:\n  epochs: 2\n  max_steps: 10\n", "train.epochs: give either train.max_steps or train.epochs, not both"),
+    ("adapter:\n  target_modules: '(query'\n", "adapter.target_modules: '(query' is not a valid regex"),
+    ("data:\n  task_type: regression\n  num_labels: 3\n", "data.num_labels: a regression task has 1 output, got 3"),
 ])
 def test_each_error_names_its_field(tmp_path: Path, extra: str, expected: str) -> None:
     found = problems(tmp_path, BASE + extra)
@@ -62,6 +68,8 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 def test_missing_required_field(tmp_path: Path) -> None:
     assert "model.name_or_path: required" in problems(tmp_path, "model:\n  revision: main\ndata:\n  dataset: x\n")
+    assert problems(tmp_path, "model: {}\ndata:\n  dataset: x\n") == ["model.name_or_path: required"]
+    assert problems(tmp_path, "model:\ndata:\n  dataset: x\n") == ["model.name_or_path: required"]
 
 
 def test_file_errors(tmp_path: Path) -> None:
@@ -83,11 +91,19 @@ def test_overrides_of_every_scalar_type(tmp_path: Path) -> None:
         "model.revision=v1.0",  # string
         "train.max_steps=1e3",  # an integral float into an int field
         "data.text_fields=sentence",  # a single string into a list field
+        "train.output_dir=runs/a #1",  # a string field takes the text as written, not YAML's reading of it
+        "data.config_name=2024",
     ])
+    assert r.train.output_dir == "runs/a #1" and r.data.config_name == "2024"
     assert r.train.lr == 5e-4 and r.adapter.r == 16 and r.adapter.alpha == 32.0 and isinstance(r.adapter.alpha, float)
     assert r.train.max_grad_norm is None and r.model.trust_remote_code is True
     assert r.adapter.target_modules == ("query", "value") and r.model.revision == "v1.0"
     assert r.train.max_steps == 1000 and r.data.text_fields == ("sentence",)
+
+
+def test_override_into_a_section_left_empty(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, BASE + "adapter:\n"), ["adapter.r=16"])
+    assert r.adapter.r == 16
 
 
 def test_override_errors(tmp_path: Path) -> None:

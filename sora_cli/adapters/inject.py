@@ -36,26 +36,24 @@ def _compact(names: list[str]) -> str:
     return ", ".join(seen)
 
 
+def _inside(name: str, modules: list[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], heads: list[str]) -> list[str]:
     names = linear_names(model)
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        chosen = [n for n in names if not any(_matches(n, h) for h in heads + list(HEAD_NAMES))]
+    if target_modules == "all-linear":  # every Linear outside the heads (RoBERTa's head holds two)
+        output_heads = [n for n in names if n.split(".")[-1] in HEAD_NAMES]
+        chosen = [n for n in names if not _inside(n, heads + output_heads)]
+        missing = "'all-linear'"
     elif isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as e:
-            raise InputError(f"adapter.target_modules: '{target_modules}' is not a valid regex ({e}); "
-                             "give a list of module-name suffixes, a regex, or all-linear") from None
-        chosen = [n for n in names if pattern.fullmatch(n)]
+        chosen = [n for n in names if re.fullmatch(target_modules, n)]
+        missing = f"'{target_modules}'"
     else:
-        missing = [s for s in target_modules if not any(_matches(n, s) for n in names)]
-        if missing:
-            raise InputError(f"adapter.target_modules: {', '.join(map(repr, missing))} matches no Linear module; "
-                             f"the model's Linear modules are: {_compact(names)}")
         chosen = [n for n in names if any(_matches(n, s) for s in target_modules)]
-    if not chosen:
-        shown = f"'{target_modules}'" if isinstance(target_modules, str) else ", ".join(map(repr, target_modules))
-        raise InputError(f"adapter.target_modules: {shown} matches no Linear module; "
+        missing = ", ".join(repr(s) for s in target_modules if not any(_matches(n, s) for n in names))
+    if not chosen or (missing and not isinstance(target_modules, str)):
+        raise InputError(f"adapter.target_modules: {missing} matches no Linear module; "
                          f"the model's Linear modules are: {_compact(names)}")
     return chosen
 
@@ -63,7 +61,12 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
 def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None) -> list[str]:
     names = [n for n, _ in model.named_modules() if n]
     if modules_to_save is None:
-        return [n for n in names if n.split(".")[-1] in HEAD_NAMES[:2] and any(True for _ in _params(model, n))]
+        found = [n for n in names if n.split(".")[-1] in HEAD_NAMES[:2] and _params(model, n)]
+        if not found:
+            raise InputError("adapter.modules_to_save: this model has no 'classifier' or 'score' head to train; "
+                             "name its task head, e.g. modules_to_save: [classification_head]; top-level modules: "
+                             + ", ".join(n for n in names if "." not in n))
+        return [n for n in found if not _inside(n, [c for c in found if c != n])]
     chosen: list[str] = []
     for suffix in modules_to_save:
         found = [n for n in names if _matches(n, suffix)]
@@ -84,7 +87,7 @@ def inject(model: nn.Module, method: Method) -> Injection:
     cfg = method.adapter
     heads = select_heads(model, cfg.modules_to_save)
     targets = select_targets(model, cfg.target_modules, heads)
-    clash = [t for t in targets if any(t == h or t.startswith(h + ".") for h in heads)]
+    clash = [t for t in targets if _inside(t, heads)]
     if clash:
         raise InputError(f"adapter.target_modules: {clash[0]!r} is also in adapter.modules_to_save; "
                          "a module is either adapted or trained in full, not both")

@@ -3,6 +3,7 @@ made sparse by a proximal (soft-threshold) step after every optimizer step."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method
 from sora_cli.optim import proximal_step
+from sora_cli.recipe import SORA_DEFAULTS, AdapterConfig, TrainConfig
 
 
 class SoRALinear(LoRALinear):
@@ -44,9 +46,14 @@ def gates(model: nn.Module) -> list[nn.Parameter]:
 class SoRA(Method):
     name = "sora"
 
+    def __init__(self, adapter: AdapterConfig, train: TrainConfig):
+        # The recipe fills these defaults; a config built in code gets the same ones (one source: SORA_DEFAULTS).
+        unset = {k: v for k, v in SORA_DEFAULTS.items() if getattr(adapter, k) is None}
+        super().__init__(dataclasses.replace(adapter, **unset), train)
+
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter
-        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal")
+        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr).
@@ -55,16 +62,15 @@ class SoRA(Method):
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         # Optional l1_loss_weight · Σ|g| / numel(g) (the reference GLUE scripts); the proximal step is the real L1.
-        weight = self.adapter.l1_loss_weight or 0.0
-        if weight == 0.0:
+        weight = self.adapter.l1_loss_weight
+        if not weight:
             return None
         g = torch.cat([p.reshape(-1) for p in gates(model)])
         return weight * g.abs().sum() / g.numel()
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         (group,) = [g for g in optimizer.param_groups if g.get("name") == "gate"]
-        tau = proximal_step(group["params"], self.adapter.threshold or "scaled", self.adapter.sparse_lambda or 0.0,
-                            lr=group["lr"])
+        tau = proximal_step(group["params"], self.adapter.threshold, self.adapter.sparse_lambda, lr=group["lr"])
         return {"threshold": tau}
 
     def describe(self) -> dict[str, Any]:
