@@ -107,7 +107,7 @@ def test_l1_loss_weight_adds_the_mean_absolute_gate() -> None:
         layers[1].gate.copy_(torch.tensor([0.0, 2.5]))
     model = nn.Sequential(*layers)
     loss = get_method(AdapterConfig(l1_loss_weight=0.2), TrainConfig()).extra_loss(model)
-    assert float(loss) == pytest.approx(0.2 * 4.0 / 4)  # 0.2 · Σ|g| / numel
+    assert float(loss.detach()) == pytest.approx(0.2 * 4.0 / 4)  # 0.2 · Σ|g| / numel
     loss.backward()
     torch.testing.assert_close(layers[0].gate.grad, torch.tensor([0.05, -0.05]))  # 0.2/4 · sign(g)
     assert get_method(AdapterConfig(), TrainConfig()).extra_loss(model) is None  # default 0: nothing added
