@@ -33,7 +33,7 @@ class TrainProgress:
 
     def __init__(self, total: int, start: int = 0):
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="")
