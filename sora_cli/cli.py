@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import traceback
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -99,6 +101,132 @@ def train(
     rows.append(("final adapter", str(result.output_dir / "final")))
     rows.append(("time", f"{result.seconds:.1f} s"))
     render.run_summary(rows, title="sora train")
+
+
+class SortBy(str, Enum):
+    name = "name"
+    rank = "rank"
+
+
+class MergeDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+CkptArgument = Annotated[Path, typer.Argument(help="Checkpoint directory (e.g. runs/quickstart/final).",
+                                              show_default=False)]
+
+
+@app.command("inspect")
+def inspect_command(
+    ckpt: CkptArgument,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON (stable keys).")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG: rank heatmap and |g| histogram.")] = None,
+    sort: Annotated[SortBy, typer.Option("--sort", help="Order of the module rows.")] = SortBy.name,
+    debug: DebugOption = False,
+) -> None:
+    """Per-module surviving ranks and gate magnitudes, by module type and by layer."""
+    from sora_cli.checkpoint import load_adapter
+    from sora_cli.report import inspect_adapter
+    from sora_cli.report import plot as draw
+
+    def go() -> dict[str, Any]:
+        tensors, meta = load_adapter(ckpt)
+        report = inspect_adapter(tensors, meta)
+        if plot is not None:
+            draw(report, tensors, plot)
+        return report
+
+    report = _run(go, debug)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render.inspect_tables(report, sort.value)
+        if plot is not None:
+            render.note(f"plot: {plot}")
+
+
+@app.command("prune")
+def prune_command(
+    ckpt: CkptArgument,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Pruned checkpoint (default: <ckpt>-pruned).")] = None,
+    eps: Annotated[float, typer.Option("--eps", help="Keep ranks with |g| > eps (0: exactly the same outputs).")] = 0.0,
+    peft: Annotated[Path | None, typer.Option("--peft", help="Also write a standard PEFT LoRA adapter here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing output directories.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Cut the ranks whose gate is zero: a smaller adapter with the same outputs."""
+    from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
+    from sora_cli.engine import resolve_model_path
+    from sora_cli.errors import InputError, SoraError
+    from sora_cli.export import write_peft
+    from sora_cli.prune import prune
+    from sora_cli.report import inspect_adapter
+
+    out = output or ckpt.parent / f"{ckpt.name.rstrip('/')}-pruned"
+
+    def go() -> tuple[dict[str, Any], dict[str, Any]]:
+        if eps < 0:
+            raise InputError(f"--eps: must be >= 0, got {eps}")
+        tensors, meta = load_adapter(ckpt)
+        for target, flag in ((out, "--output"), (peft, "--peft")):
+            if target is not None and target.exists() and not force:
+                raise InputError(f"{flag}: {target} already exists; choose another path or pass --force")
+        pruned, pruned_meta = prune(tensors, meta, eps)
+        with atomic_dir(out) as tmp:
+            save_adapter(tmp, pruned, pruned_meta)
+        if peft is not None:
+            try:
+                base = resolve_model_path(meta["base_model"])
+            except SoraError:
+                base = meta["base_model"]
+            write_peft(peft, pruned, pruned_meta, base)
+        return inspect_adapter(tensors, meta), inspect_adapter(pruned, pruned_meta)
+
+    before, after = _run(go, debug)
+    render.prune_summary(before, after, str(out), str(peft) if peft else None)
+
+
+@app.command("merge")
+def merge_command(
+    ckpt: CkptArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged transformers model.",
+                                         show_default=False)],
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one the checkpoint "
+                                                            "records).")] = None,
+    dtype: Annotated[MergeDtype, typer.Option("--dtype", help="Weights dtype of the merged model "
+                                                              "(auto: the base's).")] = MergeDtype.auto,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Fold the adapter into the base weights: an ordinary transformers model, no adapter code needed."""
+    from sora_cli.checkpoint import atomic_dir, load_adapter
+    from sora_cli.engine import load_base
+    from sora_cli.errors import InputError
+    from sora_cli.merge import merge
+
+    def go() -> int:
+        import torch
+
+        if output.exists() and not force:
+            raise InputError(f"--output: {output} already exists; choose another path or pass --force")
+        tensors, meta = load_adapter(ckpt)
+        model, tokenizer = load_base(ckpt, meta, base)
+        saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+        target = saved if dtype is MergeDtype.auto else dtype.value
+        model.load_state_dict(merge(model.state_dict(), tensors, meta))
+        if isinstance(target, str):
+            target = getattr(torch, target)
+        model.to(target or torch.float32)
+        with atomic_dir(output) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return sum(1 for m in meta["modules"].values() if m["r"])
+
+    merged = _run(go, debug)
+    render.note(f"merged {merged} adapted modules into the base weights: {output}")
 
 
 def main() -> None:

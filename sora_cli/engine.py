@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from sora_cli import __version__, render
-from sora_cli.adapters import LoRALinear, Method, get_method
-from sora_cli.adapters.inject import Injection, count_parameters, inject
+from sora_cli.adapters import LAYERS, LoRALinear, Method, get_method
+from sora_cli.adapters.inject import Injection, attach, count_parameters, inject
 from sora_cli.checkpoint import (
     atomic_dir, load_adapter, load_training_state, optimizer_from_files, recover, remove_old_checkpoints,
     rng_from_files, save_adapter, save_training_state, step_checkpoints, write_text_atomic,
@@ -123,6 +123,34 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> str:
         h.update(name.encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()
+
+
+def load_base(directory: Path, meta: dict[str, Any], base: str | None = None) -> tuple[nn.Module, Any]:
+    """The base model an adapter checkpoint was trained on (float32, with its task head), checked by fingerprint."""
+    name = base or meta["base_model"]
+    task = meta["task"]
+    try:
+        model, tokenizer = load_model(ModelConfig(name_or_path=name, revision=meta.get("base_model_revision")),
+                                      task["type"], task["num_labels"], task.get("label_names"))
+    except InputError as e:
+        raise CheckpointError(f"{directory}: its base model {name!r} cannot be loaded "
+                              f"({str(e).removeprefix('model.name_or_path: ')}); pass --base PATH_OR_ID") from None
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in meta["target_modules"] if t not in names]
+    if missing or base_fingerprint(model, meta["target_modules"]) != meta.get("base_fingerprint"):
+        why = f"has no Linear {missing[0]}" if missing else "has other weights (fingerprint differs)"
+        raise CheckpointError(f"{directory}: base model {name!r} {why} than the one this adapter was trained on; "
+                              "pass the right one with --base")
+    return model, tokenizer
+
+
+def load_adapted(directory: Path, base: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model with the checkpoint's adapters, tokenizer, adapter.json) in eval mode, for evaluation and tests."""
+    tensors, meta = load_adapter(directory)
+    model, tokenizer = load_base(directory, meta, base)
+    attach(model, LAYERS[meta["method"]], meta["modules"], tensors, str(directory))
+    model.eval()
+    return model, tokenizer, meta
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -255,6 +283,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
         raise InputError(f"data.max_length: {recipe.data.max_length} is longer than the model's "
                          f"{positions} positions; use at most {positions}")
     method = get_method(recipe.adapter, cfg)
+    base_parameters = sum(p.numel() for p in model.parameters())
     injection = inject(model, method)
     fingerprints = {"base_fingerprint": base_fingerprint(model, injection.targets),
                     "data_fingerprint": data_fingerprint(splits.train.texts, splits.train.labels)}
@@ -274,6 +303,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
 
     def evaluate_on(data: Encoded) -> dict[str, float]:
         return evaluate(model, data, cfg.eval_batch_size, pad_id, splits.task_type, device, autocast)
+
+    facts = {**fingerprints, "base_parameters": base_parameters}
 
     counters: dict[str, Any] = {"step": 0, "best_metric": None, "best_step": None, "bad_evals": 0, "stopped": False,
                                 "last_dev": {}, "window_loss": 0.0, "window_steps": 0, "window_examples": 0,
@@ -308,7 +339,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     def save(directory: Path, step: int, metrics: dict[str, Any], with_state: bool = False) -> None:
         with atomic_dir(directory) as tmp:
             save_adapter(tmp, _trainable_tensors(model),
-                         _adapter_meta(recipe, method, injection, model, splits, fingerprints, step, metrics))
+                         _adapter_meta(recipe, method, injection, model, splits, facts, step, metrics))
             if with_state:
                 save_training_state(tmp, optimizer, counters)
 
@@ -454,7 +485,7 @@ def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: P
 
 
 def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: nn.Module, splits: Any,
-                  fingerprints: dict[str, str], step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+                  facts: dict[str, Any], step: int, metrics: dict[str, Any]) -> dict[str, Any]:
     modules = {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
                       "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
     return {
@@ -463,7 +494,7 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
         "method_config": method.describe(),
         "base_model": recipe.model.name_or_path,
         "base_model_revision": recipe.model.revision,
-        **fingerprints,
+        **facts,
         "task": {"type": splits.task_type, "num_labels": splits.num_labels, "label_names": splits.label_names},
         "target_modules": injection.targets,
         "modules_to_save": injection.modules_to_save,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from rich.console import Console
@@ -10,6 +11,8 @@ from rich.table import Table
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # piped or captured output: rich's default of 80 columns would cut the tables
 
 
 def error(message: str) -> None:
@@ -71,3 +74,63 @@ def run_summary(rows: list[tuple[str, str]], title: str) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
+    """Per-module table, then by module type and by layer, then the summary."""
+    rows = report["modules"]
+    if sort == "rank":
+        rows = sorted(rows, key=lambda r: (-r["rank"], r["module"]))
+    gated = report["method"] == "sora"
+    title = f"{report['method']} adapter, step {report['step']}" + (" (pruned)" if report["pruned"] else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("module", no_wrap=True, min_width=max((len(r["module"]) for r in rows), default=6))
+    for col in ["r_max", "rank"] + (["|g|₁", "min |g|", "median |g|", "max |g|"] if gated else []) + [
+            "params", "after prune"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        gates = [_num(r["gate_l1"]), _num(r["gate_min"]), _num(r["gate_median"]), _num(r["gate_max"])] if gated else []
+        table.add_row(r["module"], str(r["r_max"]), str(r["rank"]), *gates, f"{r['params']:,d}",
+                      f"{r['params_pruned']:,d}")
+    console.print(table)
+    for key, label in (("by_type", "module type"), ("by_layer", "layer")):
+        console.print(_group_table(report[key], label))
+    s = report["summary"]
+    of_base = f" = {s['percent_of_base']:.3f}% of the base model's {s['base_parameters']:,d}" \
+        if s["percent_of_base"] is not None else ""
+    console.print(f"surviving rank {s['rank']} / {s['r_max']} ({s['rank_kept_percent']:.1f}%) in "
+                  f"{s['modules_alive']} of {s['modules']} modules; adapter parameters {s['params']:,d} now, "
+                  f"{s['params_pruned']:,d} after pruning{of_base}", markup=False, soft_wrap=True)
+
+
+def _group_table(groups: dict[str, dict[str, int]], label: str, after: dict[str, dict[str, int]] | None = None,
+                 title: str | None = None) -> Table:
+    table = Table(title=title or f"by {label}", title_justify="left")
+    table.add_column(label)
+    table.add_column("modules", justify="right")
+    table.add_column("rank / r_max", justify="right")
+    table.add_column("kept", justify="right")
+    if after is not None:
+        table.add_column("rank after", justify="right")
+    for name, g in groups.items():
+        row = [name, str(g["modules"]), f"{g['rank']} / {g['r_max']}",
+               f"{100 * g['rank'] / g['r_max']:.0f}%" if g["r_max"] else "–"]
+        if after is not None:
+            row.append(str(after.get(name, {}).get("r", 0)))
+        table.add_row(*row)
+    return table
+
+
+def prune_summary(before: dict[str, Any], after: dict[str, Any], out: str, peft: str | None) -> None:
+    b, a = before["summary"], after["summary"]
+    after_types = {t: {"r": g["rank"]} for t, g in after["by_type"].items()}
+    console.print(_group_table(before["by_type"], "module type", after_types, title="rank by module type"))
+    console.print(f"adapter parameters {b['params']:,d} -> {a['params']:,d} "
+                  f"({100 * a['params'] / b['params'] if b['params'] else 0:.1f}%); "
+                  f"rank {b['r']} -> {a['r']}; modules with an adapter {b['modules_alive']} -> {a['modules_alive']}",
+                  markup=False, soft_wrap=True)
+    console.print(f"pruned checkpoint: {out}" + (f"\nPEFT adapter: {peft}" if peft else ""), markup=False)

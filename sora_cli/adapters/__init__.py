@@ -12,10 +12,11 @@ if TYPE_CHECKING:
     from sora_cli.recipe import AdapterConfig, TrainConfig
 
 METHODS: dict[str, type[Method]] = {"lora": LoRA, "sora": SoRA}
+LAYERS: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "sora": SoRALinear}
 
 
 def get_method(adapter: AdapterConfig, train: TrainConfig) -> Method:
     return METHODS[adapter.method](adapter, train)
 
 
-__all__ = ["METHODS", "LoRA", "LoRALinear", "Method", "SoRA", "SoRALinear", "get_method"]
+__all__ = ["LAYERS", "METHODS", "LoRA", "LoRALinear", "Method", "SoRA", "SoRALinear", "get_method"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from sora_cli.adapters.method import Method
-from sora_cli.errors import InputError
+from sora_cli.errors import CheckpointError, InputError
 
 # Output heads: never adapted by `all-linear`, and the default `modules_to_save` (PEFT's choice too).
 HEAD_NAMES = ("classifier", "score", "lm_head")
@@ -101,6 +103,35 @@ def inject(model: nn.Module, method: Method) -> Injection:
         for p in _params(model, name):
             p.requires_grad_(True)
     return Injection(targets=targets, modules_to_save=heads)
+
+
+def attach(model: nn.Module, layer_cls: type[nn.Module], modules: dict[str, dict[str, Any]],
+           tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Rebuild a checkpoint's adapted layers (each module's own r and s, as recorded) and load its tensors.
+
+    A module recorded with r = 0 (pruned away) stays the plain base layer. Everything ends frozen.
+    """
+    for name, m in modules.items():
+        if m["r"] == 0:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear) or (base.in_features, base.out_features) != (m["d_in"], m["d_out"]):
+            raise CheckpointError(f"{where}: module {name} of the base model is not a Linear of shape "
+                                  f"{m['d_in']} -> {m['d_out']}; is this the base the adapter was trained on?")
+        layer = layer_cls(base, m["r"], m["s"] * m["r"])
+        layer.scaling = m["s"]  # exactly as recorded, not re-derived from alpha / r
+        setattr(parent, child, layer)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key not in params or params[key].shape != value.shape:
+                raise CheckpointError(f"{where}: tensor {key} {tuple(value.shape)} has no place in the model; "
+                                      "is this the base the adapter was trained on?")
+            params[key].copy_(value)
+    for p in model.parameters():
+        p.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

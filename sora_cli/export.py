@@ -1,0 +1,74 @@
+"""Export as a standard LoRA adapter in PEFT's layout (METHODS.md "Export"). Pure, no PEFT import.
+
+For each module m with r_m > 0 (after pruning): lora_A.weight = A', lora_B.weight = s·B'·diag(g')
+(gate and scaling folded in), and lora_alpha = r_m so that PEFT's own scaling alpha/r is exactly 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sora_cli.checkpoint import atomic_dir
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+SORA_METADATA = "sora_metadata.json"  # gates, λ, method settings: never in adapter_config.json
+
+
+def to_peft(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+            base_model_name_or_path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, adapter_config) of a (pruned) sora adapter as a PEFT LoRA adapter."""
+    weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, m in meta["modules"].items():
+        if m["r"] == 0:
+            continue  # a rank-0 module is an error in PEFT: it is simply not a target
+        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        gate = tensors.get(f"{name}.gate")
+        folded = m["s"] * (b * gate if gate is not None else b)  # s·B·diag(g): scale B's columns, (d_out, r)
+        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        weights[f"base_model.model.{name}.lora_B.weight"] = folded.contiguous()
+        ranks[name] = m["r"]
+    heads = meta.get("modules_to_save", [])
+    for key, value in tensors.items():
+        if any(key.startswith(h + ".") for h in heads):
+            weights[f"base_model.model.{key}"] = value.contiguous()
+    r_max = max(ranks.values(), default=0)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": meta.get("base_model_revision"),
+        "r": r_max,
+        "lora_alpha": r_max,
+        "rank_pattern": dict(ranks),
+        "alpha_pattern": dict(ranks),  # alpha = rank: scaling 1, since s is folded into lora_B
+        "target_modules": list(ranks),
+        "modules_to_save": list(heads),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    return weights, config
+
+
+def write_peft(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+               base_model_name_or_path: str) -> None:
+    weights, config = to_peft(tensors, meta, base_model_name_or_path)
+    sora = {"method": meta["method"], "method_config": meta.get("method_config"), "step": meta.get("step"),
+            "gates": {n: tensors[f"{n}.gate"].tolist() for n, m in meta["modules"].items()
+                      if m["r"] and f"{n}.gate" in tensors},
+            "scaling": {n: m["s"] for n, m in meta["modules"].items()}, "metrics": meta.get("metrics", {})}
+    with atomic_dir(directory) as tmp:
+        save_file(weights, tmp / PEFT_WEIGHTS)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / SORA_METADATA).write_text(json.dumps(sora, indent=2) + "\n")

@@ -1,0 +1,35 @@
+"""Merge: fold the adapter into the base weights (METHODS.md "Merge"). Pure, over state dicts.
+
+    W' = W0 + s · B diag(g) A     computed in float32, cast back to the base weight's dtype
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def delta(tensors: dict[str, torch.Tensor], name: str, s: float) -> torch.Tensor:
+    """s · B diag(g) A of one module, float32, (d_out, d_in); without a gate, s · B A."""
+    a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+    gate = tensors.get(f"{name}.gate")
+    if gate is not None:
+        b = b * gate.float()  # B diag(g): scale B's columns
+    return s * (b @ a)
+
+
+def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+          meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A new state dict: every adapted module's weight merged, trained heads copied in; no adapter keys."""
+    merged = dict(base)
+    for name, m in meta["modules"].items():
+        if m["r"] == 0:
+            continue
+        w0 = base[f"{name}.weight"]
+        merged[f"{name}.weight"] = (w0.float() + delta(tensors, name, m["s"])).to(w0.dtype)
+    heads = meta.get("modules_to_save", [])
+    for key, value in tensors.items():
+        if any(key.startswith(h + ".") for h in heads):
+            merged[key] = value.to(base[key].dtype) if key in base else value
+    return merged
