@@ -4,6 +4,7 @@
 
 With eps = 0 the pruned adapter computes exactly the same function (float reordering only).
 A module with nothing left keeps an entry with r = 0 and no tensors: it is the plain base layer.
+A LoRA adapter has no gates: every rank survives and prune only copies it (useful with --peft).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 
-from sora_cli.errors import CheckpointError
 
 
 def adapter_parameters(meta: dict[str, Any], gated: bool) -> int:
@@ -24,15 +24,13 @@ def adapter_parameters(meta: dict[str, Any], gated: bool) -> int:
 def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
           eps: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return pruned (tensors, meta); the inputs are left as they were."""
-    if meta.get("method") != "sora":
-        raise CheckpointError(f"prune: a {meta.get('method')!r} adapter has no gates; only sora checkpoints prune")
     out = dict(tensors)
     new_meta = copy.deepcopy(meta)
     for name, m in new_meta["modules"].items():
         m.setdefault("r_max", m["r"])
-        if m["r"] == 0:
+        gate = tensors.get(f"{name}.gate")
+        if m["r"] == 0 or gate is None:  # gone already, or LoRA: no gate, every rank survives
             continue
-        gate = tensors[f"{name}.gate"]
         keep = torch.nonzero(gate.abs() > eps).flatten()  # (k,), ascending: the ranks keep their order
         for key in ("lora_A", "lora_B", "gate"):
             del out[f"{name}.{key}"]

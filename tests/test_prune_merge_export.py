@@ -238,3 +238,21 @@ def test_prune_on_a_real_minilm_checkpoint(tmp_path: Path) -> None:
                             padding=True, return_tensors="pt"))
     # float32 through 6 layers: the GEMMs of k=8 and k<8 ranks sum in different orders (measured ~1e-6)
     torch.testing.assert_close(logits(small, inputs), logits(full, inputs), atol=1e-5, rtol=0)
+
+
+def test_lora_checkpoint_inspect_prune_and_bf16_merge(make_recipe, tmp_path: Path) -> None:
+    recipe = load_recipe(make_recipe(adapter={"method": "lora", "sparse_lambda": None},
+                                     train={"max_steps": 5, "eval_every": None}))
+    train(recipe)
+    final = Path(recipe.train.output_dir) / "final"
+    report = json.loads(invoke("inspect", str(final), "--json").output)
+    assert report["summary"]["rank"] == report["summary"]["r_max"] == 52  # every rank survives
+    # r·(d_in + d_out), no gate: per layer q k v o (32+32 each), FFN in and out (32+48 each); and the pooler
+    assert report["summary"]["params"] == report["summary"]["params_pruned"] == 4 * (2 * (4 * 64 + 2 * 80) + 64)
+    result = invoke("prune", str(final), "--peft", str(tmp_path / "peft"))
+    assert result.exit_code == 0 and "adapter parameters 3,584 -> 3,584" in result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 13 and config["r"] == 4
+    assert invoke("merge", str(final), "-o", str(tmp_path / "m"), "--dtype", "bfloat16").exit_code == 0
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert weights["classifier.weight"].dtype == torch.bfloat16
