@@ -90,7 +90,7 @@ def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -
             grid[layers.index(r["layer"])][types.index(r["type"])] = r["rank"]
     gates = [v for k, t in tensors.items() if k.endswith(".gate") for v in t.abs().tolist()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    image = ax1.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    image = ax1.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(r["r_max"] for r in report["modules"]))
     ax1.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)
     ax1.set_yticks(range(len(layers)), [str(i) for i in layers])
     ax1.set_xlabel("module type")

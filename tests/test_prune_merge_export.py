@@ -256,3 +256,13 @@ def test_lora_checkpoint_inspect_prune_and_bf16_merge(make_recipe, tmp_path: Pat
     assert invoke("merge", str(final), "-o", str(tmp_path / "m"), "--dtype", "bfloat16").exit_code == 0
     weights = load_file(tmp_path / "m" / "model.safetensors")
     assert weights["classifier.weight"].dtype == torch.bfloat16
+
+
+def test_a_pruned_checkpoint_merges_to_the_same_weights(ckpt: Path, tmp_path: Path) -> None:
+    assert invoke("prune", str(ckpt), "-o", str(tmp_path / "pruned")).exit_code == 0
+    assert invoke("merge", str(ckpt), "-o", str(tmp_path / "a")).exit_code == 0
+    assert invoke("merge", str(tmp_path / "pruned"), "-o", str(tmp_path / "b")).exit_code == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
