@@ -33,6 +33,7 @@ STATE_META = "training_state.json"
 FORMAT = "sora-adapter"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
+REQUIRED_META = ("method", "base_model", "task", "target_modules", "modules_to_save", "modules", "step")
 
 
 def _fsync(path: Path) -> None:
@@ -131,12 +132,20 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: not a sora adapter file (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: not a sora adapter file (format {found!r})")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: incomplete, missing {', '.join(missing)}; the checkpoint is damaged")
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path}: unreadable safetensors file ({e}); the checkpoint is damaged") from None
+    for name, m in meta["modules"].items():
+        needed = [f"{name}.{k}" for k in ("lora_A", "lora_B") if m.get("r")]
+        if any(k not in tensors for k in needed):
+            raise CheckpointError(f"{weights_path}: tensors of {name} are missing; the checkpoint is damaged")
     return tensors, meta
 
 

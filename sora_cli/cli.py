@@ -165,16 +165,29 @@ def prune_command(
     from sora_cli.prune import prune
     from sora_cli.report import inspect_adapter
 
-    out = output or ckpt.parent / f"{ckpt.name.rstrip('/')}-pruned"
+    source = ckpt.resolve()
+    out = output or source.parent / f"{source.name}-pruned"
 
     def go() -> tuple[dict[str, Any], dict[str, Any]]:
         if eps < 0:
             raise InputError(f"--eps: must be >= 0, got {eps}")
         tensors, meta = load_adapter(ckpt)
-        for target, flag in ((out, "--output"), (peft, "--peft")):
-            if target is not None and target.exists() and not force:
+        targets = [(out, "--output")] + ([(peft, "--peft")] if peft is not None else [])
+        for target, flag in targets:
+            resolved = target.resolve()
+            if resolved == source or source in resolved.parents or resolved in source.parents:
+                raise InputError(f"{flag}: {target} overlaps the checkpoint {ckpt}; choose a path beside it")
+            if target.exists() and not force:
                 raise InputError(f"{flag}: {target} already exists; choose another path or pass --force")
+            if target.parent.exists() and not target.parent.is_dir():
+                raise InputError(f"{flag}: {target.parent} is not a directory")
+        if peft is not None and (peft.resolve() == out.resolve() or out.resolve() in peft.resolve().parents
+                                 or peft.resolve() in out.resolve().parents):
+            raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
         pruned, pruned_meta = prune(tensors, meta, eps)
+        if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):
+            raise InputError(f"--peft: no rank survives in {ckpt}, so there is no LoRA adapter to export; "
+                             "the base model with the trained head is the whole model (see sora merge)")
         with atomic_dir(out) as tmp:
             save_adapter(tmp, pruned, pruned_meta)
         if peft is not None:
@@ -213,13 +226,10 @@ def merge_command(
         if output.exists() and not force:
             raise InputError(f"--output: {output} already exists; choose another path or pass --force")
         tensors, meta = load_adapter(ckpt)
-        model, tokenizer = load_base(ckpt, meta, base)
-        saved = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-        target = saved if dtype is MergeDtype.auto else dtype.value
-        model.load_state_dict(merge(model.state_dict(), tensors, meta))
-        if isinstance(target, str):
-            target = getattr(torch, target)
-        model.to(target or torch.float32)
+        model, tokenizer = load_base(ckpt, meta, base)  # in the dtype it was trained on
+        model.load_state_dict(merge(model.state_dict(), tensors, meta))  # math in float32, cast back
+        if dtype is not MergeDtype.auto:
+            model.to(getattr(torch, dtype.value))
         with atomic_dir(output) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

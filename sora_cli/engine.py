@@ -126,12 +126,16 @@ def base_fingerprint(model: nn.Module, targets: list[str]) -> str:
 
 
 def load_base(directory: Path, meta: dict[str, Any], base: str | None = None) -> tuple[nn.Module, Any]:
-    """The base model an adapter checkpoint was trained on (float32, with its task head), checked by fingerprint."""
+    """The base model an adapter checkpoint was trained on, loaded as in training (dtype, gguf file, remote
+    code), with its task head, and checked against the recorded fingerprint."""
     name = base or meta["base_model"]
     task = meta["task"]
+    loading = meta.get("base_model_loading", {})
+    config = ModelConfig(name_or_path=name, revision=meta.get("base_model_revision"),
+                         dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
+                         trust_remote_code=loading.get("trust_remote_code", False))
     try:
-        model, tokenizer = load_model(ModelConfig(name_or_path=name, revision=meta.get("base_model_revision")),
-                                      task["type"], task["num_labels"], task.get("label_names"))
+        model, tokenizer = load_model(config, task["type"], task["num_labels"], task.get("label_names"))
     except InputError as e:
         raise CheckpointError(f"{directory}: its base model {name!r} cannot be loaded "
                               f"({str(e).removeprefix('model.name_or_path: ')}); pass --base PATH_OR_ID") from None
@@ -147,6 +151,9 @@ def load_base(directory: Path, meta: dict[str, Any], base: str | None = None) ->
 def load_adapted(directory: Path, base: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model with the checkpoint's adapters, tokenizer, adapter.json) in eval mode, for evaluation and tests."""
     tensors, meta = load_adapter(directory)
+    if meta["method"] not in LAYERS:
+        raise CheckpointError(f"{directory}: unknown adapter method {meta['method']!r}; "
+                              f"this sora knows {', '.join(LAYERS)}")
     model, tokenizer = load_base(directory, meta, base)
     attach(model, LAYERS[meta["method"]], meta["modules"], tensors, str(directory))
     model.eval()
@@ -494,6 +501,8 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
         "method_config": method.describe(),
         "base_model": recipe.model.name_or_path,
         "base_model_revision": recipe.model.revision,
+        "base_model_loading": {"dtype": recipe.model.dtype, "gguf_file": recipe.model.gguf_file,
+                               "trust_remote_code": recipe.model.trust_remote_code},
         **facts,
         "task": {"type": splits.task_type, "num_labels": splits.num_labels, "label_names": splits.label_names},
         "target_modules": injection.targets,

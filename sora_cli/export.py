@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from sora_cli.checkpoint import atomic_dir
+from sora_cli.merge import folded_b, head_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -28,16 +29,12 @@ def to_peft(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
     for name, m in meta["modules"].items():
         if m["r"] == 0:
             continue  # a rank-0 module is an error in PEFT: it is simply not a target
-        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        gate = tensors.get(f"{name}.gate")
-        folded = m["s"] * (b * gate if gate is not None else b)  # s·B·diag(g): scale B's columns, (d_out, r)
-        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = folded.contiguous()
+        weights[f"base_model.model.{name}.lora_A.weight"] = tensors[f"{name}.lora_A"].float().contiguous()
+        weights[f"base_model.model.{name}.lora_B.weight"] = folded_b(tensors, name, m["s"]).contiguous()
         ranks[name] = m["r"]
+    for key, value in head_tensors(tensors, meta).items():
+        weights[f"base_model.model.{key}"] = value.contiguous()
     heads = meta.get("modules_to_save", [])
-    for key, value in tensors.items():
-        if any(key.startswith(h + ".") for h in heads):
-            weights[f"base_model.model.{key}"] = value.contiguous()
     r_max = max(ranks.values(), default=0)
     config = {
         "peft_type": "LORA",

@@ -16,11 +16,6 @@ import torch
 
 
 
-def adapter_parameters(meta: dict[str, Any], gated: bool) -> int:
-    """Adapter parameters from shapes: Σ r_m·(d_in + d_out [+ 1 for the gate])."""
-    return sum(m["r"] * (m["d_in"] + m["d_out"] + (1 if gated else 0)) for m in meta["modules"].values())
-
-
 def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
           eps: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return pruned (tensors, meta); the inputs are left as they were."""

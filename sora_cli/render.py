@@ -83,8 +83,7 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     """Per-module table, then by module type and by layer, then the summary."""
     rows = report["modules"]
-    if sort == "rank":
-        rows = sorted(rows, key=lambda r: (-r["rank"], r["module"]))
+    rows = sorted(rows, key=lambda r: (-r["rank"], r["module"]) if sort == "rank" else r["module"])
     gated = report["method"] == "sora"
     title = f"{report['method']} adapter, step {report['step']}" + (" (pruned)" if report["pruned"] else "")
     table = Table(title=title, title_justify="left")
@@ -120,15 +119,14 @@ def _group_table(groups: dict[str, dict[str, int]], label: str, after: dict[str,
         row = [name, str(g["modules"]), f"{g['rank']} / {g['r_max']}",
                f"{100 * g['rank'] / g['r_max']:.0f}%" if g["r_max"] else "–"]
         if after is not None:
-            row.append(str(after.get(name, {}).get("r", 0)))
+            row.append(str(after.get(name, {}).get("rank", 0)))
         table.add_row(*row)
     return table
 
 
 def prune_summary(before: dict[str, Any], after: dict[str, Any], out: str, peft: str | None) -> None:
     b, a = before["summary"], after["summary"]
-    after_types = {t: {"r": g["rank"]} for t, g in after["by_type"].items()}
-    console.print(_group_table(before["by_type"], "module type", after_types, title="rank by module type"))
+    console.print(_group_table(before["by_type"], "module type", after["by_type"], title="rank by module type"))
     console.print(f"adapter parameters {b['params']:,d} -> {a['params']:,d} "
                   f"({100 * a['params'] / b['params'] if b['params'] else 0:.1f}%); "
                   f"rank {b['r']} -> {a['r']}; modules with an adapter {b['modules_alive']} -> {a['modules_alive']}",

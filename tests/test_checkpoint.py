@@ -65,7 +65,10 @@ def test_adapter_file_errors(tmp_path: Path) -> None:
         load_adapter(tmp_path / "absent")
     with pytest.raises(CheckpointError, match=r"not a sora checkpoint \(adapter.json is missing\)"):
         load_adapter(tmp_path)
-    save_adapter(tmp_path, {"x.lora_A": torch.ones(2, 3)}, {"method": "lora"})
+    full = {"method": "lora", "base_model": "b", "task": {}, "target_modules": ["x"], "modules_to_save": [],
+            "modules": {"x": {"r": 2, "s": 1.0, "d_in": 3, "d_out": 1}}, "step": 1}
+    tensors = {"x.lora_A": torch.ones(2, 3), "x.lora_B": torch.ones(1, 2)}
+    save_adapter(tmp_path, tensors, full)
     tensors, meta = load_adapter(tmp_path)
     assert meta["format"] == "sora-adapter" and torch.equal(tensors["x.lora_A"], torch.ones(2, 3))
     (tmp_path / "adapter.json").write_text(json.dumps({"format": "other"}))
@@ -74,7 +77,10 @@ def test_adapter_file_errors(tmp_path: Path) -> None:
     (tmp_path / "adapter.json").write_text("{")
     with pytest.raises(CheckpointError, match="adapter.json: not valid JSON"):
         load_adapter(tmp_path)
-    save_adapter(tmp_path, {"x.lora_A": torch.ones(2, 3)}, {"method": "lora"})
+    save_adapter(tmp_path, {"x.lora_A": torch.ones(2, 3)}, full)
+    with pytest.raises(CheckpointError, match="tensors of x are missing"):
+        load_adapter(tmp_path)
+    save_adapter(tmp_path, {"x.lora_A": torch.ones(2, 3), "x.lora_B": torch.ones(1, 2)}, full)
     weights = tmp_path / "adapter.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) - 4)

@@ -15,7 +15,7 @@ from sora_cli.checkpoint import load_adapter
 from sora_cli.cli import app
 from sora_cli.engine import load_adapted, load_base, train
 from sora_cli.merge import delta, merge
-from sora_cli.prune import adapter_parameters, prune
+from sora_cli.prune import prune
 from sora_cli.recipe import load_recipe
 from sora_cli.report import inspect_adapter
 
@@ -62,7 +62,7 @@ def test_prune_keeps_outputs_and_counts(ckpt: Path) -> None:
     expected = sum(int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)
                    for n, m in meta["modules"].items())
     adapter_keys = [k for k in pruned if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate")]
-    assert sum(pruned[k].numel() for k in adapter_keys) == adapter_parameters(pmeta, gated=True) == expected
+    assert sum(pruned[k].numel() for k in adapter_keys) == expected
     for name, m in pmeta["modules"].items():  # s unchanged; each module's update identical
         assert m["s"] == meta["modules"][name]["s"] and m["r_max"] == 4
         if m["r"]:
@@ -71,7 +71,8 @@ def test_prune_keeps_outputs_and_counts(ckpt: Path) -> None:
     result = invoke("prune", str(ckpt))
     assert result.exit_code == 0, result.output
     out = ckpt.parent / "final-pruned"
-    assert f"adapter parameters {adapter_parameters(meta, True):,d} -> {expected:,d}" in result.output
+    before = sum(m["r"] * (m["d_in"] + m["d_out"] + 1) for m in meta["modules"].values())
+    assert f"adapter parameters {before:,d} -> {expected:,d}" in result.output
     full, tokenizer, _ = load_adapted(ckpt)
     small, _, _ = load_adapted(out)
     assert type(small.bert.pooler.dense) is nn.Linear  # no adapter left there
@@ -231,9 +232,11 @@ def test_prune_on_a_real_minilm_checkpoint(tmp_path: Path) -> None:
     zero = sum(int((t == 0).sum()) for k, t in tensors.items() if k.endswith(".gate"))
     assert 0.2 < zero / 296 < 0.8
     full, tokenizer, _ = load_adapted(run / "final")
-    small, _, pmeta = load_adapted(run / "final-pruned")
-    assert adapter_parameters(pmeta, gated=True) == sum(
-        m["r"] * (m["d_in"] + m["d_out"] + 1) for m in pmeta["modules"].values()) < adapter_parameters(meta, True)
+    small, _, _ = load_adapted(run / "final-pruned")
+    pruned, _ = load_adapter(run / "final-pruned")
+    surviving = sum(int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)
+                    for n, m in meta["modules"].items())
+    assert sum(t.numel() for k, t in pruned.items() if not k.startswith("classifier.")) == surviving
     inputs = dict(tokenizer(["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate."] * 4,
                             padding=True, return_tensors="pt"))
     # float32 through 6 layers: the GEMMs of k=8 and k<8 ranks sum in different orders (measured ~1e-6)
@@ -266,3 +269,56 @@ def test_a_pruned_checkpoint_merges_to_the_same_weights(ckpt: Path, tmp_path: Pa
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_prune_paths_and_empty_export(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ckpt)
+    assert invoke("prune", ".").exit_code == 0  # a sibling of the checkpoint, not inside it
+    assert (ckpt.parent / "final-pruned" / "adapter.json").is_file() and not (ckpt / "-pruned").exists()
+    same = tmp_path / "same"
+    result = invoke("prune", str(ckpt), "-o", str(same), "--peft", str(same))
+    assert result.exit_code == 2 and "overlaps --output" in result.output and not same.exists()
+    result = invoke("prune", str(ckpt), "-o", str(ckpt / "inner"))
+    assert result.exit_code == 2 and "overlaps the checkpoint" in result.output and not (ckpt / "inner").exists()
+    tensors, meta = load_adapter(ckpt)
+    for k in tensors:
+        if k.endswith(".gate"):
+            tensors[k] = torch.zeros_like(tensors[k])
+    from sora_cli.checkpoint import save_adapter
+
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    save_adapter(dead, tensors, meta)
+    result = invoke("prune", str(dead), "-o", str(tmp_path / "p"), "--peft", str(tmp_path / "peft"))
+    assert result.exit_code == 2 and "no rank survives" in result.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "peft").exists()
+
+
+def test_damaged_metadata_and_missing_tensors(ckpt: Path) -> None:
+    meta = json.loads((ckpt / "adapter.json").read_text())
+    (ckpt / "adapter.json").write_text(json.dumps({"format": "sora-adapter", "method": "sora"}))
+    result = invoke("inspect", str(ckpt))
+    assert result.exit_code == 2 and "adapter.json: incomplete, missing base_model" in result.output
+    (ckpt / "adapter.json").write_text(json.dumps(meta))
+    from safetensors.torch import save_file
+
+    tensors = load_file(ckpt / "adapter.safetensors")
+    del tensors["bert.encoder.layer.0.attention.self.query.lora_B"]
+    save_file(tensors, ckpt / "adapter.safetensors")
+    for command in ("inspect", "prune"):
+        result = invoke(command, str(ckpt))
+        assert result.exit_code == 2 and "tensors of bert.encoder.layer.0.attention.self.query are missing" \
+            in result.output
+
+
+def test_a_bf16_trained_adapter_merges_in_bf16(make_recipe, tmp_path: Path) -> None:
+    recipe = load_recipe(make_recipe(model={"dtype": "bfloat16"}, train={"max_steps": 4, "eval_every": None}))
+    train(recipe)
+    final = Path(recipe.train.output_dir) / "final"
+    assert json.loads((final / "adapter.json").read_text())["base_model_loading"]["dtype"] == "bfloat16"
+    result = invoke("merge", str(final), "-o", str(tmp_path / "m"))
+    assert result.exit_code == 0, result.output
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    assert weights["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16  # --dtype auto
+    model, _, _ = load_adapted(final)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16

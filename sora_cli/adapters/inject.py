@@ -124,6 +124,11 @@ def attach(model: nn.Module, layer_cls: type[nn.Module], modules: dict[str, dict
         layer.scaling = m["s"]  # exactly as recorded, not re-derived from alpha / r
         setattr(parent, child, layer)
     params = dict(model.named_parameters())
+    adapter_keys = {n for n in params if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate")}
+    missing = sorted(adapter_keys - set(tensors))
+    if missing:
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing from the adapter file; the checkpoint is "
+                              "damaged")
     with torch.no_grad():
         for key, value in tensors.items():
             if key not in params or params[key].shape != value.shape:
