@@ -198,3 +198,19 @@ def test_regression_task_and_bf16(make_recipe, tmp_path: Path) -> None:
     assert set(result.dev) == {"pearson", "spearman"} and all(v == v for v in result.dev.values())  # not NaN
     meta = json.loads((Path(recipe.train.output_dir) / "final" / "adapter.json").read_text())
     assert meta["task"] == {"type": "regression", "num_labels": 1, "label_names": None}
+
+
+def test_sentence_pairs_and_string_labels(make_recipe, tmp_path: Path) -> None:
+    from .conftest import make_sentences
+
+    rows = make_sentences(80, seed=3)
+    path = tmp_path / "pairs.csv"
+    path.write_text("first,second,verdict\n" + "".join(
+        f"{a},{b},{'same' if la == lb else 'different'}\n" for (a, la), (b, lb) in zip(rows[::2], rows[1::2])))
+    recipe = load_recipe(make_recipe(data={"train_file": str(path), "text_fields": ["first", "second"],
+                                           "label_field": "verdict", "split": [0.5, 0.5]},
+                                     train={"max_steps": 4, "eval_every": None, "batch_size": 8}))
+    result = train(recipe)
+    meta = json.loads((Path(recipe.train.output_dir) / "final" / "adapter.json").read_text())
+    assert meta["task"] == {"type": "classification", "num_labels": 2, "label_names": ["different", "same"]}
+    assert set(result.dev) == {"accuracy", "f1", "matthews"} and result.test == {}
