@@ -166,7 +166,8 @@ def prune_command(
     from sora_cli.report import inspect_adapter
 
     source = ckpt.resolve()
-    out = output or source.parent / f"{source.name}-pruned"
+    sibling = ckpt if ckpt.name not in ("", "..") else source  # `prune .` must not write inside the checkpoint
+    out = output or sibling.parent / f"{sibling.name}-pruned"
 
     def go() -> tuple[dict[str, Any], dict[str, Any]]:
         if eps < 0:
