@@ -91,3 +91,16 @@ def test_quickstart_recipe_on_the_packaged_model(tmp_path: Path) -> None:
     # 37 adapted Linears (36 in the encoder + the pooler), r=8: Σ 8·(d_in + d_out + 1) + the classifier head
     assert "trainable params: 338,986 || all params: 23,052,202 || trainable%: 1.4705" in result.output
     assert "96 train / 64 dev / 64 test examples; 6 steps on cpu" in result.output
+
+
+def test_runtime_failure_exits_1_without_traceback(make_recipe, monkeypatch) -> None:
+    import sora_cli.engine
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sora_cli.engine, "train", boom)
+    result = invoke("train", str(make_recipe()))
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: RuntimeError: CUDA out of memory (run again with --debug for the "
+                                     "traceback)")
