@@ -158,46 +158,13 @@ def prune_command(
     debug: DebugOption = False,
 ) -> None:
     """Cut the ranks whose gate is zero: a smaller adapter with the same outputs."""
-    from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
-    from sora_cli.engine import resolve_model_path
-    from sora_cli.errors import InputError, SoraError
-    from sora_cli.export import write_peft
-    from sora_cli.prune import prune
-    from sora_cli.report import inspect_adapter
+    from sora_cli.prune import prune_checkpoint
 
-    source = ckpt.resolve()
-    sibling = ckpt if ckpt.name not in ("", "..") else source  # `prune .` must not write inside the checkpoint
+    sibling = ckpt if ckpt.name not in ("", "..") else ckpt.resolve()  # `prune .` must not write inside it
     out = output or sibling.parent / f"{sibling.name}-pruned"
 
     def go() -> tuple[dict[str, Any], dict[str, Any]]:
-        if eps < 0:
-            raise InputError(f"--eps: must be >= 0, got {eps}")
-        tensors, meta = load_adapter(ckpt)
-        targets = [(out, "--output")] + ([(peft, "--peft")] if peft is not None else [])
-        for target, flag in targets:
-            resolved = target.resolve()
-            if resolved == source or source in resolved.parents or resolved in source.parents:
-                raise InputError(f"{flag}: {target} overlaps the checkpoint {ckpt}; choose a path beside it")
-            if target.exists() and not force:
-                raise InputError(f"{flag}: {target} already exists; choose another path or pass --force")
-            if target.parent.exists() and not target.parent.is_dir():
-                raise InputError(f"{flag}: {target.parent} is not a directory")
-        if peft is not None and (peft.resolve() == out.resolve() or out.resolve() in peft.resolve().parents
-                                 or peft.resolve() in out.resolve().parents):
-            raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
-        pruned, pruned_meta = prune(tensors, meta, eps)
-        if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):
-            raise InputError(f"--peft: no rank survives in {ckpt}, so there is no LoRA adapter to export; "
-                             "the base model with the trained head is the whole model (see sora merge)")
-        with atomic_dir(out) as tmp:
-            save_adapter(tmp, pruned, pruned_meta)
-        if peft is not None:
-            try:
-                base = resolve_model_path(meta["base_model"])
-            except SoraError:
-                base = meta["base_model"]
-            write_peft(peft, pruned, pruned_meta, base)
-        return inspect_adapter(tensors, meta), inspect_adapter(pruned, pruned_meta)
+        return prune_checkpoint(ckpt, out, eps=eps, peft=peft, force=force)
 
     before, after = _run(go, debug)
     render.prune_summary(before, after, str(out), str(peft) if peft else None)
@@ -216,25 +183,10 @@ def merge_command(
     debug: DebugOption = False,
 ) -> None:
     """Fold the adapter into the base weights: an ordinary transformers model, no adapter code needed."""
-    from sora_cli.checkpoint import atomic_dir, load_adapter
-    from sora_cli.engine import load_base
-    from sora_cli.errors import InputError
-    from sora_cli.merge import merge
+    from sora_cli.merge import merge_checkpoint
 
     def go() -> int:
-        import torch
-
-        if output.exists() and not force:
-            raise InputError(f"--output: {output} already exists; choose another path or pass --force")
-        tensors, meta = load_adapter(ckpt)
-        model, tokenizer = load_base(ckpt, meta, base)  # in the dtype it was trained on
-        model.load_state_dict(merge(model.state_dict(), tensors, meta))  # math in float32, cast back
-        if dtype is not MergeDtype.auto:
-            model.to(getattr(torch, dtype.value))
-        with atomic_dir(output) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        return sum(1 for m in meta["modules"].values() if m["r"])
+        return merge_checkpoint(ckpt, output, base=base, dtype=dtype.value, force=force)
 
     merged = _run(go, debug)
     render.note(f"merged {merged} adapted modules into the base weights: {output}")

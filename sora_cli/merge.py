@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from sora_cli.checkpoint import atomic_dir, load_adapter
+from sora_cli.errors import InputError
 
 
 def folded_b(tensors: dict[str, torch.Tensor], name: str, s: float) -> torch.Tensor:
@@ -40,3 +44,22 @@ def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
     for key, value in head_tensors(tensors, meta).items():
         merged[key] = value.to(base[key].dtype) if key in base else value
     return merged
+
+
+def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: str = "auto",
+                     force: bool = False) -> int:
+    """`sora merge`: the base as it was trained (checked by fingerprint), merged, saved with its tokenizer
+    as a plain transformers model; `dtype` auto keeps the base's. Returns the number of merged modules."""
+    from sora_cli.engine import load_base
+
+    if output.exists() and not force:
+        raise InputError(f"--output: {output} already exists; choose another path or pass --force")
+    tensors, meta = load_adapter(ckpt)
+    model, tokenizer = load_base(ckpt, meta, base)
+    model.load_state_dict(merge(model.state_dict(), tensors, meta))
+    if dtype != "auto":
+        model.to(getattr(torch, dtype))
+    with atomic_dir(output) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return sum(1 for m in meta["modules"].values() if m["r"])

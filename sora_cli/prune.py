@@ -1,4 +1,5 @@
-"""Prune: cut the ranks whose gate is zero (METHODS.md "Prune"). Pure functions over adapter tensors.
+"""Prune: cut the ranks whose gate is zero (METHODS.md "Prune"). `prune` is a pure function over
+adapter tensors; `prune_checkpoint` is the command around it (checks, then files).
 
     keep = {i : |g_i| > eps}   A' = A[keep, :]   B' = B[:, keep]   g' = g[keep]   s unchanged
 
@@ -10,9 +11,13 @@ A LoRA adapter has no gates: every rank survives and prune only copies it (usefu
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
+from sora_cli.errors import InputError, SoraError
 
 
 
@@ -36,3 +41,45 @@ def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
         m["r"] = m["active_rank"] = len(keep)
     new_meta["pruned"] = {"eps": eps, "from_step": meta.get("step")}
     return out, new_meta
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None = None,
+                     force: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`sora prune`: check every path, then write the pruned checkpoint (and the PEFT export).
+
+    Returns the inspect reports before and after. Nothing is written when any check fails.
+    """
+    from sora_cli.engine import resolve_model_path
+    from sora_cli.export import write_peft
+    from sora_cli.report import inspect_adapter
+
+    if eps < 0:
+        raise InputError(f"--eps: must be >= 0, got {eps}")
+    tensors, meta = load_adapter(ckpt)
+    for target, flag in [(out, "--output")] + ([(peft, "--peft")] if peft is not None else []):
+        if _overlap(target, ckpt):
+            raise InputError(f"{flag}: {target} overlaps the checkpoint {ckpt}; choose a path beside it")
+        if target.exists() and not force:
+            raise InputError(f"{flag}: {target} already exists; choose another path or pass --force")
+        if target.parent.exists() and not target.parent.is_dir():
+            raise InputError(f"{flag}: {target.parent} is not a directory")
+    if peft is not None and _overlap(peft, out):
+        raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
+    pruned, pruned_meta = prune(tensors, meta, eps)
+    if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):
+        raise InputError(f"--peft: no rank survives in {ckpt}, so there is no LoRA adapter to export; "
+                         "the base model with the trained head is the whole model (see sora merge)")
+    with atomic_dir(out) as tmp:
+        save_adapter(tmp, pruned, pruned_meta)
+    if peft is not None:
+        try:
+            base = resolve_model_path(meta["base_model"])
+        except SoraError:
+            base = meta["base_model"]
+        write_peft(peft, pruned, pruned_meta, base)
+    return inspect_adapter(tensors, meta), inspect_adapter(pruned, pruned_meta)
