@@ -103,6 +103,56 @@ def train(
     render.run_summary(rows, title="sora train")
 
 
+@app.command("schedule")
+def schedule_command(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe with a schedule section.", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. schedule.num=6.",
+                                                          show_default=False)] = None,
+    from_ckpt: Annotated[Path | None, typer.Option("--from", help="Start from this checkpoint (it is stage 0).")] = None,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Print the stages and an estimated time; train nothing.")] = False,
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Schedule directory "
+                                                    "(default: train.output_dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue where the schedule stopped.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing schedule directory.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="PNG: memorization and generalization against "
+                                                             "surviving parameters.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """The sparsifying scheduler: stages of rising λ, each recording memorization and generalization."""
+    from sora_cli import schedule
+    from sora_cli.recipe import load_recipe
+
+    def load() -> Any:
+        loaded = load_recipe(recipe, overrides or [])
+        if output_dir is not None:
+            loaded = dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, output_dir=str(output_dir)))
+        return loaded
+
+    loaded = _run(load, debug)
+    out = Path(loaded.train.output_dir)
+    if plan_only:
+        def make_plan() -> tuple[list[Any], float]:
+            from sora_cli.data import load_splits
+
+            stages = schedule.plan(loaded, len(load_splits(loaded.data).train), from_checkpoint=from_ckpt is not None)
+            return stages, schedule.estimate_step_seconds(loaded)
+
+        stages, seconds = _run(make_plan, debug)
+        render.schedule_plan(stages, seconds)
+        return
+    records: list[dict[str, Any]] = []
+
+    def go() -> None:
+        for record in schedule.run(loaded, out, from_ckpt=from_ckpt, resume=resume, overwrite=overwrite):
+            records.append(record)
+            render.schedule_table(records)
+        if plot is not None:
+            schedule.plot(records, plot)
+
+    _run(go, debug)
+    render.note(f"schedule: {out / 'schedule.csv'}" + (f"; plot: {plot}" if plot else ""))
+
+
 class SortBy(str, Enum):
     name = "name"
     rank = "rank"

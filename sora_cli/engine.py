@@ -56,6 +56,7 @@ class RunResult:
     seconds: float = 0.0
     already_complete: bool = False
     resumed_from: int | None = None
+    train_sample: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunResult:
+def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init_from: Path | None = None,
+          total_steps: int | None = None, lr_scale: float | None = None,
+          memorization_samples: int | None = None) -> RunResult:
+    """Train as the recipe says. The sparsifying scheduler drives the same loop through the keywords:
+    `init_from` starts a fresh run from a checkpoint's adapter (and optimizer state, if it has one);
+    `total_steps` overrides the recipe's length (0: evaluate only); `lr_scale` replaces the LR schedule by
+    a constant factor (the reference code's decayed schedule); `memorization_samples` also scores a fixed
+    seeded sample of the training examples at the end ("memorization")."""
     t0 = time.perf_counter()
     cfg, out = recipe.train, Path(recipe.train.output_dir or "runs/run")
     has_run = _check_run_dir(out, recipe, resume, overwrite)
@@ -302,7 +310,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     params = trainable_parameters(model)
     order = TrainOrder(len(enc_train), cfg.batch_size, cfg.seed)
-    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 3.0) * order.per_epoch / cfg.grad_accum))
+    total = total_steps if total_steps is not None else (
+        cfg.max_steps or max(1, math.ceil((cfg.epochs or 3.0) * order.per_epoch / cfg.grad_accum)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
     autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
@@ -324,6 +333,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
         recover(out / "checkpoints")
         resumed_from = _resume(out, model, optimizer, counters, fingerprints)
     if resumed_from is None:
+        if init_from is not None:
+            _start_from(init_from, model, optimizer)
         if has_run:
             render.note(f"{out}: no complete checkpoint yet; starting at step 0")
         elif out.exists() and overwrite:
@@ -362,7 +373,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
     with render.TrainProgress(total, start=step) as progress:
         while step < total and not counters["stopped"]:
             step_start = time.perf_counter()
-            set_lr(optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
+            set_lr(optimizer, lr_scale if lr_scale is not None else lr_factor(step, total, warmup, cfg.lr_scheduler))
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 _, indices = order.indices(step * cfg.grad_accum + micro)
@@ -419,12 +430,20 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> R
                 progress.log(f"early stop at step {step}: no dev {metric} gain in {cfg.patience} evaluations")
 
     # -- the end: test metrics of the final (and best) adapter, then final/
+    if enc_dev is not None and not counters["last_dev"]:  # no step ran (total 0), or resumed past the last eval
+        counters["last_dev"] = evaluate_on(enc_dev)
+        emit({"event": "eval", "split": "dev", "step": step, **counters["last_dev"]})
     result = RunResult(out, step, dev=counters["last_dev"], trainable=trainable, best_step=counters["best_step"],
                        resumed_from=resumed_from, **model_rank_stats(model))
     if enc_test is not None:
         result.test = evaluate_on(enc_test)
         emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
-    save(out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {})})
+    if memorization_samples:
+        sample = torch.randperm(len(enc_train), generator=torch.Generator().manual_seed(cfg.seed))
+        result.train_sample = evaluate_on(_subset(enc_train, sample[:memorization_samples].tolist()))
+        emit({"event": "eval", "split": "train_sample", "step": step, **result.train_sample})
+    save(out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {}),
+                               **({"train_sample": result.train_sample} if result.train_sample else {})})
     if counters["best_step"] is not None and counters["best_step"] != step and (out / "best").is_dir():
         best_tensors, best_meta = load_adapter(out / "best")
         result.best_dev = best_meta["metrics"].get("dev", {})
@@ -468,6 +487,20 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, count
         raise CheckpointError(f"{out}: no readable checkpoint to resume from ({damaged[0]}); "
                               "start over with --overwrite")
     return None
+
+
+def _start_from(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A new run that continues another's adapter; with a step checkpoint, its optimizer state too."""
+    tensors, _ = load_adapter(directory)
+    _load_trainable(model, tensors, directory)
+    if (directory / "training_state.json").is_file():
+        state_tensors, state = load_training_state(directory)
+        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
+
+
+def _subset(data: Encoded, indices: list[int]) -> Encoded:
+    token_types = [data.token_type_ids[i] for i in indices] if data.token_type_ids is not None else None
+    return Encoded([data.input_ids[i] for i in indices], token_types, data.labels[indices])
 
 
 def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -516,5 +549,5 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
 def _finished(out: Path, counters: dict[str, Any], trainable: int, t0: float) -> RunResult:
     tensors, meta = load_adapter(out / "final")
     return RunResult(out, counters["step"], dev=meta["metrics"].get("dev", {}), test=meta["metrics"].get("test", {}),
-                     best_step=counters["best_step"], trainable=trainable, seconds=time.perf_counter() - t0,
+                     train_sample=meta["metrics"].get("train_sample", {}), best_step=counters["best_step"], trainable=trainable, seconds=time.perf_counter() - t0,
                      already_complete=True, **checkpoint_rank_stats(tensors, meta))

@@ -114,6 +114,21 @@ class TrainConfig:
     device: str = "auto"
 
 
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The sparsifying scheduler (`sora schedule`): stage thresholds λ_0 < λ_1 < … < λ_K."""
+
+    thresholds: tuple[float, ...] | None = None  # explicit λ per stage; or start / stop / num / spacing
+    start: float | None = field(default=None, metadata=_check("non_negative"))
+    stop: float | None = field(default=None, metadata=_check("positive"))
+    num: int | None = field(default=None, metadata=_check("positive"))
+    spacing: Literal["linear", "log", "exp"] = "linear"
+    steps_per_stage: int | None = field(default=None, metadata=_check("positive"))
+    epochs_per_stage: float | None = field(default=None, metadata=_check("positive"))
+    lr_reset: bool = True  # false: later stages keep the decayed LR (the reference code)
+    memorization_samples: int = field(default=1000, metadata=_check("positive"))
+
+
 # Names users know from transformers / PEFT, accepted as synonyms of a field.
 _ALIASES: dict[str, dict[str, str]] = {"train": {"learning_rate": "lr"}, "adapter": {"lora_alpha": "alpha"}}
 
@@ -124,13 +139,18 @@ class Recipe:
     adapter: AdapterConfig
     data: DataConfig
     train: TrainConfig
+    schedule: ScheduleConfig | None = None  # only `sora schedule` needs it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists, not tuples) that YAML serialises and `load_recipe` reads back."""
-        return _plain(dataclasses.asdict(self))
+        data = _plain(dataclasses.asdict(self))
+        if data["schedule"] is None:
+            del data["schedule"]
+        return data
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
+                             "schedule": ScheduleConfig}
 
 
 def _plain(value: Any) -> Any:
@@ -210,7 +230,8 @@ def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: s
         if not isinstance(section, dict):
             problems.append(f"{name}: expected a mapping of fields, got {_show(section)}")
             section = {}
-        built[name] = _build_section(name, cls, dict(section), problems, present=name in raw)
+        built[name] = _build_section(name, cls, dict(section), problems, present=name in raw) \
+            if name != "schedule" or name in raw else None
     return _resolve(built, problems, default_output)
 
 
@@ -405,9 +426,28 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
             t = dataclasses.replace(t, epochs=3.0)
         if t.output_dir is None:
             t = dataclasses.replace(t, output_dir=default_output)
+    sched = built["schedule"]
+    if sched is not None:
+        given = [sched.start is not None, sched.stop is not None, sched.num is not None]
+        if sched.thresholds is not None:
+            if any(given):
+                problems.append("schedule.thresholds: give either schedule.thresholds or start/stop/num, not both")
+            values = sched.thresholds
+            if not values or any(v < 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+                problems.append(f"schedule.thresholds: expected rising non-negative values, got {list(values)}")
+        elif not all(given):
+            problems.append("schedule: give schedule.thresholds, or schedule.start, stop and num")
+        elif sched.stop <= sched.start:  # type: ignore[operator]
+            problems.append(f"schedule.stop: must be above schedule.start ({sched.start}), got {sched.stop}")
+        elif sched.spacing == "log" and sched.start == 0:
+            problems.append("schedule.start: log spacing needs a start above 0")
+        if sched.steps_per_stage is not None and sched.epochs_per_stage is not None:
+            problems.append("schedule.epochs_per_stage: give either steps_per_stage or epochs_per_stage, not both")
+        if sched.steps_per_stage is None and sched.epochs_per_stage is None:
+            problems.append("schedule: give schedule.steps_per_stage or schedule.epochs_per_stage")
     if problems or built["model"] is None:
         return None
-    return Recipe(model=built["model"], adapter=a, data=d, train=t)
+    return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched)
 
 
 def dump_recipe(recipe: Recipe, header: str = "") -> str:
@@ -419,4 +459,6 @@ def dump_recipe(recipe: Recipe, header: str = "") -> str:
 def recipe_diff(a: Recipe, b: Recipe) -> list[str]:
     """Field paths whose values differ between two recipes."""
     da, db = a.to_dict(), b.to_dict()
-    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
+    sections = set(da) | set(db)
+    return sorted(f"{s}.{k}" for s in sections for k in set(da.get(s, {})) | set(db.get(s, {}))
+                  if da.get(s, {}).get(k) != db.get(s, {}).get(k))

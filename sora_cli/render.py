@@ -132,3 +132,30 @@ def prune_summary(before: dict[str, Any], after: dict[str, Any], out: str, peft:
                   f"rank {b['r']} -> {a['r']}; modules with an adapter {b['modules_alive']} -> {a['modules_alive']}",
                   markup=False, soft_wrap=True)
     console.print(f"pruned checkpoint: {out}" + (f"\nPEFT adapter: {peft}" if peft else ""), markup=False)
+
+
+def schedule_plan(stages: list[Any], step_seconds: float) -> None:
+    table = Table(title="sparsifying schedule (plan)", title_justify="left")
+    for col in ("stage", "λ", "steps", "learning rate"):
+        table.add_column(col, justify="right" if col != "learning rate" else "left")
+    for s in stages:
+        table.add_row(str(s.k), f"{s.lam:g}", str(s.steps), s.lr)
+    console.print(table)
+    total = sum(s.steps for s in stages)
+    console.print(f"{total} training steps at {step_seconds:.3f} s/step (measured): about "
+                  f"{total * step_seconds / 60:.1f} min of training, plus evaluation after every stage",
+                  markup=False)
+
+
+def schedule_table(records: list[dict[str, Any]]) -> None:
+    """The stage table so far (printed again, one row longer, after every stage)."""
+    table = Table(title="sparsifying schedule", title_justify="left")
+    for col in ("stage", "λ", "steps", "non-zero gates", "params", "memorization", "mem %", "generalization",
+                "gen %", "test"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(str(r["stage"]), f"{r['lambda']:g}", str(r["steps"]),
+                      f"{r['nonzero_gates']} / {r['total_gates']}", f"{r['params']:,d}", _num(r["memorization"], ".4f"),
+                      _num(r["memorization_pct"], ".1f"), _num(r["generalization"], ".4f"),
+                      _num(r["generalization_pct"], ".1f"), _num(r["test"], ".4f"))
+    console.print(table)

@@ -1,0 +1,252 @@
+"""The sparsifying scheduler (SoRA, Algorithm 1): train, then keep training with a rising λ stage by
+stage, recording how memorization and generalization change as parameters disappear.
+
+    <out>/recipe.yaml  schedule.jsonl  schedule.csv
+    <out>/runs/<k>/     stage k's run directory (the ordinary engine: checkpoints, exact resume)
+    <out>/stages/<k>/   stage k's adapter: a checkpoint that inspect, prune and merge accept
+
+Stage 0 is ordinary training with λ_0 (or, with `--from`, that checkpoint as it is). Stage k > 0
+continues from stage k−1's adapter and optimizer state with λ_k for a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, write_text_atomic
+from sora_cli.errors import InputError, SoraError
+from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe, load_recipe, recipe_diff
+
+RECORD_FIELDS = ["stage", "lambda", "steps", "nonzero_gates", "total_gates", "params", "memorization",
+                 "memorization_pct", "generalization", "generalization_pct", "test", "checkpoint"]
+
+
+def stage_thresholds(cfg: ScheduleConfig) -> list[float]:
+    """λ_0 < … < λ_K. linear: even steps; log: even in log λ (start > 0); exp: even in exp λ (dense near stop)."""
+    if cfg.thresholds is not None:
+        return list(cfg.thresholds)
+    start, stop, num = float(cfg.start or 0.0), float(cfg.stop or 0.0), int(cfg.num or 1)
+    t = np.linspace(0.0, 1.0, num)
+    if cfg.spacing == "log":
+        values = np.exp(np.log(start) + t * (np.log(stop) - np.log(start)))
+    elif cfg.spacing == "exp":  # log(linspace(e^start, e^stop)), computed without overflow
+        with np.errstate(divide="ignore"):  # t = 0 with a far stop: log(0); the start is set below
+            values = stop + np.log((1 - t) * np.exp(start - stop) + t)
+    else:
+        values = start + t * (stop - start)
+    values[0], values[-1] = start, stop  # exact ends
+    return [float(v) for v in values]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    k: int
+    lam: float
+    steps: int
+    lr: str  # how the LR behaves in this stage, for --plan
+
+
+def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[Stage]:
+    cfg, t = _schedule(recipe), recipe.train
+    per_epoch = math.ceil(n_train / t.batch_size)
+    first = t.max_steps or max(1, math.ceil((t.epochs or 3.0) * per_epoch / t.grad_accum))
+    later = cfg.steps_per_stage or max(1, math.ceil((cfg.epochs_per_stage or 1.0) * per_epoch / t.grad_accum))
+    stages = []
+    for k, lam in enumerate(stage_thresholds(cfg)):
+        if k == 0:
+            steps, lr = (0, "none: the given checkpoint") if from_checkpoint else (first, f"{t.lr_scheduler} schedule")
+        else:
+            steps = later
+            lr = f"{t.lr_scheduler} schedule, restarted" if cfg.lr_reset else f"constant {_decayed(recipe, first):g}× lr"
+        stages.append(Stage(k, lam, steps, lr))
+    return stages
+
+
+def _schedule(recipe: Recipe) -> ScheduleConfig:
+    if recipe.schedule is None:
+        raise InputError("schedule: the recipe has no schedule section; add schedule.thresholds (or start, stop, "
+                         "num) and schedule.steps_per_stage")
+    if recipe.adapter.method != "sora":
+        raise InputError(f"adapter.method: the sparsifying scheduler needs sora, not {recipe.adapter.method}")
+    return recipe.schedule
+
+
+def _decayed(recipe: Recipe, first_steps: int) -> float:
+    """The LR factor at the end of stage 0's schedule (the reference code keeps using it)."""
+    from sora_cli.optim import lr_factor
+
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * first_steps)
+    return lr_factor(first_steps, first_steps, warmup, t.lr_scheduler)
+
+
+def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
+    adapter = dataclasses.replace(recipe.adapter, sparse_lambda=stage.lam)
+    train = dataclasses.replace(recipe.train, output_dir=str(out / "runs" / str(stage.k)), seed=recipe.train.seed + stage.k)
+    return dataclasses.replace(recipe, adapter=adapter, train=train, schedule=None)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: bool = False,
+        overwrite: bool = False) -> Iterator[dict[str, Any]]:
+    """Run (or resume) every stage; yield each stage's record as it completes."""
+    from sora_cli.data import load_splits
+    from sora_cli.engine import train
+
+    cfg = _schedule(recipe)
+    _check_out(out, recipe, resume, overwrite)
+    if from_ckpt is not None:
+        load_adapter(from_ckpt)  # a clear error now, not after stage 0's data and model are loaded
+    n_train = len(load_splits(recipe.data).train)
+    stages = plan(recipe, n_train, from_checkpoint=from_ckpt is not None)
+    if not (resume and out.is_dir()):
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite of a sora schedule directory (checked above)
+        out.mkdir(parents=True)
+        write_text_atomic(out / "recipe.yaml", dump_recipe(recipe, f"sora schedule {out / 'recipe.yaml'} --resume"))
+    done = _read_records(out / "schedule.jsonl")
+    records: list[dict[str, Any]] = []
+    previous: Path | None = from_ckpt
+    lr_scale = None if cfg.lr_reset else _decayed(recipe, plan(recipe, n_train)[0].steps)
+    for stage in stages:
+        sub = stage_recipe(recipe, out, stage)
+        run_dir = Path(sub.train.output_dir or "")
+        if stage.k < len(done) and (out / "stages" / str(stage.k) / "adapter.json").is_file():
+            record = done[stage.k]
+        else:
+            result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
+                           lr_scale=lr_scale if stage.k > 0 else None,
+                           memorization_samples=cfg.memorization_samples)
+            with atomic_dir(out / "stages" / str(stage.k)) as tmp:
+                for name in ("adapter.safetensors", "adapter.json"):
+                    shutil.copy2(result.output_dir / "final" / name, tmp / name)
+            record = _record(stage, out, result, recipe, records)
+            _append(out, record)
+        records.append(record)
+        checkpoints = step_checkpoints(run_dir)
+        previous = checkpoints[-1][1] if checkpoints else run_dir / "final"
+        yield record
+
+
+def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    from sora_cli.tasks import GLUE, default_metric
+
+    tensors, meta = load_adapter(out / "stages" / str(stage.k))
+    preset = GLUE.get(recipe.data.task) if recipe.data.task else None
+    metric = recipe.train.metric_for_best or (preset.metric if preset else default_metric(meta["task"]["type"]))
+    gates = [t for k, t in tensors.items() if k.endswith(".gate")]
+    memorization = result.train_sample.get(metric)
+    generalization = result.dev.get(metric)
+    best_m = max([r["memorization"] for r in earlier if r["memorization"] is not None] + [memorization or 0.0])
+    best_g = max([r["generalization"] for r in earlier if r["generalization"] is not None] + [generalization or 0.0])
+    return {
+        "stage": stage.k, "lambda": stage.lam, "steps": stage.steps,
+        "nonzero_gates": sum(int((g != 0).sum()) for g in gates), "total_gates": sum(g.numel() for g in gates),
+        "params": sum(int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)
+                      for n, m in meta["modules"].items() if f"{n}.gate" in tensors),
+        "memorization": memorization,
+        "memorization_pct": 100 * memorization / best_m if memorization is not None and best_m else None,
+        "generalization": generalization,
+        "generalization_pct": 100 * generalization / best_g if generalization is not None and best_g else None,
+        "test": result.test.get(metric), "checkpoint": str(out / "stages" / str(stage.k)),
+    }
+
+
+def _append(out: Path, record: dict[str, Any]) -> None:
+    records = _read_records(out / "schedule.jsonl")[: record["stage"]] + [record]
+    write_text_atomic(out / "schedule.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS)
+    writer.writeheader()
+    writer.writerows(records)
+    write_text_atomic(out / "schedule.csv", buffer.getvalue())
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # cut by a kill: that stage is redone
+            break
+    return records
+
+
+def _check_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite contradict each other; give one")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir: {out} exists and is not a directory")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not (out / "recipe.yaml").is_file():
+        raise InputError(f"--output-dir: {out} is not empty and holds no sora schedule; choose another directory")
+    if not (resume or overwrite):
+        raise InputError(f"--output-dir: {out} already holds a schedule; continue it with --resume, replace it "
+                         "with --overwrite, or choose another --output-dir")
+    if resume:
+        try:
+            previous = load_recipe(out / "recipe.yaml")
+        except SoraError as e:
+            raise InputError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this schedule") from None
+        changed = [f for f in recipe_diff(previous, recipe) if f != "train.output_dir"]
+        if changed:
+            raise InputError(f"--resume: the recipe differs from the schedule's recipe.yaml in {', '.join(changed)}")
+
+
+def estimate_step_seconds(recipe: Recipe, steps: int = 4) -> float:
+    """Seconds per optimizer step, from a short real run (tiny eval sets) in a temporary directory."""
+    from sora_cli.engine import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = dataclasses.replace(recipe.data, max_eval_samples=1)
+        t = dataclasses.replace(recipe.train, output_dir=tmp + "/run", log_every=1, eval_every=None, save_every=None)
+        with warnings.catch_warnings():  # a 1-example dev set makes scikit-learn warn about single labels
+            warnings.simplefilter("ignore")
+            train(dataclasses.replace(recipe, data=data, train=t, schedule=None), total_steps=steps)
+        events = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
+        rates = [e["examples_per_s"] for e in events if e["event"] == "train"][1:]  # the first step warms up
+    examples = recipe.train.batch_size * recipe.train.grad_accum
+    return float(np.median([examples / r for r in rates])) if rates else float("nan")
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """The paper's figure: memorization and generalization (% of best so far) against surviving parameters."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    params = [r["params"] for r in records]
+    for key, label in (("memorization_pct", "memorization"), ("generalization_pct", "generalization")):
+        ax.plot(params, [r[key] for r in records], marker="o", label=label)
+    for r in records:
+        ax.annotate(f"λ={r['lambda']:g}", (r["params"], r["generalization_pct"] or 0), fontsize=7,
+                    textcoords="offset points", xytext=(0, -12), ha="center")
+    ax.invert_xaxis()  # parameters disappear from left to right
+    ax.set_xlabel("surviving adapter parameters")
+    ax.set_ylabel("% of best so far")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""The sparsifying scheduler: thresholds, plan, stage records against their checkpoints, lr_reset, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sora_cli.cli import app
+from sora_cli.engine import load_adapted, load_base
+from sora_cli.recipe import ScheduleConfig, load_recipe
+from sora_cli.schedule import run, stage_thresholds
+
+runner = CliRunner()
+
+
+def test_thresholds_by_hand() -> None:
+    assert stage_thresholds(ScheduleConfig(start=0, stop=1, num=5)) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert stage_thresholds(ScheduleConfig(start=0.01, stop=1, num=3, spacing="log")) == pytest.approx([0.01, 0.1, 1])
+    # exp: even steps in e^λ, so log of linspace(e^0, e^1): dense near the stop
+    assert stage_thresholds(ScheduleConfig(start=0, stop=1, num=3, spacing="exp")) == pytest.approx(
+        [0.0, math.log((1 + math.e) / 2), 1.0])
+    assert stage_thresholds(ScheduleConfig(start=0, stop=2000, num=2, spacing="exp")) == [0.0, 2000.0]  # no overflow
+    assert stage_thresholds(ScheduleConfig(thresholds=(0.1, 0.3, 2.0))) == [0.1, 0.3, 2.0]
+
+
+def sched_recipe(make_recipe, name: str = "sched", **schedule):
+    return make_recipe(name, adapter={"sparse_lambda": None},
+                       train={"max_steps": 20, "save_every": 5, "eval_every": None, "keep_last": 10},
+                       schedule={"thresholds": [0.5, 5.0, 1000.0], "steps_per_stage": 10,
+                                 "memorization_samples": 50, **schedule})
+
+
+def test_schedule_errors(make_recipe, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["schedule", str(make_recipe()), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "schedule: the recipe has no schedule section" in result.output
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "schedule.thresholds=[2, 1]"])
+    assert result.exit_code == 2 and "schedule.thresholds: expected rising non-negative values, got [2.0, 1.0]" \
+        in result.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_plan(make_recipe) -> None:
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "--plan"])
+    assert result.exit_code == 0, result.output
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines() if line.startswith("│")]
+    assert rows == [["0", "0.5", "20", "linear schedule"], ["1", "5", "10", "linear schedule, restarted"],
+                    ["2", "1000", "10", "linear schedule, restarted"]]
+    assert "40 training steps at " in result.output and "s/step (measured)" in result.output
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "schedule.lr_reset=false", "--plan"])
+    assert "constant 0× lr" in result.output  # the reference code: the decayed schedule stays at 0
+
+
+def test_three_stages(make_recipe, tmp_path: Path) -> None:
+    recipe = load_recipe(sched_recipe(make_recipe))
+    out = tmp_path / "schedule"
+    records = list(run(recipe, out))
+    assert [r["lambda"] for r in records] == [0.5, 5.0, 1000.0] and [r["steps"] for r in records] == [20, 10, 10]
+    for r in records:  # what was recorded is what the stage's checkpoint holds
+        tensors = load_file(out / "stages" / str(r["stage"]) / "adapter.safetensors")
+        meta = json.loads((out / "stages" / str(r["stage"]) / "adapter.json").read_text())
+        gates = {k.removesuffix(".gate"): t for k, t in tensors.items() if k.endswith(".gate")}
+        assert r["nonzero_gates"] == sum(int((g != 0).sum()) for g in gates.values())
+        assert r["params"] == sum(int((g != 0).sum()) * (meta["modules"][n]["d_in"] + meta["modules"][n]["d_out"] + 1)
+                                  for n, g in gates.items())
+        assert 0 <= r["memorization"] <= 1 and r["generalization_pct"] <= 100
+    assert records[0]["nonzero_gates"] > 0 and records[-1]["nonzero_gates"] == 0  # λ = 1000 switches all off
+    lines = (out / "schedule.csv").read_text().splitlines()
+    assert lines[0].startswith("stage,lambda,steps,nonzero_gates") and len(lines) == 4
+    # every gate zero: the adapted model is the frozen base carrying the same trained head
+    adapted, tokenizer, meta = load_adapted(out / "stages" / "2")
+    base, _ = load_base(out / "stages" / "2", meta)
+    tensors = load_file(out / "stages" / "2" / "adapter.safetensors")
+    base.classifier.load_state_dict({"weight": tensors["classifier.weight"], "bias": tensors["classifier.bias"]})
+    base.eval()
+    inputs = dict(tokenizer(["good fun film", "a dull cold plot"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.equal(adapted(**inputs).logits, base(**inputs).logits)
+    assert runner.invoke(app, ["inspect", str(out / "stages" / "1")]).exit_code == 0
+
+
+def test_without_lr_reset_only_the_gates_move(make_recipe, tmp_path: Path) -> None:
+    # the reference code: fixed threshold (τ = λ every step), the LR schedule decayed to 0 after stage 0
+    recipe = load_recipe(sched_recipe(make_recipe, lr_reset=False, thresholds=[0.001, 0.01, 0.05]),
+                         ["adapter.threshold=fixed"])
+    out = tmp_path / "ref"
+    list(run(recipe, out))
+    stage = [load_file(out / "stages" / str(k) / "adapter.safetensors") for k in range(3)]
+    for k in (1, 2):
+        for key, value in stage[0].items():
+            if not key.endswith(".gate"):
+                assert torch.equal(stage[k][key], value), key  # A, B and the head: LR is 0 after stage 0
+    assert any(not torch.equal(stage[1][k], stage[0][k]) for k in stage[0] if k.endswith(".gate"))
+
+
+def test_resume_inside_stage_2(make_recipe, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    list(run(load_recipe(sched_recipe(make_recipe, "a")), full))
+    part = tmp_path / "part"
+    recipe = load_recipe(sched_recipe(make_recipe, "b"))
+    list(run(recipe, part))
+    shutil.rmtree(part / "stages" / "2")
+    shutil.rmtree(part / "runs" / "2" / "final")
+    shutil.rmtree(part / "runs" / "2" / "checkpoints" / "step-10")
+    (part / "schedule.jsonl").write_text("".join((part / "schedule.jsonl").read_text().splitlines(True)[:2]))
+    records = list(run(recipe, part, resume=True))
+    assert [r["stage"] for r in records] == [0, 1, 2]
+    a = load_file(full / "stages" / "2" / "adapter.safetensors")
+    b = load_file(part / "stages" / "2" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe, "b")), "-o", str(part)])
+    assert result.exit_code == 2 and "already holds a schedule; continue it with --resume" in result.output
