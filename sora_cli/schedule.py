@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sora_cli import render
 from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, write_text_atomic
 from sora_cli.errors import InputError, SoraError
 from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe, load_recipe, recipe_diff
@@ -217,8 +218,8 @@ def estimate_step_seconds(recipe: Recipe, steps: int = 4) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         data = dataclasses.replace(recipe.data, max_eval_samples=1)
         t = dataclasses.replace(recipe.train, output_dir=tmp + "/run", log_every=1, eval_every=None, save_every=None)
-        with warnings.catch_warnings():  # a 1-example dev set makes scikit-learn warn about single labels
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), render.console.capture():  # quiet: only the timing matters here
+            warnings.simplefilter("ignore")  # a 1-example dev set makes scikit-learn warn about single labels
             train(dataclasses.replace(recipe, data=data, train=t, schedule=None), total_steps=steps)
         events = [json.loads(line) for line in Path(tmp, "run", "metrics.jsonl").read_text().splitlines()]
         rates = [e["examples_per_s"] for e in events if e["event"] == "train"][1:]  # the first step warms up

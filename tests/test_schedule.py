@@ -116,3 +116,22 @@ def test_resume_inside_stage_2(make_recipe, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe, "b")), "-o", str(part)])
     assert result.exit_code == 2 and "already holds a schedule; continue it with --resume" in result.output
+
+
+def test_from_a_checkpoint_and_plot(make_recipe, tmp_path: Path) -> None:
+    from sora_cli.engine import train
+
+    trained = load_recipe(make_recipe("trained", train={"max_steps": 10, "eval_every": None}))
+    train(trained)
+    ckpt = Path(trained.train.output_dir) / "final"
+    out = tmp_path / "from"
+    plot = tmp_path / "curve.png"
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "--from", str(ckpt), "-o", str(out),
+                                 "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "schedule.jsonl").read_text().splitlines()]
+    assert [r["steps"] for r in records] == [0, 10, 10]  # stage 0 is the given checkpoint, as it is
+    a, b = load_file(ckpt / "adapter.safetensors"), load_file(out / "stages" / "0" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records[0]["generalization_pct"] == 100.0 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "sparsifying schedule" in result.output and "mem %" in result.output
