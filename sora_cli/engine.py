@@ -439,7 +439,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
         result.test = evaluate_on(enc_test)
         emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
     if memorization_samples:
-        sample = torch.randperm(len(enc_train), generator=torch.Generator().manual_seed(cfg.seed))
+        # the same examples in every stage of a schedule: seeded by the data split, not the (per-stage) seed
+        sample = torch.randperm(len(enc_train), generator=torch.Generator().manual_seed(recipe.data.split_seed))
         result.train_sample = evaluate_on(_subset(enc_train, sample[:memorization_samples].tolist()))
         emit({"event": "eval", "split": "train_sample", "step": step, **result.train_sample})
     save(out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {}),

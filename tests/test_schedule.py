@@ -135,3 +135,13 @@ def test_from_a_checkpoint_and_plot(make_recipe, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records[0]["generalization_pct"] == 100.0 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "sparsifying schedule" in result.output and "mem %" in result.output
+
+
+def test_memorization_uses_the_same_examples_in_every_stage(make_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "mem"
+    list(run(load_recipe(sched_recipe(make_recipe, thresholds=[0.0, 0.0001, 0.0002], memorization_samples=7)), out))
+    samples = [json.loads(line) for stage in range(3)
+               for line in (out / "runs" / str(stage) / "metrics.jsonl").read_text().splitlines()
+               if '"train_sample"' in line]
+    assert len(samples) == 3
+    assert all(round(s["accuracy"] * 7) == s["accuracy"] * 7 for s in samples)  # 7 examples each
