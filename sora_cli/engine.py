@@ -439,9 +439,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
         result.test = evaluate_on(enc_test)
         emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
     if memorization_samples:
-        # the same examples in every stage of a schedule: seeded by the data split, not the (per-stage) seed
-        sample = torch.randperm(len(enc_train), generator=torch.Generator().manual_seed(recipe.data.split_seed))
-        result.train_sample = evaluate_on(_subset(enc_train, sample[:memorization_samples].tolist()))
+        sample = memorization_sample(len(enc_train), memorization_samples, recipe.data.split_seed)
+        result.train_sample = evaluate_on(_subset(enc_train, sample))
         emit({"event": "eval", "split": "train_sample", "step": step, **result.train_sample})
     save(out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {}),
                                **({"train_sample": result.train_sample} if result.train_sample else {})})
@@ -497,6 +496,12 @@ def _start_from(directory: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if (directory / "training_state.json").is_file():
         state_tensors, state = load_training_state(directory)
         optimizer_from_files(optimizer, state_tensors, state["optimizer"])
+
+
+def memorization_sample(n_train: int, size: int, split_seed: int) -> list[int]:
+    """The training examples that "memorization" scores: seeded by the data split, not by train.seed, so
+    every stage of a schedule (each with its own train.seed) scores the same examples."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))[:size].tolist()
 
 
 def _subset(data: Encoded, indices: list[int]) -> Encoded:

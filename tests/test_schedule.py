@@ -138,10 +138,12 @@ def test_from_a_checkpoint_and_plot(make_recipe, tmp_path: Path) -> None:
 
 
 def test_memorization_uses_the_same_examples_in_every_stage(make_recipe, tmp_path: Path) -> None:
-    out = tmp_path / "mem"
-    list(run(load_recipe(sched_recipe(make_recipe, thresholds=[0.0, 0.0001, 0.0002], memorization_samples=7)), out))
-    samples = [json.loads(line) for stage in range(3)
-               for line in (out / "runs" / str(stage) / "metrics.jsonl").read_text().splitlines()
-               if '"train_sample"' in line]
-    assert len(samples) == 3
-    assert all(round(s["accuracy"] * 7) == s["accuracy"] * 7 for s in samples)  # 7 examples each
+    from sora_cli.engine import memorization_sample
+    from sora_cli.schedule import Stage, stage_recipe
+
+    recipe = load_recipe(sched_recipe(make_recipe))
+    stages = [stage_recipe(recipe, tmp_path, Stage(k, 1.0, 10, "")) for k in range(3)]
+    assert len({r.train.seed for r in stages}) == 3  # each stage its own data order and dropout
+    samples = [memorization_sample(320, 50, r.data.split_seed) for r in stages]
+    assert samples[0] == samples[1] == samples[2] and len(set(samples[0])) == 50
+    assert memorization_sample(320, 50, 1) != samples[0]
