@@ -48,7 +48,7 @@ def stage_thresholds(cfg: ScheduleConfig) -> list[float]:
     else:
         values = start + t * (stop - start)
     values[0], values[-1] = start, stop  # exact ends
-    return [float(v) for v in values]
+    return [float(f"{v:.12g}") for v in values]  # 4.0, not 4.000000000000001 from exp(log(...))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ runner = CliRunner()
 def test_thresholds_by_hand() -> None:
     assert stage_thresholds(ScheduleConfig(start=0, stop=1, num=5)) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert stage_thresholds(ScheduleConfig(start=0.01, stop=1, num=3, spacing="log")) == pytest.approx([0.01, 0.1, 1])
+    assert stage_thresholds(ScheduleConfig(start=1, stop=32, num=6, spacing="log")) == [1, 2, 4, 8, 16, 32]
     # exp: even steps in e^λ, so log of linspace(e^0, e^1): dense near the stop
     assert stage_thresholds(ScheduleConfig(start=0, stop=1, num=3, spacing="exp")) == pytest.approx(
         [0.0, math.log((1 + math.e) / 2), 1.0])
