@@ -143,6 +143,8 @@ def schedule_command(
     records: list[dict[str, Any]] = []
 
     def go() -> None:
+        if plot is not None:
+            schedule.check_plot(plot)
         for record in schedule.run(loaded, out, from_ckpt=from_ckpt, resume=resume, overwrite=overwrite):
             records.append(record)
             render.schedule_table(records)

@@ -334,7 +334,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
         resumed_from = _resume(out, model, optimizer, counters, fingerprints)
     if resumed_from is None:
         if init_from is not None:
-            _start_from(init_from, model, optimizer)
+            _start_from(init_from, model, optimizer, fingerprints["base_fingerprint"])
         if has_run:
             render.note(f"{out}: no complete checkpoint yet; starting at step 0")
         elif out.exists() and overwrite:
@@ -489,9 +489,12 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, count
     return None
 
 
-def _start_from(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _start_from(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> None:
     """A new run that continues another's adapter; with a step checkpoint, its optimizer state too."""
-    tensors, _ = load_adapter(directory)
+    tensors, meta = load_adapter(directory)
+    if meta.get("base_fingerprint") != fingerprint:
+        raise CheckpointError(f"{directory}: was trained on another base model (fingerprint differs); "
+                              "start from a checkpoint of this recipe's model")
     _load_trainable(model, tensors, directory)
     if (directory / "training_state.json").is_file():
         state_tensors, state = load_training_state(directory)

@@ -445,6 +445,12 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
             problems.append("schedule.epochs_per_stage: give either steps_per_stage or epochs_per_stage, not both")
         if sched.steps_per_stage is None and sched.epochs_per_stage is None:
             problems.append("schedule: give schedule.steps_per_stage or schedule.epochs_per_stage")
+        if sched.thresholds is None and sched.num is not None and sched.num < 2:
+            problems.append(f"schedule.num: a schedule needs at least 2 stages, got {sched.num}")
+        if (not sched.lr_reset and a is not None and a.threshold == "scaled" and t is not None
+                and t.lr_scheduler != "constant"):
+            problems.append("schedule.lr_reset: false keeps stage 0's decayed learning rate (0), so the scaled "
+                            "threshold λ·lr never moves a gate; set adapter.threshold: fixed or reference")
     if problems or built["model"] is None:
         return None
     return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -94,8 +95,10 @@ def _decayed(recipe: Recipe, first_steps: int) -> float:
 
 
 def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
+    """Stage k's own recipe: λ_k, its run directory, seed + k; later stages run their full length (no early stop)."""
     adapter = dataclasses.replace(recipe.adapter, sparse_lambda=stage.lam)
-    train = dataclasses.replace(recipe.train, output_dir=str(out / "runs" / str(stage.k)), seed=recipe.train.seed + stage.k)
+    train = dataclasses.replace(recipe.train, output_dir=str(out / "runs" / str(stage.k)), seed=recipe.train.seed + stage.k,
+                                patience=recipe.train.patience if stage.k == 0 else None)
     return dataclasses.replace(recipe, adapter=adapter, train=train, schedule=None)
 
 
@@ -110,19 +113,31 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
 
     cfg = _schedule(recipe)
     _check_out(out, recipe, resume, overwrite)
-    if from_ckpt is not None:
-        load_adapter(from_ckpt)  # a clear error now, not after stage 0's data and model are loaded
-    n_train = len(load_splits(recipe.data).train)
+    source = None
+    if from_ckpt is not None:  # a clear error now, before anything is written or deleted
+        _, source = load_adapter(from_ckpt)
+        if out.resolve() in from_ckpt.resolve().parents:
+            raise InputError(f"--from: {from_ckpt} lies inside the schedule directory {out}; copy it out first")
+        if source["method"] != "sora" or any(m.get("r_max", m["r"]) != recipe.adapter.r
+                                             for m in source["modules"].values()):
+            raise InputError(f"--from: {from_ckpt} is not a sora adapter with r={recipe.adapter.r} like this recipe's")
+    state_file = out / "schedule_state.json"
+    given = {"from": str(from_ckpt.resolve()) if from_ckpt else None}
+    if resume and state_file.is_file() and json.loads(state_file.read_text()) != given:
+        raise InputError(f"--from: this schedule was started with --from {json.loads(state_file.read_text())['from']}"
+                         "; resume it with the same")
+    first_steps = plan(recipe, n_train := len(load_splits(recipe.data).train))[0].steps
     stages = plan(recipe, n_train, from_checkpoint=from_ckpt is not None)
-    if not (resume and out.is_dir()):
-        if out.exists():
-            shutil.rmtree(out)  # --overwrite of a sora schedule directory (checked above)
-        out.mkdir(parents=True)
+    if not resume and out.exists():
+        shutil.rmtree(out)  # --overwrite of a sora directory (checked above)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "recipe.yaml").is_file():
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe, f"sora schedule {out / 'recipe.yaml'} --resume"))
+        write_text_atomic(state_file, json.dumps(given) + "\n")
     done = _read_records(out / "schedule.jsonl")
     records: list[dict[str, Any]] = []
     previous: Path | None = from_ckpt
-    lr_scale = None if cfg.lr_reset else _decayed(recipe, plan(recipe, n_train)[0].steps)
+    lr_scale = None if cfg.lr_reset else _decayed(recipe, first_steps)
     for stage in stages:
         sub = stage_recipe(recipe, out, stage)
         run_dir = Path(sub.train.output_dir or "")
@@ -132,14 +147,18 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
             result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
                            lr_scale=lr_scale if stage.k > 0 else None,
                            memorization_samples=cfg.memorization_samples)
+            # --from: stage 0 is the given checkpoint itself (its own λ and metadata)
+            kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / "final"
             with atomic_dir(out / "stages" / str(stage.k)) as tmp:
                 for name in ("adapter.safetensors", "adapter.json"):
-                    shutil.copy2(result.output_dir / "final" / name, tmp / name)
-            record = _record(stage, out, result, recipe, records)
+                    shutil.copy2(kept / name, tmp / name)
+            lam = (source or {}).get("method_config", {}).get("sparse_lambda", stage.lam) if kept == from_ckpt \
+                else stage.lam
+            record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
             _append(out, record)
         records.append(record)
         checkpoints = step_checkpoints(run_dir)
-        previous = checkpoints[-1][1] if checkpoints else run_dir / "final"
+        previous = checkpoints[-1][1] if checkpoints else (from_ckpt if stage.steps == 0 else run_dir / "final")
         yield record
 
 
@@ -154,16 +173,19 @@ def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[
     generalization = result.dev.get(metric)
     best_m = max([r["memorization"] for r in earlier if r["memorization"] is not None] + [memorization or 0.0])
     best_g = max([r["generalization"] for r in earlier if r["generalization"] is not None] + [generalization or 0.0])
+    per_module = {n: {"nonzero_gates": int((tensors[f"{n}.gate"] != 0).sum()),
+                      "params": int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)}
+                  for n, m in meta["modules"].items() if f"{n}.gate" in tensors}
     return {
         "stage": stage.k, "lambda": stage.lam, "steps": stage.steps,
         "nonzero_gates": sum(int((g != 0).sum()) for g in gates), "total_gates": sum(g.numel() for g in gates),
-        "params": sum(int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)
-                      for n, m in meta["modules"].items() if f"{n}.gate" in tensors),
+        "params": sum(m["params"] for m in per_module.values()),
         "memorization": memorization,
         "memorization_pct": 100 * memorization / best_m if memorization is not None and best_m else None,
         "generalization": generalization,
         "generalization_pct": 100 * generalization / best_g if generalization is not None and best_g else None,
         "test": result.test.get(metric), "checkpoint": str(out / "stages" / str(stage.k)),
+        "modules": per_module,  # schedule.jsonl only; the CSV keeps the totals
     }
 
 
@@ -171,7 +193,7 @@ def _append(out: Path, record: dict[str, Any]) -> None:
     records = _read_records(out / "schedule.jsonl")[: record["stage"]] + [record]
     write_text_atomic(out / "schedule.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
     write_text_atomic(out / "schedule.csv", buffer.getvalue())
@@ -227,15 +249,24 @@ def estimate_step_seconds(recipe: Recipe, steps: int = 4) -> float:
     return float(np.median([examples / r for r in rates])) if rates else float("nan")
 
 
+def check_plot(path: Path) -> None:
+    """Before any training: a --plot that could not be written fails now, not after the last stage."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot: {path} must be a .png file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"--plot: {path.parent} is not a directory")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+
+
 def plot(records: list[dict[str, Any]], path: Path) -> None:
     """The paper's figure: memorization and generalization (% of best so far) against surviving parameters."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     params = [r["params"] for r in records]
     for key, label in (("memorization_pct", "memorization"), ("generalization_pct", "generalization")):

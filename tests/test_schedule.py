@@ -54,8 +54,11 @@ def test_plan(make_recipe) -> None:
     assert rows == [["0", "0.5", "20", "linear schedule"], ["1", "5", "10", "linear schedule, restarted"],
                     ["2", "1000", "10", "linear schedule, restarted"]]
     assert "40 training steps at " in result.output and "s/step (measured)" in result.output
-    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "schedule.lr_reset=false", "--plan"])
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "schedule.lr_reset=false",
+                                 "adapter.threshold=fixed", "--plan"])
     assert "constant 0× lr" in result.output  # the reference code: the decayed schedule stays at 0
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "schedule.lr_reset=false", "--plan"])
+    assert result.exit_code == 2 and "the scaled threshold λ·lr never moves a gate" in result.output
 
 
 def test_three_stages(make_recipe, tmp_path: Path) -> None:
@@ -71,6 +74,7 @@ def test_three_stages(make_recipe, tmp_path: Path) -> None:
         assert r["params"] == sum(int((g != 0).sum()) * (meta["modules"][n]["d_in"] + meta["modules"][n]["d_out"] + 1)
                                   for n, g in gates.items())
         assert 0 <= r["memorization"] <= 1 and r["generalization_pct"] <= 100
+        assert sum(m["params"] for m in r["modules"].values()) == r["params"] and len(r["modules"]) == 13
     assert records[0]["nonzero_gates"] > 0 and records[-1]["nonzero_gates"] == 0  # λ = 1000 switches all off
     lines = (out / "schedule.csv").read_text().splitlines()
     assert lines[0].startswith("stage,lambda,steps,nonzero_gates") and len(lines) == 4
@@ -100,7 +104,7 @@ def test_without_lr_reset_only_the_gates_move(make_recipe, tmp_path: Path) -> No
     assert any(not torch.equal(stage[1][k], stage[0][k]) for k in stage[0] if k.endswith(".gate"))
 
 
-def test_resume_inside_stage_2(make_recipe, tmp_path: Path) -> None:
+def test_resume_inside_stage_2(make_recipe, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     full = tmp_path / "full"
     list(run(load_recipe(sched_recipe(make_recipe, "a")), full))
     part = tmp_path / "part"
@@ -110,8 +114,13 @@ def test_resume_inside_stage_2(make_recipe, tmp_path: Path) -> None:
     shutil.rmtree(part / "runs" / "2" / "final")
     shutil.rmtree(part / "runs" / "2" / "checkpoints" / "step-10")
     (part / "schedule.jsonl").write_text("".join((part / "schedule.jsonl").read_text().splitlines(True)[:2]))
+    capsys.readouterr()
     records = list(run(recipe, part, resume=True))
     assert [r["stage"] for r in records] == [0, 1, 2]
+    said = capsys.readouterr().out
+    assert said.count("resuming") == 1 and "runs/2 from step 5" in said  # stages 0, 1 reused, 2 mid-stage
+    assert (part / "schedule.jsonl").read_text().replace("/part/", "/x/") == \
+        (full / "schedule.jsonl").read_text().replace("/full/", "/x/")
     a = load_file(full / "stages" / "2" / "adapter.safetensors")
     b = load_file(part / "stages" / "2" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -132,6 +141,7 @@ def test_from_a_checkpoint_and_plot(make_recipe, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "schedule.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in records] == [0, 10, 10]  # stage 0 is the given checkpoint, as it is
+    assert records[0]["lambda"] == 5.0  # the checkpoint's own λ, not λ_0
     a, b = load_file(ckpt / "adapter.safetensors"), load_file(out / "stages" / "0" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert records[0]["generalization_pct"] == 100.0 and plot.read_bytes()[:4] == b"\x89PNG"
@@ -148,3 +158,13 @@ def test_memorization_uses_the_same_examples_in_every_stage(make_recipe, tmp_pat
     samples = [memorization_sample(320, 50, r.data.split_seed) for r in stages]
     assert samples[0] == samples[1] == samples[2] and len(set(samples[0])) == 50
     assert memorization_sample(320, 50, 1) != samples[0]
+
+
+def test_a_bad_plot_path_fails_before_training(make_recipe, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "-o", str(out),
+                                 "--plot", str(tmp_path / "file" / "c.png")])
+    assert result.exit_code == 2 and "is not a directory" in result.output and not out.exists()
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "-o", str(out), "--plot", "c.pdf"])
+    assert result.exit_code == 2 and "must be a .png file" in result.output and not out.exists()
