@@ -1,4 +1,4 @@
-"""Run directories and checkpoints: safetensors + JSON, written atomically, no pickle.
+"""Run directories and checkpoints: safetensors + JSON, written atomically; never any pickle
 
     <run>/recipe.yaml  metrics.jsonl
     <run>/checkpoints/step-N/  adapter.safetensors  adapter.json  training_state.safetensors  training_state.json
