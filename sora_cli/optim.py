@@ -57,6 +57,17 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return max(0.0, 1.0 - progress)  # linear
 
 
+def schedule_length(max_steps: int | None, epochs: float | None, n_train: int, batch_size: int,
+                    grad_accum: int) -> int:
+    """Optimizer steps of a run: max_steps, else epochs over the training set (3 when neither is given)."""
+    per_epoch = math.ceil(n_train / batch_size)
+    return max_steps or max(1, math.ceil((epochs or 3.0) * per_epoch / grad_accum))
+
+
+def warmup_length(warmup_steps: int | None, warmup_ratio: float, total: int) -> int:
+    return warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor

@@ -16,7 +16,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import math
 import shutil
 import tempfile
 import warnings
@@ -28,8 +27,9 @@ import numpy as np
 
 from sora_cli import render
 from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, write_text_atomic
-from sora_cli.errors import InputError, SoraError
-from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe, load_recipe, recipe_diff
+from sora_cli.errors import InputError
+from sora_cli.optim import lr_factor, schedule_length, warmup_length
+from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe
 
 RECORD_FIELDS = ["stage", "lambda", "steps", "nonzero_gates", "total_gates", "params", "memorization",
                  "memorization_pct", "generalization", "generalization_pct", "test", "checkpoint"]
@@ -62,9 +62,8 @@ class Stage:
 
 def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[Stage]:
     cfg, t = _schedule(recipe), recipe.train
-    per_epoch = math.ceil(n_train / t.batch_size)
-    first = t.max_steps or max(1, math.ceil((t.epochs or 3.0) * per_epoch / t.grad_accum))
-    later = cfg.steps_per_stage or max(1, math.ceil((cfg.epochs_per_stage or 1.0) * per_epoch / t.grad_accum))
+    first = schedule_length(t.max_steps, t.epochs, n_train, t.batch_size, t.grad_accum)
+    later = schedule_length(cfg.steps_per_stage, cfg.epochs_per_stage or 1.0, n_train, t.batch_size, t.grad_accum)
     stages = []
     for k, lam in enumerate(stage_thresholds(cfg)):
         if k == 0:
@@ -87,11 +86,9 @@ def _schedule(recipe: Recipe) -> ScheduleConfig:
 
 def _decayed(recipe: Recipe, first_steps: int) -> float:
     """The LR factor at the end of stage 0's schedule (the reference code keeps using it)."""
-    from sora_cli.optim import lr_factor
-
     t = recipe.train
-    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * first_steps)
-    return lr_factor(first_steps, first_steps, warmup, t.lr_scheduler)
+    return lr_factor(first_steps, first_steps, warmup_length(t.warmup_steps, t.warmup_ratio, first_steps),
+                     t.lr_scheduler)
 
 
 def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
@@ -109,10 +106,10 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
         overwrite: bool = False) -> Iterator[dict[str, Any]]:
     """Run (or resume) every stage; yield each stage's record as it completes."""
     from sora_cli.data import load_splits
-    from sora_cli.engine import train
+    from sora_cli.engine import check_run_dir, train
 
     cfg = _schedule(recipe)
-    _check_out(out, recipe, resume, overwrite)
+    check_run_dir(out, recipe, resume, overwrite)
     source = None
     if from_ckpt is not None:  # a clear error now, before anything is written or deleted
         _, source = load_adapter(from_ckpt)
@@ -163,11 +160,10 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
 
 
 def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[dict[str, Any]]) -> dict[str, Any]:
-    from sora_cli.tasks import GLUE, default_metric
+    from sora_cli.tasks import selection_metric
 
     tensors, meta = load_adapter(out / "stages" / str(stage.k))
-    preset = GLUE.get(recipe.data.task) if recipe.data.task else None
-    metric = recipe.train.metric_for_best or (preset.metric if preset else default_metric(meta["task"]["type"]))
+    metric = selection_metric(recipe.train.metric_for_best, recipe.data.task, meta["task"]["type"])
     gates = [t for k, t in tensors.items() if k.endswith(".gate")]
     memorization = result.train_sample.get(metric)
     generalization = result.dev.get(metric)
@@ -209,28 +205,6 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # cut by a kill: that stage is redone
             break
     return records
-
-
-def _check_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite contradict each other; give one")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output-dir: {out} exists and is not a directory")
-    if not (out.is_dir() and any(out.iterdir())):
-        return
-    if not (out / "recipe.yaml").is_file():
-        raise InputError(f"--output-dir: {out} is not empty and holds no sora schedule; choose another directory")
-    if not (resume or overwrite):
-        raise InputError(f"--output-dir: {out} already holds a schedule; continue it with --resume, replace it "
-                         "with --overwrite, or choose another --output-dir")
-    if resume:
-        try:
-            previous = load_recipe(out / "recipe.yaml")
-        except SoraError as e:
-            raise InputError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this schedule") from None
-        changed = [f for f in recipe_diff(previous, recipe) if f != "train.output_dir"]
-        if changed:
-            raise InputError(f"--resume: the recipe differs from the schedule's recipe.yaml in {', '.join(changed)}")
 
 
 def estimate_step_seconds(recipe: Recipe, steps: int = 4) -> float:

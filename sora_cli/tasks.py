@@ -40,6 +40,11 @@ def default_metric(task_type: str) -> str:
     return "pearson" if task_type == "regression" else "accuracy"
 
 
+def selection_metric(metric_for_best: str | None, task: str | None, task_type: str) -> str:
+    """train.metric_for_best, else the GLUE preset's, else the task type's default."""
+    return metric_for_best or (GLUE[task].metric if task in GLUE else default_metric(task_type))
+
+
 def compute_metrics(task_type: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Classification: predictions are logits (N, C); regression: values (N,) or (N, 1)."""
     if task_type == "regression":

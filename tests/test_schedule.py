@@ -125,7 +125,7 @@ def test_resume_inside_stage_2(make_recipe, tmp_path: Path, capsys: pytest.Captu
     b = load_file(part / "stages" / "2" / "adapter.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe, "b")), "-o", str(part)])
-    assert result.exit_code == 2 and "already holds a schedule; continue it with --resume" in result.output
+    assert result.exit_code == 2 and "already holds a run; continue it with --resume" in result.output
 
 
 def test_from_a_checkpoint_and_plot(make_recipe, tmp_path: Path) -> None:
