@@ -5,7 +5,7 @@ whole quickstart test split. Run after the README flow (needs peft):
 """
 import torch, sys
 from pathlib import Path
-from sora_cli.engine import load_adapted, load_base, resolve_model_path
+from sora_cli.engine import load_adapted, load_base
 from sora_cli.data import load_splits, encode, collate, eval_order
 from sora_cli.recipe import DataConfig
 from transformers import AutoModelForSequenceClassification
