@@ -3,13 +3,19 @@ whole quickstart test split. Run after the README flow (needs peft):
 
     python bench/export_parity.py runs/quickstart
 """
-import torch, sys
+
+from __future__ import annotations
+
+import sys
 from pathlib import Path
-from sora_cli.engine import load_adapted, load_base
-from sora_cli.data import load_splits, encode, collate, eval_order
-from sora_cli.recipe import DataConfig
-from transformers import AutoModelForSequenceClassification
+
+import torch
 from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from sora_cli.data import collate, encode, eval_order, load_splits
+from sora_cli.engine import load_adapted, load_base
+from sora_cli.recipe import DataConfig
 run = Path(sys.argv[1])
 full, tok, meta = load_adapted(run / "final")
 pruned, _, _ = load_adapted(run / "final-pruned")
