@@ -370,6 +370,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     # -- the loop
     model.train()
     step = counters["step"]
+    window_loss = torch.zeros((), device=device)  # summed on the device; read only when logged or saved
+
+    def flush_loss() -> None:
+        counters["window_loss"] += float(window_loss)  # the one host sync, off the per-step path
+        window_loss.zero_()
+
     with render.TrainProgress(total, start=step) as progress:
         while step < total and not counters["stopped"]:
             step_start = time.perf_counter()
@@ -394,11 +400,12 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
             optimizer.zero_grad(set_to_none=True)
             step += 1
             counters["step"] = step
-            counters["window_loss"] += float(loss_sum) / cfg.grad_accum
+            window_loss += loss_sum / cfg.grad_accum
             counters["window_steps"] += 1
             counters["window_seconds"] += time.perf_counter() - step_start
 
             if step % cfg.log_every == 0 or step == total:
+                flush_loss()
                 ranks = model_rank_stats(model)
                 event = {"event": "train", "step": step, "epoch": round(step * cfg.grad_accum / order.per_epoch, 4),
                          "loss": counters["window_loss"] / counters["window_steps"],
@@ -424,6 +431,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
                     counters["stopped"] = bool(cfg.patience and counters["bad_evals"] >= cfg.patience)
 
             if (cfg.save_every and step % cfg.save_every == 0) or step == total or counters["stopped"]:
+                flush_loss()
                 save(out / "checkpoints" / f"step-{step}", step, {"dev": counters["last_dev"]}, with_state=True)
                 remove_old_checkpoints(out, cfg.keep_last)
             if counters["stopped"]:

@@ -73,8 +73,8 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     }
 
 
-def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """PNG: heatmap layer × module type -> surviving rank, and a histogram of |g| (SoRA)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend; a clear error when matplotlib (optional) is missing."""
     try:
         import matplotlib
 
@@ -82,6 +82,12 @@ def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """PNG: heatmap layer × module type -> surviving rank, and a histogram of |g| (SoRA)."""
+    plt = pyplot()
     types = list(dict.fromkeys(r["type"] for r in report["modules"] if r["layer"] is not None))
     layers = sorted({r["layer"] for r in report["modules"] if r["layer"] is not None})
     grid = [[float("nan")] * len(types) for _ in layers]

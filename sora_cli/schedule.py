@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import io
 import json
 import shutil
@@ -30,6 +29,7 @@ from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, writ
 from sora_cli.errors import InputError
 from sora_cli.optim import lr_factor, schedule_length, warmup_length
 from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe
+from sora_cli.report import pyplot
 
 RECORD_FIELDS = ["stage", "lambda", "steps", "nonzero_gates", "total_gates", "params", "memorization",
                  "memorization_pct", "generalization", "generalization_pct", "test", "checkpoint"]
@@ -160,22 +160,22 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
 
 
 def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[dict[str, Any]]) -> dict[str, Any]:
+    from sora_cli.report import inspect_adapter
     from sora_cli.tasks import selection_metric
 
     tensors, meta = load_adapter(out / "stages" / str(stage.k))
+    report = inspect_adapter(tensors, meta)
     metric = selection_metric(recipe.train.metric_for_best, recipe.data.task, meta["task"]["type"])
-    gates = [t for k, t in tensors.items() if k.endswith(".gate")]
     memorization = result.train_sample.get(metric)
     generalization = result.dev.get(metric)
     best_m = max([r["memorization"] for r in earlier if r["memorization"] is not None] + [memorization or 0.0])
     best_g = max([r["generalization"] for r in earlier if r["generalization"] is not None] + [generalization or 0.0])
-    per_module = {n: {"nonzero_gates": int((tensors[f"{n}.gate"] != 0).sum()),
-                      "params": int((tensors[f"{n}.gate"] != 0).sum()) * (m["d_in"] + m["d_out"] + 1)}
-                  for n, m in meta["modules"].items() if f"{n}.gate" in tensors}
+    per_module = {row["module"]: {"nonzero_gates": row["rank"], "params": row["params_pruned"]}
+                  for row in report["modules"]}
     return {
         "stage": stage.k, "lambda": stage.lam, "steps": stage.steps,
-        "nonzero_gates": sum(int((g != 0).sum()) for g in gates), "total_gates": sum(g.numel() for g in gates),
-        "params": sum(m["params"] for m in per_module.values()),
+        "nonzero_gates": report["summary"]["rank"], "total_gates": report["summary"]["r"],
+        "params": report["summary"]["params_pruned"],
         "memorization": memorization,
         "memorization_pct": 100 * memorization / best_m if memorization is not None and best_m else None,
         "generalization": generalization,
@@ -229,17 +229,12 @@ def check_plot(path: Path) -> None:
         raise InputError(f"--plot: {path} must be a .png file")
     if path.parent.exists() and not path.parent.is_dir():
         raise InputError(f"--plot: {path.parent} is not a directory")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise InputError("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    pyplot()
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
     """The paper's figure: memorization and generalization (% of best so far) against surviving parameters."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     params = [r["params"] for r in records]
