@@ -166,6 +166,12 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """adapter.json's per-module entries: what `attach` and `prune` need to rebuild or cut a layer."""
+    return {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
+                   "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
+
+
 def rank_stats(ranks: list[tuple[int, int]], gates: list[torch.Tensor]) -> dict[str, int]:
     """Totals over modules from (r, active rank) pairs and the gate tensors (none for LoRA)."""
     return {"active_rank": sum(a for _, a in ranks), "max_rank": sum(r for r, _ in ranks),
@@ -269,6 +275,35 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"train.device: {name} requested but CUDA is not available; use auto or cpu")
     return torch.device(name)
+
+
+def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
+               batches: list[dict[str, torch.Tensor]], params: list[nn.Parameter], max_grad_norm: float,
+               autocast: contextlib.AbstractContextManager[Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step over `batches` (the micro-batches of gradient accumulation):
+
+        loss = task loss + method.extra_loss;  backward per micro-batch;  method.after_backward
+        clip;  optimizer.step();  method.after_step (SoRA: soft-threshold every gate);  zero_grad
+
+    Returns the mean loss as a device tensor (no host sync) and the method's numbers. bench/ times this
+    very function for every contestant, PEFT's included.
+    """
+    loss_sum = torch.zeros((), device=params[0].device)
+    for batch in batches:
+        with autocast:
+            loss = model(**batch).loss
+            extra = method.extra_loss(model)
+            if extra is not None:
+                loss = loss + extra
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    method.after_backward(model, step)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # gates included
+    optimizer.step()
+    stats = method.after_step(model, optimizer, step)
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(batches), stats
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init_from: Path | None = None,
@@ -380,27 +415,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
         while step < total and not counters["stopped"]:
             step_start = time.perf_counter()
             set_lr(optimizer, lr_scale if lr_scale is not None else lr_factor(step, total, warmup, cfg.lr_scheduler))
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                _, indices = order.indices(step * cfg.grad_accum + micro)
-                batch = {k: v.to(device) for k, v in collate(enc_train, indices, pad_id).items()}
-                with autocast:
-                    loss = model(**batch).loss
-                    extra = method.extra_loss(model)
-                    if extra is not None:
-                        loss = loss + extra
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-                counters["window_examples"] += len(indices)
-            method.after_backward(model, step)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # gates included
-            optimizer.step()
-            stats = method.after_step(model, optimizer, step)  # SoRA: soft-threshold every gate
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [order.indices(step * cfg.grad_accum + micro)[1] for micro in range(cfg.grad_accum)]
+            batches = [{k: v.to(device) for k, v in collate(enc_train, indices, pad_id).items()}
+                       for indices in micro_batches]
+            loss, stats = train_step(model, method, optimizer, batches, params, cfg.max_grad_norm, autocast, step)
+            counters["window_examples"] += sum(len(indices) for indices in micro_batches)
             step += 1
             counters["step"] = step
-            window_loss += loss_sum / cfg.grad_accum
+            window_loss += loss
             counters["window_steps"] += 1
             counters["window_seconds"] += time.perf_counter() - step_start
 
@@ -543,8 +565,6 @@ def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: P
 
 def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: nn.Module, splits: Any,
                   facts: dict[str, Any], step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    modules = {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
-                      "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
     return {
         "sora_version": __version__,
         "method": method.name,
@@ -557,7 +577,7 @@ def _adapter_meta(recipe: Recipe, method: Method, injection: Injection, model: n
         "task": {"type": splits.task_type, "num_labels": splits.num_labels, "label_names": splits.label_names},
         "target_modules": injection.targets,
         "modules_to_save": injection.modules_to_save,
-        "modules": modules,
+        "modules": module_meta(model),
         "step": step,
         "metrics": metrics,
     }
