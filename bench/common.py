@@ -1,0 +1,412 @@
+"""What bench/quality.py and bench/speed.py share.
+
+- The setup: the offline quickstart model and data (ASSETS.md), or with `smoke` a tiny random BERT with
+  MiniLM's tokenizer on a few hundred of the same sentences (CI's smoke mode).
+- The contestants, each built on its own deep copy of one base model per seed, so the base weights and the
+  freshly initialised head are identical; every contestant with a plain LoRA `A` gets the same `A`.
+- The training loop: every contestant, PEFT's included, is stepped by sora's own `engine.train_step` on the
+  same batches in the same order, with the same dropout stream, LR schedule, clipping and AdamW.
+- The results folder `bench/results/<date>-<machine>/` and the facts that say where numbers came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sora_cli.adapters import get_method
+from sora_cli.adapters.inject import attach, count_parameters, inject, select_heads, select_targets
+from sora_cli.adapters.method import Method
+from sora_cli.adapters.sora import SoRALinear
+from sora_cli.data import Encoded, TrainOrder, collate, encode, load_splits
+from sora_cli.engine import adapter_layers, evaluate, load_model, module_meta, resolve_model_path, train_step
+from sora_cli.merge import merge
+from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters, warmup_length
+from sora_cli.prune import prune
+from sora_cli.recipe import ModelConfig, Recipe, load_recipe
+
+# PEFT 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns on every get_peft_model.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+RESULTS = REPO / "bench" / "results"
+
+# Learning rates. SoRA's is the quickstart recipe's. LoRA at that rate does not learn on MiniLM (dev stays at
+# the 57.6% majority rate, measured); 5e-4 is the LoRA paper's RoBERTa-base SST-2 rate, and 8e-4 is the
+# AdaLoRA paper's DeBERTaV3-base SST-2 rate. PEFT's LoRA and sora's LoRA are the same math: same rate.
+LORA_LR = 5e-4
+ADALORA_LR = 8e-4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training run's shape, taken from the quickstart recipe (smoke mode shortens it)."""
+
+    recipe: Recipe
+    steps: int
+    batch_size: int
+    max_length: int
+    warmup_ratio: float
+    seeds: tuple[int, ...]
+    lrs: dict[str, float]
+
+    @property
+    def r(self) -> int:
+        return self.recipe.adapter.r
+
+    @property
+    def alpha(self) -> float:
+        return self.recipe.adapter.alpha
+
+
+def settings(smoke: bool, seeds: tuple[int, ...] | None = None, steps: int | None = None,
+             lrs: dict[str, float] | None = None) -> Settings:
+    recipe = load_recipe(QUICKSTART)
+    t = recipe.train
+    default_lrs = {"peft-lora": LORA_LR, "peft-adalora": ADALORA_LR, "sora-lora": LORA_LR,
+                   "sora-r8": t.lr, "sora-r16": t.lr}
+    return Settings(recipe=recipe, steps=steps or (6 if smoke else int(t.max_steps or 0)),
+                    batch_size=t.batch_size, max_length=recipe.data.max_length, warmup_ratio=t.warmup_ratio,
+                    seeds=seeds if seeds is not None else ((0, 1) if smoke else (0, 1, 2)),
+                    lrs={**default_lrs, **(lrs or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: model, data, targets
+
+
+@dataclass
+class Setup:
+    description: str
+    model_config: ModelConfig
+    tokenizer: Any
+    train: Encoded
+    test: Encoded
+    targets: list[str]  # the adapted Linear modules, every contestant the same
+    heads: list[str]  # the trained head
+    device: torch.device
+    _bases: dict[int, nn.Module] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def base(self, seed: int) -> nn.Module:
+        """The pre-trained model with a head initialised under `seed`: contestants take deep copies."""
+        if seed not in self._bases:
+            torch.manual_seed(seed)
+            self._bases[seed] = load_model(self.model_config, "classification", 2, None)[0]
+        return self._bases[seed]
+
+
+def tiny_model_dir(root: Path) -> Path:
+    """A random 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like a hub model."""
+    import transformers
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    transformers.utils.logging.disable_progress_bar()
+    packaged = resolve_model_path("packaged:all-MiniLM-L6-v2")
+    tokenizer = AutoTokenizer.from_pretrained(packaged)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu") -> Setup:
+    recipe = s.recipe
+    if smoke:
+        model_config = ModelConfig(name_or_path=str(tiny_model_dir(workdir / "tiny-bert")))
+        data = dataclasses.replace(recipe.data, max_train_samples=256, max_eval_samples=64)
+        description = "tiny random BERT (2 layers, 32 wide) with MiniLM's tokenizer, Rotten Tomatoes"
+    else:
+        model_config, data = recipe.model, recipe.data
+        description = f"{recipe.model.name_or_path} on {recipe.data.dataset}"
+    splits = load_splits(data)
+    model, tokenizer = load_model(model_config, splits.task_type, splits.num_labels, splits.label_names)
+    heads = select_heads(model, recipe.adapter.modules_to_save)
+    targets = select_targets(model, recipe.adapter.target_modules, heads)
+    assert splits.test is not None
+    return Setup(description=f"{description}: {len(splits.train):,d} train / {len(splits.test):,d} test",
+                 model_config=model_config, tokenizer=tokenizer,
+                 train=encode(splits.train, tokenizer, s.max_length, splits.task_type),
+                 test=encode(splits.test, tokenizer, s.max_length, splits.task_type),
+                 targets=targets, heads=heads, device=torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contestants
+
+
+class Hooks(Method):
+    """The engine's per-step hooks for a model sora did not build (PEFT's, the frozen floor)."""
+
+    def __init__(self, name: str, after: Any = None):
+        self.name, self._after = name, after
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        if self._after is not None:
+            self._after(step)  # AdaLoRA: update_and_allocate, after optimizer.step() and before zero_grad
+        return {}
+
+
+@dataclass
+class Contestant:
+    key: str
+    label: str
+    model: nn.Module
+    hooks: Method
+    optimizer: torch.optim.Optimizer
+    lr: float
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return trainable_parameters(self.model)
+
+    def trainable(self) -> int:
+        return count_parameters(self.model)[0]
+
+
+LABELS = {
+    "peft-lora": "PEFT LoRA r={r}",
+    "peft-adalora": "PEFT AdaLoRA r 12→8",
+    "sora-lora": "sora LoRA r={r}",
+    "sora-r8": "sora SoRA r_max=8",
+    "sora-r16": "sora SoRA r_max=16",
+}
+QUALITY = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r16")
+
+
+def reference_a(seed: int, name: str, r: int, d_in: int) -> torch.Tensor:
+    """The shared initial A of one module, (r, d_in): the distribution of `kaiming_uniform_(a=√5)`, which
+    PEFT's LoRA and sora's layers both use, U(-1/√d_in, 1/√d_in), from a generator seeded by (seed, module)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    return (torch.rand(r, d_in, generator=gen) * 2 - 1) / math.sqrt(d_in)
+
+
+def adalora_schedule(steps: int) -> dict[str, int]:
+    """AdaLoRA's three phases: 10% warm-up at the initial rank, cubic budget decrease, final 30% fixed."""
+    return {"total_step": steps, "tinit": max(1, steps // 10), "tfinal": max(1, (3 * steps) // 10),
+            "deltaT": max(1, min(10, steps // 20))}
+
+
+def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
+    """One contestant on a fresh deep copy of the seed's base model (same weights, same head init)."""
+    model = copy.deepcopy(setup.base(seed))
+    lr = s.lrs[key]
+    if key.startswith("peft-"):
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+        common = {"lora_alpha": s.alpha, "lora_dropout": 0.0, "target_modules": list(setup.targets),
+                  "modules_to_save": list(setup.heads), "task_type": "SEQ_CLS"}
+        if key == "peft-lora":
+            model = get_peft_model(model, LoraConfig(r=s.r, **common))
+            with torch.no_grad():
+                for name in setup.targets:
+                    layer = model.base_model.model.get_submodule(name)
+                    layer.lora_A["default"].weight.copy_(reference_a(seed, name, s.r, layer.in_features))
+            hooks = Hooks(key)
+        elif key == "peft-adalora":
+            torch.manual_seed(seed)
+            model = get_peft_model(model, AdaLoraConfig(init_r=12, target_r=s.r, beta1=0.85, beta2=0.85,
+                                                        orth_reg_weight=0.5, **adalora_schedule(s.steps), **common))
+            hooks = Hooks(key, model.base_model.update_and_allocate)
+        else:
+            raise KeyError(key)
+        model.to(setup.device)
+        optimizer = build_optimizer(model, [], lr, s.recipe.train.weight_decay)
+        return Contestant(key, LABELS[key].format(r=s.r), model, hooks, optimizer, lr)
+
+    adapter = dataclasses.replace(s.recipe.adapter, target_modules=tuple(setup.targets),
+                                  modules_to_save=tuple(setup.heads))
+    if key == "sora-lora":
+        adapter = dataclasses.replace(adapter, method="lora", gate_init=None, sparse_lambda=None, threshold=None,
+                                      gate_lr=None, l1_loss_weight=None)
+    elif key in ("sora-r8", "sora-r16"):
+        adapter = dataclasses.replace(adapter, method="sora", r=int(key.removeprefix("sora-r")))
+    else:
+        raise KeyError(key)
+    train_cfg = dataclasses.replace(s.recipe.train, lr=lr)
+    method = get_method(adapter, train_cfg)
+    torch.manual_seed(seed)
+    inject(model, method)
+    with torch.no_grad():
+        for name, layer in adapter_layers(model):
+            layer.lora_A.copy_(reference_a(seed, name, layer.r, layer.in_features))
+    model.to(setup.device)
+    optimizer = build_optimizer(model, method.param_groups(model), lr, train_cfg.weight_decay)
+    return Contestant(key, LABELS[key].format(r=s.r), model, method, optimizer, lr)
+
+
+def frozen_floor(setup: Setup, s: Settings, seed: int) -> Contestant:
+    """The physical lower bound of an adapter step: every base weight (and the head) frozen, no adapters,
+    one trainable scalar scaling the input embeddings, so backward still runs through every layer."""
+    model = copy.deepcopy(setup.base(seed))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    scale = nn.Parameter(torch.ones(()))
+    model.register_parameter("bench_input_scale", scale)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out * scale)
+    model.to(setup.device)
+    optimizer = build_optimizer(model, [], s.lrs["sora-lora"], 0.0)
+    return Contestant("floor", "frozen base + 1 scalar (floor)", model, Hooks("floor"), optimizer, s.lrs["sora-lora"])
+
+
+def adapter_copies(c: Contestant, setup: Setup, seed: int, which: tuple[str, ...] = ("pruned",)) -> dict[str, nn.Module]:
+    """A trained sora SoRA contestant as users ship it, each on a clean copy of the seed's base model, in eval
+    mode: "pruned" (`sora prune`'s pure function, the adapter left unmerged) and "merged" (`sora merge`'s)."""
+    tensors = {n: p.detach().cpu().clone() for n, p in c.model.named_parameters() if p.requires_grad}
+    meta = {"modules": module_meta(c.model), "modules_to_save": setup.heads}
+    out = {}
+    if "pruned" in which:
+        pruned, pruned_meta = prune(tensors, meta)
+        out["pruned"] = copy.deepcopy(setup.base(seed))
+        attach(out["pruned"], SoRALinear, pruned_meta["modules"], pruned, "bench")
+    if "merged" in which:
+        out["merged"] = copy.deepcopy(setup.base(seed))
+        out["merged"].load_state_dict(merge(out["merged"].state_dict(), tensors, meta))
+    return {k: m.to(setup.device).eval() for k, m in out.items()}
+
+
+def initial_hashes(c: Contestant) -> dict[str, str]:
+    """sha256 of the head's and of every plain LoRA A's initial values (for the fairness test)."""
+    head, a = hashlib.sha256(), hashlib.sha256()
+    for name, p in c.model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = re.sub(r"\.(modules_to_save|original_module)\.default|\.default|^base_model\.model\.", "", name)
+        if "lora_A" in plain and c.key != "peft-adalora":
+            a.update(plain.removesuffix(".weight").encode())
+            a.update(p.detach().float().cpu().numpy().tobytes())
+        elif "lora_" not in plain and plain != "bench_input_scale" and "gate" not in plain:
+            head.update(plain.encode())
+            head.update(p.detach().float().cpu().numpy().tobytes())
+    return {"head": head.hexdigest(), "lora_A": a.hexdigest() if c.key != "peft-adalora" else ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fixed_batches(setup: Setup, s: Settings, seed: int, n: int) -> list[dict[str, torch.Tensor]]:
+    order = TrainOrder(len(setup.train), s.batch_size, seed)
+    return [collate(setup.train, order.indices(k)[1], setup.pad_id) for k in range(n)]
+
+
+def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]:
+    """Train for s.steps on the seed's batch order; returns wall seconds and the sha256 of every batch fed."""
+    order = TrainOrder(len(setup.train), s.batch_size, seed)
+    warmup = warmup_length(None, s.warmup_ratio, s.steps)
+    seen = hashlib.sha256()
+    params = c.params
+    max_norm = s.recipe.train.max_grad_norm or 0.0
+    torch.manual_seed(seed)  # dropout masks: the same stream for every contestant
+    c.model.train()
+    sync(setup.device)
+    t0 = time.perf_counter()
+    for step in range(s.steps):
+        set_lr(c.optimizer, lr_factor(step, s.steps, warmup, s.recipe.train.lr_scheduler))
+        batch = collate(setup.train, order.indices(step)[1], setup.pad_id)
+        seen.update(batch["input_ids"].numpy().tobytes())
+        seen.update(batch["labels"].numpy().tobytes())
+        batch = {k: v.to(setup.device) for k, v in batch.items()}
+        train_step(c.model, c.hooks, c.optimizer, [batch], params, max_norm, contextlib.nullcontext(), step)
+    sync(setup.device)
+    return {"train_seconds": time.perf_counter() - t0, "batches_sha256": seen.hexdigest()}
+
+
+def test_accuracy(model: nn.Module, setup: Setup) -> tuple[float, torch.Tensor]:
+    """Accuracy on the test split, and the logits in `eval_order` (for parity checks)."""
+    metrics = evaluate(model, setup.test, 64, setup.pad_id, "classification", setup.device, contextlib.nullcontext())
+    return metrics["accuracy"], logits(model, setup)
+
+
+@torch.inference_mode()
+def logits(model: nn.Module, setup: Setup) -> torch.Tensor:
+    model.eval()
+    out = []
+    for start in range(0, len(setup.test), 64):
+        batch = collate(setup.test, list(range(start, min(start + 64, len(setup.test)))), setup.pad_id)
+        batch.pop("labels")
+        out.append(model(**{k: v.to(setup.device) for k, v in batch.items()}).logits.float().cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the numbers come from
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    facts: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                             "device": device.type, "python": platform.python_version(), "torch": torch.__version__}
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    for lib in ("transformers", "peft"):
+        with contextlib.suppress(ImportError):
+            facts[lib] = __import__(lib).__version__
+    try:
+        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                         text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sora_cli", "bench/*.py"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        facts["commit"] += "+changes" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        facts["commit"] = "unknown"
+    return facts
+
+
+def machine_slug(facts: dict[str, Any]) -> str:
+    if facts["device"] == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", facts["gpu"].lower()).strip("-")
+    return f"cpu-{facts['cores']}core"
+
+
+def results_dir(out: Path | None, facts: dict[str, Any], smoke: bool) -> Path:
+    if out is None:
+        out = RESULTS / f"{datetime.date.today().isoformat()}-{machine_slug(facts)}{'-smoke' if smoke else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
