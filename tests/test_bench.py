@@ -1,0 +1,161 @@
+"""bench/: the smoke mode of both scripts (every row and column written), the fairness of the comparison
+(same batches, same head, same initial A), and the README's Results section regenerated from results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import publish  # noqa: E402
+import quality  # noqa: E402
+import speed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quality_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quality")
+    quality.main(["--smoke", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def speed_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("speed")
+    speed.main(["--smoke", "--out", str(out)])
+    return out
+
+
+def table_rows(markdown: str, header: list[str]) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = lines.index("| " + " | ".join(header) + " |")
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quality_smoke_writes_every_row_and_column(quality_out: Path) -> None:
+    data = json.loads((quality_out / "quality.json").read_text())
+    assert list(data["rows"]) == list(quality.ROWS)
+    for key, row in data["rows"].items():
+        assert row["seeds"] == [0, 1], key
+        assert 0.0 <= row["accuracy_mean"] <= 1.0 and row["trainable_params"] > 0 and row["train_seconds_mean"] > 0
+        assert row["inference_params_mean"] > 0
+    assert len(data["runs"]) == 2 * len(quality.ROWS)
+    assert {t["target"] for t in data["targets"]} >= {"SoRA r_max=8 accuracy ≥ PEFT AdaLoRA"}
+    rows = table_rows((quality_out / "quality.md").read_text(), quality.COLUMNS)
+    assert [r[0] for r in rows] == [data["rows"][k]["label"] for k in quality.ROWS]
+    assert all(len(r) == len(quality.COLUMNS) and all(r) for r in rows)
+    # LoRA r=8 on the tiny model's 13 Linears, r (d_in + d_out) each, PEFT's count and sora's alike: per layer
+    # q, k, v, attention output (32 -> 32) and intermediate / output (32 <-> 64), twice, plus the pooler (32 -> 32).
+    expected = 8 * ((32 + 32) * (4 * 2 + 1) + (32 + 64) * (2 * 2))
+    assert data["rows"]["peft-lora"]["inference_params_mean"] == data["rows"]["sora-lora"]["inference_params_mean"] == expected
+    # SoRA adds one gate entry per rank; pruning only ever removes.
+    assert data["rows"]["sora-r8"]["trainable_params"] == data["rows"]["sora-lora"]["trainable_params"] + 8 * 13
+
+
+def test_quality_runs_are_kept_and_not_repeated(quality_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = (quality_out / "runs.jsonl").read_text()
+    quality.main(["--smoke", "--out", str(quality_out)])
+    assert (quality_out / "runs.jsonl").read_text() == before  # every (method, seed) was done: none re-run
+    assert "seed 0" not in capsys.readouterr().out
+
+
+def test_the_comparison_is_fair(quality_out: Path) -> None:
+    runs = json.loads((quality_out / "quality.json").read_text())["runs"]
+    for seed in (0, 1):
+        mine = [r for r in runs if r["seed"] == seed]
+        # Every method saw the same batches in the same order, and started from the same head.
+        assert len({r["batches_sha256"] for r in mine}) == 1
+        assert len({r["initial_sha256"]["head"] for r in mine}) == 1
+        # Every method with a plain LoRA A (PEFT LoRA, sora LoRA, SoRA r_max=8) started from the same A.
+        a = {r["key"]: r["initial_sha256"]["lora_A"] for r in mine}
+        assert a["peft-lora"] == a["sora-lora"] == a["sora-r8"] != a["sora-r16"]
+        assert a["peft-adalora"] == ""  # AdaLoRA's A is its own (Gaussian, with E = 0): nothing to share
+    by_seed = {r["seed"]: r for r in runs if r["key"] == "peft-lora"}
+    assert by_seed[0]["batches_sha256"] != by_seed[1]["batches_sha256"]  # the hash does see the batches
+    assert by_seed[0]["initial_sha256"]["head"] != by_seed[1]["initial_sha256"]["head"]
+
+
+def test_fairness_hashes_match_the_tensors(tmp_path: Path) -> None:
+    """The hashes the fairness test compares are over the real tensors: PEFT's head and A equal sora's."""
+    s = common.settings(True)
+    setup = common.load_setup(s, True, tmp_path)
+    peft_lora, sora_lora = common.build("peft-lora", setup, s, 0), common.build("sora-lora", setup, s, 0)
+    name = setup.targets[3]
+    peft_layer = peft_lora.model.base_model.model.get_submodule(name)
+    assert torch.equal(peft_layer.lora_A["default"].weight, sora_lora.model.get_submodule(name).lora_A)
+    assert torch.equal(peft_layer.lora_B["default"].weight, torch.zeros_like(peft_layer.lora_B["default"].weight))
+    head = setup.heads[0]
+    peft_head = peft_lora.model.base_model.model.get_submodule(head).modules_to_save["default"]
+    assert torch.equal(peft_head.weight, sora_lora.model.get_submodule(head).weight)
+    assert peft_lora.trainable() == sora_lora.trainable()
+    # The shared A has kaiming_uniform_(a=√5)'s range, U(-1/√d_in, 1/√d_in).
+    a = common.reference_a(0, name, 64, peft_layer.in_features)
+    bound = 1 / peft_layer.in_features ** 0.5
+    assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound
+
+
+def test_pruned_sora_computes_what_it_computed_before(quality_out: Path) -> None:
+    runs = json.loads((quality_out / "quality.json").read_text())["runs"]
+    pruned = [r for r in runs if r["key"].endswith("-pruned")]
+    assert len(pruned) == 4
+    for r in pruned:
+        assert r["max_logit_diff_vs_unpruned"] < 1e-5
+        unpruned = next(u for u in runs if u["key"] == r["key"].removesuffix("-pruned") and u["seed"] == r["seed"])
+        assert r["test_accuracy"] == unpruned["test_accuracy"]
+        assert r["inference_params"] <= unpruned["inference_params"]
+
+
+def test_speed_smoke_writes_every_row_and_column(speed_out: Path) -> None:
+    data = json.loads((speed_out / "speed.json").read_text())
+    assert list(data["training"]) == list(speed.TRAINING)
+    assert list(data["inference"]) == list(speed.INFERENCE)
+    for row in data["training"].values():
+        assert row["ms_per_step"] > 0 and row["peak_mib"] > 0 and len(row["repeats_ms"]) == 2
+    assert data["training"]["peft-lora"]["vs_peft_lora"] == 1.0
+    assert data["training"]["floor"]["vs_floor"] == 1.0
+    assert data["inference"]["base"]["vs_base"] == 1.0
+    assert data["inference_setup"]["merged_vs_pruned_max_logit_diff"] < 1e-5  # merged = pruned, as functions
+    assert 0 < data["inference_setup"]["pruned_rank"] < data["inference_setup"]["max_rank"]
+    assert len(data["targets"]) == 3
+    text = (speed_out / "speed.md").read_text()
+    train = table_rows(text, speed.TRAIN_COLUMNS)
+    infer = table_rows(text, speed.INFER_COLUMNS)
+    assert [r[0] for r in train] == [data["training"][k]["label"] for k in speed.TRAINING]
+    assert [r[0] for r in infer] == [data["inference"][k]["label"] for k in speed.INFERENCE]
+    assert all(len(r) == len(speed.TRAIN_COLUMNS) and all(r) for r in train)
+    assert all(len(r) == len(speed.INFER_COLUMNS) and all(r) for r in infer)
+
+
+def test_publish_rewrites_only_the_results_section(quality_out: Path, speed_out: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    for src in (quality_out / "quality.md", speed_out / "speed.md"):
+        (results / src.name).write_text(src.read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n\n{publish.START}\nold numbers\n{publish.END}\n\n## After\ntail\n")
+    publish.main([str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old numbers" not in text
+    assert text.startswith("# x\n\n## Results\n\n" + publish.START) and text.endswith(publish.END + "\n\n## After\ntail\n")
+    assert "### Quality, parameters, training time" in text and "### Speed and memory" in text
+    assert text.index("| PEFT LoRA r=8 |") < text.index("### Speed and memory")
+
+
+def test_publish_refuses_a_readme_without_markers(tmp_path: Path, quality_out: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n")
+    with pytest.raises(SystemExit, match="needs exactly one pair of results markers"):
+        publish.main([str(quality_out), "--readme", str(readme)])
+    assert readme.read_text() == "# x\n"
