@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from sora_cli.engine import adapter_layers  # noqa: E402
+from sora_cli.errors import SoraError  # noqa: E402
+from sora_cli.report import pyplot  # noqa: E402
 
 PRUNED = {"sora-r8": "sora-r8-pruned", "sora-r16": "sora-r16-pruned"}
 ROWS = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r8-pruned", "sora-r16", "sora-r16-pruned")
@@ -128,6 +130,23 @@ def markdown(rows: dict[str, dict[str, Any]], s: common.Settings, setup_text: st
             + (f"\n{checks}\n" if checks else ""))
 
 
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    """Test accuracy (mean ± std) against adapter parameters at inference, one point per method."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, r in rows.items():
+        ax.errorbar(r["inference_params_mean"], 100 * r["accuracy_mean"], yerr=100 * r["accuracy_std"], fmt="o",
+                    capsize=3, label=r["label"], mfc="white" if key.endswith("-pruned") else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters at inference")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 2 seeds x 6 steps (CI)")
@@ -175,6 +194,10 @@ def main(argv: list[str] | None = None) -> Path:
                                                         for t, v, ok in targets(rows)]})
     text = markdown(rows, s, setup.description, facts, command)
     (out / "quality.md").write_text(text)
+    try:
+        plot(rows, out / "quality.png")
+    except SoraError as e:  # matplotlib is optional (the `bench` extra has it)
+        print(f"no quality.png: {e}")
     print(text)
     return out
 

@@ -52,6 +52,7 @@ def test_quality_smoke_writes_every_row_and_column(quality_out: Path) -> None:
         assert 0.0 <= row["accuracy_mean"] <= 1.0 and row["trainable_params"] > 0 and row["train_seconds_mean"] > 0
         assert row["inference_params_mean"] > 0
     assert len(data["runs"]) == 2 * len(quality.ROWS)
+    assert (quality_out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {t["target"] for t in data["targets"]} >= {"SoRA r_max=8 accuracy ≥ PEFT AdaLoRA"}
     rows = table_rows((quality_out / "quality.md").read_text(), quality.COLUMNS)
     assert [r[0] for r in rows] == [data["rows"][k]["label"] for k in quality.ROWS]
