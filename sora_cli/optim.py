@@ -86,7 +86,13 @@ def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: fl
         {"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "main_no_decay"},
         *extra_groups,
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    # The fused kernel: one pass over all tensors of a group instead of ~10 small ops per tensor per step.
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
+                for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -17,6 +17,9 @@ class LoRALinear(nn.Module):
 
         h = W0 x + b + s · B (A · dropout(x))        A: (r, d_in)  B: (d_out, r)  s = alpha / r
 
+    computed as h = W0 x + b + B (s · A dropout(x)): the scale is applied to the r-wide activations, and the
+    sum is the accumulate of the last GEMM (addmm), so nothing d_out-wide is made twice.
+
     `weight` and `bias` are the base layer's own parameters under their original names,
     so a base checkpoint loads into the adapted model without key remapping.
     """
@@ -36,14 +39,17 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        """z = A · dropout(x), shape (..., r)."""
-        return F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+    def rank_scale(self) -> torch.Tensor | float:
+        """What multiplies each rank of A·x before B: s for LoRA (SoRA: s · g)."""
+        return self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.weight, self.bias)  # (..., d_out)
-        z = self.adapter_input(x)  # (..., r)
-        return h + (self.scaling * F.linear(z, self.lora_B)).to(h.dtype)
+        z = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.rank_scale()  # (..., r)
+        if z.dtype != h.dtype:  # half-precision base without autocast: the adapter stays float32
+            return h + F.linear(z, self.lora_B).to(h.dtype)
+        # h + z Bᵀ in one GEMM with accumulate: no (..., d_out) temporaries for the scale and the sum
+        return torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r), self.lora_B.t()).view(h.shape)
 
     def active_rank(self) -> int:
         return self.r

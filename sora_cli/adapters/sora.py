@@ -32,8 +32,8 @@ class SoRALinear(LoRALinear):
             nn.init.ones_(gate)
         self.gate = nn.Parameter(gate)
 
-    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        return super().adapter_input(x) * self.gate  # (..., r) ⊙ (r,)
+    def rank_scale(self) -> torch.Tensor:
+        return self.gate * self.scaling  # (r,): s · g, applied to A · x before B
 
     def active_rank(self) -> int:
         return int(torch.count_nonzero(self.gate))
