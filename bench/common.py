@@ -99,7 +99,8 @@ class Setup:
     model_config: ModelConfig
     tokenizer: Any
     train: Encoded
-    test: Encoded
+    test: Encoded  # the held-out split scored: test, or dev when choosing settings (`--split dev`)
+    split: str
     targets: list[str]  # the adapted Linear modules, every contestant the same
     heads: list[str]  # the trained head
     device: torch.device
@@ -133,7 +134,7 @@ def tiny_model_dir(root: Path) -> Path:
     return root
 
 
-def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu") -> Setup:
+def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu", split: str = "test") -> Setup:
     recipe = s.recipe
     if smoke:
         model_config = ModelConfig(name_or_path=str(tiny_model_dir(workdir / "tiny-bert")))
@@ -146,11 +147,12 @@ def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu") -> 
     model, tokenizer = load_model(model_config, splits.task_type, splits.num_labels, splits.label_names)
     heads = select_heads(model, recipe.adapter.modules_to_save)
     targets = select_targets(model, recipe.adapter.target_modules, heads)
-    assert splits.test is not None
-    return Setup(description=f"{description}: {len(splits.train):,d} train / {len(splits.test):,d} test",
+    held = splits.test if split == "test" else splits.dev
+    assert held is not None
+    return Setup(description=f"{description}: {len(splits.train):,d} train / {len(held):,d} {split}",
                  model_config=model_config, tokenizer=tokenizer,
                  train=encode(splits.train, tokenizer, s.max_length, splits.task_type),
-                 test=encode(splits.test, tokenizer, s.max_length, splits.task_type),
+                 test=encode(held, tokenizer, s.max_length, splits.task_type), split=split,
                  targets=targets, heads=heads, device=torch.device(device))
 
 
@@ -341,8 +343,8 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
     return {"train_seconds": time.perf_counter() - t0, "batches_sha256": seen.hexdigest()}
 
 
-def test_accuracy(model: nn.Module, setup: Setup) -> tuple[float, torch.Tensor]:
-    """Accuracy on the test split, and the logits in `eval_order` (for parity checks)."""
+def held_out_accuracy(model: nn.Module, setup: Setup) -> tuple[float, torch.Tensor]:
+    """Accuracy on the held-out split (test, or dev), and the logits in order (for parity checks)."""
     metrics = evaluate(model, setup.test, 64, setup.pad_id, "classification", setup.device, contextlib.nullcontext())
     return metrics["accuracy"], logits(model, setup)
 

@@ -32,7 +32,7 @@ from sora_cli.report import pyplot  # noqa: E402
 
 PRUNED = {"sora-r8": "sora-r8-pruned", "sora-r16": "sora-r16-pruned"}
 ROWS = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r8-pruned", "sora-r16", "sora-r16-pruned")
-COLUMNS = ["method", "lr", "test accuracy", "trainable params", "inference params", "inference / PEFT LoRA",
+COLUMNS = ["method", "lr", "accuracy", "trainable params", "inference params", "inference / PEFT LoRA",
            "train time (s)", "time / AdaLoRA"]
 
 
@@ -54,19 +54,19 @@ def inference_parameters(c: common.Contestant) -> int:
 
 def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> list[dict[str, Any]]:
     c = common.build(key, setup, s, seed)
-    record = {"key": key, "label": c.label, "seed": seed, "lr": c.lr, "steps": s.steps,
+    record = {"key": key, "label": c.label, "split": setup.split, "seed": seed, "lr": c.lr, "steps": s.steps,
               "trainable_params": c.trainable(), "initial_sha256": common.initial_hashes(c)}
     record.update(common.train(c, setup, s, seed))
-    record["test_accuracy"], logits = common.test_accuracy(c.model, setup)
+    record["accuracy"], logits = common.held_out_accuracy(c.model, setup)
     record["inference_params"] = inference_parameters(c)
     records = [record]
     if key in PRUNED:
         t0 = time.perf_counter()
         model = common.adapter_copies(c, setup, seed)["pruned"]
         prune_seconds = time.perf_counter() - t0
-        accuracy, pruned_logits = common.test_accuracy(model, setup)
+        accuracy, pruned_logits = common.held_out_accuracy(model, setup)
         ranks = [m.r for _, m in adapter_layers(model)]
-        records.append({**record, "key": PRUNED[key], "label": c.label + ", pruned", "test_accuracy": accuracy,
+        records.append({**record, "key": PRUNED[key], "label": c.label + ", pruned", "accuracy": accuracy,
                         "inference_params": sum(m.r * (m.in_features + m.out_features + 1)
                                                 for _, m in adapter_layers(model)),
                         "train_seconds": record["train_seconds"] + prune_seconds, "surviving_rank": sum(ranks),
@@ -80,7 +80,7 @@ def summarize(records: list[dict[str, Any]], s: common.Settings) -> dict[str, An
         mine = [r for r in records if r["key"] == key]
         if not mine:
             continue
-        acc = [r["test_accuracy"] for r in mine]
+        acc = [r["accuracy"] for r in mine]
         rows[key] = {"label": mine[0]["label"], "lr": mine[0]["lr"], "seeds": [r["seed"] for r in mine],
                      "accuracy_mean": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "trainable_params": mine[0]["trainable_params"],
@@ -105,8 +105,8 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[tuple[str, str, bool]]:
     return out
 
 
-def markdown(rows: dict[str, dict[str, Any]], s: common.Settings, setup_text: str, facts: dict[str, Any],
-             command: str) -> str:
+def markdown(rows: dict[str, dict[str, Any]], s: common.Settings, setup_text: str, split: str,
+             facts: dict[str, Any], command: str) -> str:
     lora = rows.get("peft-lora", {}).get("inference_params_mean")
     ada = rows.get("peft-adalora", {}).get("train_seconds_mean")
     table = []
@@ -125,13 +125,13 @@ def markdown(rows: dict[str, dict[str, Any]], s: common.Settings, setup_text: st
             f"commit {facts['commit']}; torch {facts['torch']}, transformers {facts.get('transformers')}, "
             f"peft {facts.get('peft')}.\n\n`{command}`\n\n"
             + common.markdown_table(COLUMNS, table)
-            + "\n\nAccuracy in %, mean ± std over seeds. Inference params: the adapter as shipped unmerged, head "
+            + f"\n\nAccuracy on the {split} split in %, mean ± std over seeds. Inference params: the adapter as shipped unmerged, head "
               "(trained by every method alike) excluded. Train time: the training loop only, evaluation excluded.\n"
             + (f"\n{checks}\n" if checks else ""))
 
 
-def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
-    """Test accuracy (mean ± std) against adapter parameters at inference, one point per method."""
+def plot(rows: dict[str, dict[str, Any]], split: str, path: Path) -> None:
+    """Held-out accuracy (mean ± std) against adapter parameters at inference, one point per method."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for key, r in rows.items():
@@ -139,7 +139,7 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
                     capsize=3, label=r["label"], mfc="white" if key.endswith("-pruned") else None)
     ax.set_xscale("log")
     ax.set_xlabel("adapter parameters at inference")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{split} accuracy (%)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--methods", nargs="+", choices=common.QUALITY, default=list(common.QUALITY))
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="e.g. peft-lora=1e-3")
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="the split scored: dev to choose settings (e.g. --lr) without looking at test")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     parser.add_argument("--fresh", action="store_true", help="forget the finished runs in the results folder")
@@ -168,34 +170,34 @@ def main(argv: list[str] | None = None) -> Path:
         log.unlink()
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
-        setup = common.load_setup(s, args.smoke, Path(tmp), args.device)
+        setup = common.load_setup(s, args.smoke, Path(tmp), args.device, args.split)
         print(f"{setup.description}; {len(setup.targets)} target modules; {s.steps} steps; seeds {s.seeds}", flush=True)
         for seed in s.seeds:
             for key in args.methods:
                 if any(r["key"] == key and r["seed"] == seed and r["steps"] == s.steps and r["lr"] == s.lrs[key]
-                       for r in done):
+                       and r["split"] == args.split for r in done):
                     continue
                 for record in run_one(key, setup, s, seed):
                     done.append(record)
                     with open(log, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    print(f"seed {seed}  {record['label']:<28} acc {record['test_accuracy']:.4f}  "
+                    print(f"seed {seed}  {record['label']:<28} acc {record['accuracy']:.4f}  "
                           f"params {record['inference_params']:>9,d}  {record['train_seconds']:7.1f} s", flush=True)
             setup._bases.pop(seed, None)
-    current = [r for r in done if r["seed"] in s.seeds and r["steps"] == s.steps
+    current = [r for r in done if r["seed"] in s.seeds and r["steps"] == s.steps and r["split"] == args.split
                and r["lr"] == s.lrs[r["key"].removesuffix("-pruned")]
                and r["key"].removesuffix("-pruned") in args.methods]
     rows = summarize(current, s)
     command = "python bench/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     common.write_json(out / "quality.json", {"machine": facts, "setup": setup.description, "command": command,
-                                            "steps": s.steps, "batch_size": s.batch_size, "seeds": list(s.seeds),
+                                            "split": args.split, "steps": s.steps, "batch_size": s.batch_size, "seeds": list(s.seeds),
                                             "rows": rows, "runs": current,
                                             "targets": [{"target": t, "measured": v, "met": ok}
                                                         for t, v, ok in targets(rows)]})
-    text = markdown(rows, s, setup.description, facts, command)
+    text = markdown(rows, s, setup.description, args.split, facts, command)
     (out / "quality.md").write_text(text)
     try:
-        plot(rows, out / "quality.png")
+        plot(rows, args.split, out / "quality.png")
     except SoraError as e:  # matplotlib is optional (the `bench` extra has it)
         print(f"no quality.png: {e}")
     print(text)

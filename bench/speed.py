@@ -101,6 +101,29 @@ def time_training(setup: common.Setup, s: common.Settings, steps: int, repeats: 
     return interleaved(run, repeats)
 
 
+def profile(setup: common.Setup, s: common.Settings, keys: tuple[str, ...], steps: int, out: Path) -> None:
+    """torch.profiler over `steps` training steps of each contestant: the ops that take the time, by self time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batches = [{k: v.to(setup.device) for k, v in b.items()} for b in common.fixed_batches(setup, s, 0, steps)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
+    for key in keys:
+        c = contestant(key, setup, s)
+        c.model.train()
+        numbers = step_numbers(key, s)
+        for batch in batches[:2]:  # warm-up
+            train_step(c.model, c.hooks, c.optimizer, [batch], c.params, 1.0, nullcontext(), next(numbers))
+        with torch_profile(activities=activities) as prof:
+            for batch in batches:
+                train_step(c.model, c.hooks, c.optimizer, [batch], c.params, 1.0, nullcontext(), next(numbers))
+            common.sync(setup.device)
+        table = prof.key_averages().table(sort_by=sort, row_limit=30)
+        (out / f"profile-{key}.txt").write_text(f"{c.label}: {steps} steps\n{table}\n")
+        print(f"{out / f'profile-{key}.txt'}")
+
+
 def peak_memory(keys: tuple[str, ...], args: argparse.Namespace) -> dict[str, float]:
     """Peak memory (MiB) of each contestant's training steps, each measured in its own fresh process (the
     processes run side by side: a process's peak is its own, whatever runs beside it)."""
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="fraction of SoRA ranks kept for the inference models (the quickstart keeps 52%%)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
+    parser.add_argument("--profile", nargs="*", choices=TRAINING, metavar="CONTESTANT",
+                        help="only profile these contestants (default sora-r8 and floor): profile-<name>.txt")
     parser.add_argument("--child", choices=TRAINING, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.smoke else 10)
@@ -211,6 +236,11 @@ def main(argv: list[str] | None = None) -> Path:
     s = common.settings(args.smoke)
     facts = common.machine(torch.device(args.device))
     out = common.results_dir(args.out, facts, args.smoke)
+    if args.profile is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            setup = common.load_setup(s, args.smoke, Path(tmp), args.device)
+            profile(setup, s, tuple(args.profile) or ("sora-r8", "floor"), args.steps, out)
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         setup = common.load_setup(s, args.smoke, Path(tmp), args.device)
         print(f"{setup.description}; {len(setup.targets)} target modules; timing {len(TRAINING)} contestants", flush=True)

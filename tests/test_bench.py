@@ -114,7 +114,7 @@ def test_pruned_sora_computes_what_it_computed_before(quality_out: Path) -> None
     for r in pruned:
         assert r["max_logit_diff_vs_unpruned"] < 1e-5
         unpruned = next(u for u in runs if u["key"] == r["key"].removesuffix("-pruned") and u["seed"] == r["seed"])
-        assert r["test_accuracy"] == unpruned["test_accuracy"]
+        assert r["accuracy"] == unpruned["accuracy"]
         assert r["inference_params"] <= unpruned["inference_params"]
 
 
