@@ -44,6 +44,39 @@ def test_lora_layer_equals_dense_formula(d_in: int, d_out: int, r: int) -> None:
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_gradients_equal_the_dense_formulas() -> None:
+    """The fused forward (scale on the r-wide activations, sum in addmm) has the dense formula's gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layer = SoRALinear(base, r=3, alpha=5.0)
+    _randomize(layer, seed=3)
+    x = torch.randn(2, 4, 10, requires_grad=True)
+    layer(x).square().sum().backward()
+    got = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B, layer.gate)]
+    a, b, g = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B, layer.gate))
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ (base.weight + (5.0 / 3) * b @ torch.diag(g) @ a).T + base.bias).square().sum().backward()
+    for mine, ref in zip(got, (x2.grad, a.grad, b.grad, g.grad)):
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(10,), (7, 10)])
+def test_any_leading_shape_and_a_half_precision_base(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(10, 6)
+    layer = SoRALinear(base, r=3, alpha=6.0)
+    _randomize(layer, seed=4)
+    x = torch.randn(shape)
+    w = base.weight + 2.0 * layer.lora_B @ torch.diag(layer.gate) @ layer.lora_A
+    torch.testing.assert_close(layer(x), x @ w.T + base.bias, atol=1e-5, rtol=1e-5)
+    half = SoRALinear(nn.Linear(10, 6).to(torch.bfloat16), r=3, alpha=6.0)  # adapter float32, base bf16
+    _randomize(half, seed=4)
+    out = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (*shape[:-1], 6)
+    w = half.weight.float() + 2.0 * half.lora_B @ torch.diag(half.gate) @ half.lora_A
+    torch.testing.assert_close(out.float(), x.to(torch.bfloat16).float() @ w.T + half.bias.float(), atol=0.1, rtol=0.02)
+
+
 def test_zero_gates_give_the_base_output_exactly() -> None:
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
