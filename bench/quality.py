@@ -38,7 +38,8 @@ COLUMNS = ["method", "lr", "accuracy", "trainable params", "inference params", "
 
 def inference_parameters(c: common.Contestant) -> int:
     """The adapter as shipped unmerged, head excluded: LoRA r(d_in + d_out); SoRA r(d_in + d_out + 1) (A, B and
-    the gate); AdaLoRA k(d_in + d_out + 1) with k the triplets its final budget kept (E != 0)."""
+    the gate: every rank before pruning, the surviving ones after); AdaLoRA k(d_in + d_out + 1) with k the
+    triplets its final budget kept (E != 0: PEFT saves its rank pattern and loads only those)."""
     if c.key == "peft-lora":
         return sum(p.numel() for n, p in c.model.named_parameters() if "lora_A" in n or "lora_B" in n)
     if c.key == "peft-adalora":
@@ -49,7 +50,7 @@ def inference_parameters(c: common.Contestant) -> int:
                 total += kept * (module.in_features + module.out_features + 1)
         return total
     per = 1 if c.key.startswith("sora-r") else 0
-    return sum(m.active_rank() * (m.in_features + m.out_features + per) for _, m in adapter_layers(c.model))
+    return sum(m.r * (m.in_features + m.out_features + per) for _, m in adapter_layers(c.model))
 
 
 def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> list[dict[str, Any]]:
@@ -74,7 +75,14 @@ def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> lis
     return records
 
 
-def summarize(records: list[dict[str, Any]], s: common.Settings) -> dict[str, Any]:
+def unpruned_as_shipped(records: list[dict[str, Any]], head_params: int) -> list[dict[str, Any]]:
+    """Unpruned SoRA ships every rank: all it trained but the head. (Records written before this function
+    counted only the surviving ranks there; the pruned row holds that count.)"""
+    return [{**r, "inference_params": r["trainable_params"] - head_params} if r["key"] in PRUNED else r
+            for r in records]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for key in ROWS:
         mine = [r for r in records if r["key"] == key]
@@ -171,6 +179,8 @@ def main(argv: list[str] | None = None) -> Path:
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         setup = common.load_setup(s, args.smoke, Path(tmp), args.device, args.split)
+        base = setup.base(s.seeds[0])
+        head_params = sum(p.numel() for h in setup.heads for p in base.get_submodule(h).parameters())
         print(f"{setup.description}; {len(setup.targets)} target modules; {s.steps} steps; seeds {s.seeds}", flush=True)
         for seed in s.seeds:
             for key in args.methods:
@@ -187,7 +197,8 @@ def main(argv: list[str] | None = None) -> Path:
     current = [r for r in done if r["seed"] in s.seeds and r["steps"] == s.steps and r["split"] == args.split
                and r["lr"] == s.lrs[r["key"].removesuffix("-pruned")]
                and r["key"].removesuffix("-pruned") in args.methods]
-    rows = summarize(current, s)
+    current = unpruned_as_shipped(current, head_params)
+    rows = summarize(current)
     command = "python bench/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     common.write_json(out / "quality.json", {"machine": facts, "setup": setup.description, "command": command,
                                             "split": args.split, "steps": s.steps, "batch_size": s.batch_size, "seeds": list(s.seeds),

@@ -63,6 +63,7 @@ def test_quality_smoke_writes_every_row_and_column(quality_out: Path) -> None:
     assert data["rows"]["peft-lora"]["inference_params_mean"] == data["rows"]["sora-lora"]["inference_params_mean"] == expected
     # SoRA adds one gate entry per rank; pruning only ever removes.
     assert data["rows"]["sora-r8"]["trainable_params"] == data["rows"]["sora-lora"]["trainable_params"] + 8 * 13
+    assert data["rows"]["sora-r8"]["inference_params_mean"] == expected + 8 * 13  # unpruned: every rank is shipped
 
 
 def test_quality_runs_are_kept_and_not_repeated(quality_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
