@@ -296,17 +296,19 @@ def adapter_copies(c: Contestant, setup: Setup, seed: int, which: tuple[str, ...
 def initial_hashes(c: Contestant) -> dict[str, str]:
     """sha256 of the head's and of every plain LoRA A's initial values (for the fairness test)."""
     head, a = hashlib.sha256(), hashlib.sha256()
+    adalora = c.key == "peft-adalora"  # its A is its own (Gaussian, with E = 0): nothing to share
     for name, p in c.model.named_parameters():
         if not p.requires_grad:
             continue
         plain = re.sub(r"\.(modules_to_save|original_module)\.default|\.default|^base_model\.model\.", "", name)
-        if "lora_A" in plain and c.key != "peft-adalora":
-            a.update(plain.removesuffix(".weight").encode())
-            a.update(p.detach().float().cpu().numpy().tobytes())
-        elif "lora_" not in plain and plain != "bench_input_scale" and "gate" not in plain:
+        if "lora_A" in plain:
+            if not adalora:
+                a.update(plain.removesuffix(".weight").encode())
+                a.update(p.detach().float().cpu().numpy().tobytes())
+        elif "lora_" not in plain and not plain.endswith(".gate") and plain != "bench_input_scale":
             head.update(plain.encode())
             head.update(p.detach().float().cpu().numpy().tobytes())
-    return {"head": head.hexdigest(), "lora_A": a.hexdigest() if c.key != "peft-adalora" else ""}
+    return {"head": head.hexdigest(), "lora_A": "" if adalora else a.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------

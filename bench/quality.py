@@ -49,8 +49,12 @@ def inference_parameters(c: common.Contestant) -> int:
                 kept = int((module.lora_E["default"] != 0).sum())
                 total += kept * (module.in_features + module.out_features + 1)
         return total
-    per = 1 if c.key.startswith("sora-r") else 0
-    return sum(m.r * (m.in_features + m.out_features + per) for _, m in adapter_layers(c.model))
+    return sora_parameters(c.model, gate=c.key.startswith("sora-r"))
+
+
+def sora_parameters(model: torch.nn.Module, gate: bool) -> int:
+    """Σ over sora's adapted layers of r (d_in + d_out), plus r gate entries for SoRA."""
+    return sum(m.r * (m.in_features + m.out_features + gate) for _, m in adapter_layers(model))
 
 
 def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> list[dict[str, Any]]:
@@ -68,8 +72,7 @@ def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> lis
         accuracy, pruned_logits = common.held_out_accuracy(model, setup)
         ranks = [m.r for _, m in adapter_layers(model)]
         records.append({**record, "key": PRUNED[key], "label": c.label + ", pruned", "accuracy": accuracy,
-                        "inference_params": sum(m.r * (m.in_features + m.out_features + 1)
-                                                for _, m in adapter_layers(model)),
+                        "inference_params": sora_parameters(model, gate=True),
                         "train_seconds": record["train_seconds"] + prune_seconds, "surviving_rank": sum(ranks),
                         "max_logit_diff_vs_unpruned": float((pruned_logits - logits).abs().max())})
     return records
