@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,11 +36,12 @@ from sora_cli.adapters.inject import attach, count_parameters, inject, select_he
 from sora_cli.adapters.method import Method
 from sora_cli.adapters.sora import SoRALinear
 from sora_cli.data import Encoded, TrainOrder, collate, encode, load_splits
-from sora_cli.engine import adapter_layers, evaluate, load_model, module_meta, resolve_model_path, train_step
+from sora_cli.engine import adapter_layers, load_model, module_meta, resolve_model_path, train_step
 from sora_cli.merge import merge
 from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters, warmup_length
 from sora_cli.prune import prune
 from sora_cli.recipe import ModelConfig, Recipe, load_recipe
+from sora_cli.tasks import compute_metrics
 
 # PEFT 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns on every get_peft_model.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -197,6 +198,7 @@ LABELS = {
     "sora-lora": "sora LoRA r={r}",
     "sora-r8": "sora SoRA r_max=8",
     "sora-r16": "sora SoRA r_max=16",
+    "floor": "frozen base + 1 scalar (floor)",
 }
 QUALITY = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r16")
 
@@ -274,7 +276,7 @@ def frozen_floor(setup: Setup, s: Settings, seed: int) -> Contestant:
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out * scale)
     model.to(setup.device)
     optimizer = build_optimizer(model, [], s.lrs["sora-lora"], 0.0)
-    return Contestant("floor", "frozen base + 1 scalar (floor)", model, Hooks("floor"), optimizer, s.lrs["sora-lora"])
+    return Contestant("floor", LABELS["floor"], model, Hooks("floor"), optimizer, s.lrs["sora-lora"])
 
 
 def adapter_copies(c: Contestant, setup: Setup, seed: int, which: tuple[str, ...] = ("pruned",)) -> dict[str, nn.Module]:
@@ -321,8 +323,18 @@ def sync(device: torch.device) -> None:
 
 
 def fixed_batches(setup: Setup, s: Settings, seed: int, n: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n` training batches of the seed's order, on the device."""
     order = TrainOrder(len(setup.train), s.batch_size, seed)
-    return [collate(setup.train, order.indices(k)[1], setup.pad_id) for k in range(n)]
+    return [{k: v.to(setup.device) for k, v in collate(setup.train, order.indices(k)[1], setup.pad_id).items()}
+            for k in range(n)]
+
+
+def stepper(c: Contestant, s: Settings) -> Callable[[dict[str, torch.Tensor], int], Any]:
+    """`step(batch, step_index)`: one `engine.train_step` of `c` (train mode, the recipe's clipping)."""
+    params, max_norm = c.params, s.recipe.train.max_grad_norm or 0.0
+    c.model.train()
+    return lambda batch, step: train_step(c.model, c.hooks, c.optimizer, [batch], params, max_norm,
+                                          contextlib.nullcontext(), step)
 
 
 def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]:
@@ -330,10 +342,8 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
     order = TrainOrder(len(setup.train), s.batch_size, seed)
     warmup = warmup_length(None, s.warmup_ratio, s.steps)
     seen = hashlib.sha256()
-    params = c.params
-    max_norm = s.recipe.train.max_grad_norm or 0.0
+    step_once = stepper(c, s)
     torch.manual_seed(seed)  # dropout masks: the same stream for every contestant
-    c.model.train()
     sync(setup.device)
     t0 = time.perf_counter()
     for step in range(s.steps):
@@ -341,27 +351,27 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
         batch = collate(setup.train, order.indices(step)[1], setup.pad_id)
         seen.update(batch["input_ids"].numpy().tobytes())
         seen.update(batch["labels"].numpy().tobytes())
-        batch = {k: v.to(setup.device) for k, v in batch.items()}
-        train_step(c.model, c.hooks, c.optimizer, [batch], params, max_norm, contextlib.nullcontext(), step)
+        step_once({k: v.to(setup.device) for k, v in batch.items()}, step)
     sync(setup.device)
     return {"train_seconds": time.perf_counter() - t0, "batches_sha256": seen.hexdigest()}
 
 
-def held_out_accuracy(model: nn.Module, setup: Setup) -> tuple[float, torch.Tensor]:
-    """Accuracy on the held-out split (test, or dev), and the logits in order (for parity checks)."""
-    metrics = evaluate(model, setup.test, 64, setup.pad_id, "classification", setup.device, contextlib.nullcontext())
-    return metrics["accuracy"], logits(model, setup)
+def held_out_batches(setup: Setup, size: int, n: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The held-out split in order, `size` examples per batch (the first `n` batches), without labels, on the device."""
+    batches = []
+    for start in range(0, len(setup.test) if n is None else min(n * size, len(setup.test)), size):
+        batch = collate(setup.test, list(range(start, min(start + size, len(setup.test)))), setup.pad_id)
+        batch.pop("labels")
+        batches.append({k: v.to(setup.device) for k, v in batch.items()})
+    return batches
 
 
 @torch.inference_mode()
-def logits(model: nn.Module, setup: Setup) -> torch.Tensor:
+def held_out_accuracy(model: nn.Module, setup: Setup) -> tuple[float, torch.Tensor]:
+    """Accuracy on the held-out split (test, or dev), and the logits in order (for parity checks): one pass."""
     model.eval()
-    out = []
-    for start in range(0, len(setup.test), 64):
-        batch = collate(setup.test, list(range(start, min(start + 64, len(setup.test)))), setup.pad_id)
-        batch.pop("labels")
-        out.append(model(**{k: v.to(setup.device) for k, v in batch.items()}).logits.float().cpu())
-    return torch.cat(out)
+    logits = torch.cat([model(**b).logits.float().cpu() for b in held_out_batches(setup, 64)])
+    return compute_metrics("classification", logits.numpy(), setup.test.labels.numpy())["accuracy"], logits
 
 
 # ---------------------------------------------------------------------------------------------

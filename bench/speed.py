@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from sora_cli.data import collate  # noqa: E402
-from sora_cli.engine import adapter_layers, train_step  # noqa: E402
+from sora_cli.engine import adapter_layers  # noqa: E402
 
 TRAINING = ("peft-lora", "sora-lora", "sora-r8", "peft-adalora", "floor")
 INFERENCE = ("base", "merged", "pruned")
@@ -44,8 +42,11 @@ TRAIN_COLUMNS = ["contestant", "ms / step", "step / PEFT LoRA", "step / floor", 
 INFER_COLUMNS = ["model", "ms / batch", "latency / base", "repeat spread"]
 
 
-def contestant(key: str, setup: common.Setup, s: common.Settings) -> common.Contestant:
-    return common.frozen_floor(setup, s, 0) if key == "floor" else common.build(key, setup, s, 0)
+def contestant(key: str, setup: common.Setup, s: common.Settings) -> tuple[common.Contestant, Any]:
+    """The contestant (seed 0) and `step(batch)`, which passes it the step index `step_numbers` gives."""
+    c = common.frozen_floor(setup, s, 0) if key == "floor" else common.build(key, setup, s, 0)
+    step_once, numbers = common.stepper(c, s), step_numbers(key, s)
+    return c, lambda batch: step_once(batch, next(numbers))
 
 
 def step_numbers(key: str, s: common.Settings):
@@ -79,20 +80,16 @@ def spread(values: list[float]) -> float:
 
 
 def time_training(setup: common.Setup, s: common.Settings, steps: int, repeats: int) -> dict[str, list[float]]:
-    batches = [{k: v.to(setup.device) for k, v in b.items()} for b in common.fixed_batches(setup, s, 0, steps)]
-    max_norm = s.recipe.train.max_grad_norm or 0.0
+    batches = common.fixed_batches(setup, s, 0, steps)
     run = {}
     for key in TRAINING:
-        c = contestant(key, setup, s)
-        c.model.train()
-        numbers, params = step_numbers(key, s), c.params
+        _, step = contestant(key, setup, s)
 
-        def one_pass(c=c, numbers=numbers, params=params) -> float:
+        def one_pass(step=step) -> float:
             common.sync(setup.device)
             t0 = time.perf_counter()
             for batch in batches:
-                train_step(c.model, c.hooks, c.optimizer, [batch], params, max_norm, nullcontext(),
-                                  next(numbers))
+                step(batch)
             common.sync(setup.device)
             return (time.perf_counter() - t0) / len(batches)
 
@@ -106,18 +103,16 @@ def profile(setup: common.Setup, s: common.Settings, keys: tuple[str, ...], step
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    batches = [{k: v.to(setup.device) for k, v in b.items()} for b in common.fixed_batches(setup, s, 0, steps)]
+    batches = common.fixed_batches(setup, s, 0, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
     sort = "self_cuda_time_total" if setup.device.type == "cuda" else "self_cpu_time_total"
     for key in keys:
-        c = contestant(key, setup, s)
-        c.model.train()
-        numbers = step_numbers(key, s)
+        c, step = contestant(key, setup, s)
         for batch in batches[:2]:  # warm-up
-            train_step(c.model, c.hooks, c.optimizer, [batch], c.params, 1.0, nullcontext(), next(numbers))
+            step(batch)
         with torch_profile(activities=activities) as prof:
             for batch in batches:
-                train_step(c.model, c.hooks, c.optimizer, [batch], c.params, 1.0, nullcontext(), next(numbers))
+                step(batch)
             common.sync(setup.device)
         table = prof.key_averages().table(sort_by=sort, row_limit=30)
         (out / f"profile-{key}.txt").write_text(f"{c.label}: {steps} steps\n{table}\n")
@@ -146,17 +141,14 @@ def child(key: str, args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         setup = common.load_setup(s, args.smoke, Path(tmp), args.device)
-        c = contestant(key, setup, s)
-        c.model.train()
-        batches = [{k: v.to(device) for k, v in b.items()} for b in common.fixed_batches(setup, s, 0, args.steps)]
-        numbers = step_numbers(key, s)
+        _, step = contestant(key, setup, s)
+        batches = common.fixed_batches(setup, s, 0, args.steps)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
         for batch in batches:
-            train_step(c.model, c.hooks, c.optimizer, [batch], c.params, s.recipe.train.max_grad_norm or 0.0,
-                              nullcontext(), next(numbers))
+            step(batch)
         common.sync(device)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -178,11 +170,7 @@ def time_inference(setup: common.Setup, s: common.Settings, batches_n: int, repe
             layer.gate.mul_((torch.rand(layer.r, generator=gen) < keep).to(layer.gate.dtype))
     models = {"base": setup.base(0).to(setup.device).eval(), **common.adapter_copies(sora, setup, 0, ("merged", "pruned"))}
     size = s.batch_size
-    batches = []
-    for start in range(0, min(batches_n * size, len(setup.test)), size):
-        batch = collate(setup.test, list(range(start, min(start + size, len(setup.test)))), setup.pad_id)
-        batch.pop("labels")
-        batches.append({k: v.to(setup.device) for k, v in batch.items()})
+    batches = common.held_out_batches(setup, size, batches_n)
     outputs = {}
 
     def one_pass(model: torch.nn.Module, key: str) -> float:
@@ -247,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
         step_times = time_training(setup, s, args.steps, args.repeats)
         infer_times, infer_facts = time_inference(setup, s, args.steps, args.repeats, args.keep)
     memory = peak_memory(TRAINING, args)
-    labels = {"floor": "frozen base + 1 scalar (floor)", **{k: common.LABELS[k].format(r=s.r) for k in common.LABELS}}
+    labels = {k: common.LABELS[k].format(r=s.r) for k in TRAINING}
     train_rows = {key: {"label": labels[key], "ms_per_step": 1000 * statistics.median(t),
                         "vs_peft_lora": ratio(step_times, key, "peft-lora"), "vs_floor": ratio(step_times, key, "floor"),
                         "peak_mib": memory[key], "memory_vs_peft_lora": memory[key] / memory["peft-lora"],
