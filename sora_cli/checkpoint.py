@@ -106,7 +106,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
@@ -116,7 +116,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / ADAPTER_WEIGHTS)
-    _write_json(directory / ADAPTER_META, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
+    write_json(directory / ADAPTER_META, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
 
 
 def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -202,7 +202,7 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, count
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
     rng_tensors, rng_meta = rng_to_files()
     save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()}, directory / STATE_TENSORS)
-    _write_json(directory / STATE_META, {"counters": counters, "optimizer": opt_meta, "rng": rng_meta})
+    write_json(directory / STATE_META, {"counters": counters, "optimizer": opt_meta, "rng": rng_meta})
 
 
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -154,7 +154,8 @@ def load_splits(cfg: DataConfig) -> Splits:
     if dev is None:
         fractions = cfg.split
         if test is not None and len(fractions) == 3:  # a test set is given: split train into train/dev only
-            fractions = (fractions[0] / (fractions[0] + fractions[1]), fractions[1] / (fractions[0] + fractions[1]))
+            kept = fractions[0] + fractions[1]
+            fractions = (fractions[0] / kept, fractions[1] / kept)
         train, dev, split_test = _split(train, fractions, cfg.split_seed)
         test = test or split_test
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from sora_cli import __version__, render
 from sora_cli.adapters import LAYERS, LoRALinear, Method, get_method
-from sora_cli.adapters.inject import Injection, attach, count_parameters, inject
+from sora_cli.adapters.inject import Injection, attach, count_parameters, inject, linear_names
 from sora_cli.checkpoint import (
     atomic_dir, load_adapter, load_training_state, optimizer_from_files, recover, remove_old_checkpoints,
     rng_from_files, save_adapter, save_training_state, step_checkpoints, write_text_atomic,
@@ -141,7 +141,7 @@ def load_base(directory: Path, meta: dict[str, Any], base: str | None = None) ->
     except InputError as e:
         raise CheckpointError(f"{directory}: its base model {name!r} cannot be loaded "
                               f"({str(e).removeprefix('model.name_or_path: ')}); pass --base PATH_OR_ID") from None
-    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = set(linear_names(model))
     missing = [t for t in meta["target_modules"] if t not in names]
     if missing or base_fingerprint(model, meta["target_modules"]) != meta.get("base_fingerprint"):
         why = f"has no Linear {missing[0]}" if missing else "has other weights (fingerprint differs)"
@@ -172,20 +172,25 @@ def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
                    "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
 
 
-def rank_stats(ranks: list[tuple[int, int]], gates: list[torch.Tensor]) -> dict[str, int]:
-    """Totals over modules from (r, active rank) pairs and the gate tensors (none for LoRA)."""
-    return {"active_rank": sum(a for _, a in ranks), "max_rank": sum(r for r, _ in ranks),
-            "zero_gates": sum(int((g == 0).sum()) for g in gates), "total_gates": sum(g.numel() for g in gates)}
+def rank_stats(ranks: list[tuple[int, int, bool]]) -> dict[str, int]:
+    """Totals over modules from (r, active rank, gated): a gated module's zero gates are its r - active rank."""
+    gated = [(r, a) for r, a, g in ranks if g]
+    return {"active_rank": sum(a for _, a, _ in ranks), "max_rank": sum(r for r, _, _ in ranks),
+            "zero_gates": sum(r - a for r, a in gated), "total_gates": sum(r for r, _ in gated)}
 
 
 def model_rank_stats(model: nn.Module) -> dict[str, int]:
-    layers = [m for _, m in adapter_layers(model)]
-    return rank_stats([(m.r, m.active_rank()) for m in layers], [m.gate for m in layers if hasattr(m, "gate")])
+    """One count of the non-zero gates per layer (one host sync each), on the logging path."""
+    return rank_stats([(m.r, m.active_rank(), hasattr(m, "gate")) for _, m in adapter_layers(model)])
 
 
 def checkpoint_rank_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, int]:
-    return rank_stats([(m["r"], m["active_rank"]) for m in meta["modules"].values()],
-                      [t for k, t in tensors.items() if k.endswith(".gate")])
+    """The same totals from a checkpoint: active ranks counted from its gate tensors (LoRA: every rank)."""
+    ranks = []
+    for name, m in meta["modules"].items():
+        gate = tensors.get(f"{name}.gate")
+        ranks.append((m["r"], m["r"] if gate is None else int(torch.count_nonzero(gate)), gate is not None))
+    return rank_stats(ranks)
 
 
 def data_fingerprint(texts: list[tuple[str, ...]], labels: list[Any]) -> str:
@@ -373,7 +378,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
         if has_run:
             render.note(f"{out}: no complete checkpoint yet; starting at step 0")
         elif out.exists() and overwrite:
-            shutil.rmtree(out)  # only ever a sora run: _check_run_dir saw its recipe.yaml
+            shutil.rmtree(out)  # only ever a sora run: check_run_dir saw its recipe.yaml
         out.mkdir(parents=True, exist_ok=True)
         for stale in ("checkpoints", "best", "final"):
             shutil.rmtree(out / stale, ignore_errors=True)

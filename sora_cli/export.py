@@ -6,14 +6,13 @@ For each module m with r_m > 0 (after pruning): lora_A.weight = A', lora_B.weigh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from sora_cli.checkpoint import atomic_dir
+from sora_cli.checkpoint import atomic_dir, write_json
 from sora_cli.merge import folded_b, head_tensors
 
 PEFT_CONFIG = "adapter_config.json"
@@ -67,5 +66,5 @@ def write_peft(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str
             "scaling": {n: m["s"] for n, m in meta["modules"].items()}, "metrics": meta.get("metrics", {})}
     with atomic_dir(directory) as tmp:
         save_file(weights, tmp / PEFT_WEIGHTS)
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / SORA_METADATA).write_text(json.dumps(sora, indent=2) + "\n")
+        write_json(tmp / PEFT_CONFIG, config)
+        write_json(tmp / SORA_METADATA, sora)

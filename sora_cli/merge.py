@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter
 from sora_cli.errors import InputError
 
@@ -29,7 +30,7 @@ def delta(tensors: dict[str, torch.Tensor], name: str, s: float) -> torch.Tensor
 def head_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The trained heads (`modules_to_save`) among a checkpoint's tensors."""
     heads = meta.get("modules_to_save", [])
-    return {k: v for k, v in tensors.items() if any(k.startswith(h + ".") for h in heads)}
+    return {k: v for k, v in tensors.items() if inside(k, heads)}
 
 
 def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],

@@ -20,7 +20,6 @@ from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
 from sora_cli.errors import InputError, SoraError
 
 
-
 def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
           eps: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return pruned (tensors, meta); the inputs are left as they were."""

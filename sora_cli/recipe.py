@@ -382,12 +382,17 @@ def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 # Cross-field rules and method defaults
 
 
+def with_sora_defaults(a: AdapterConfig) -> AdapterConfig:
+    """The adapter config with every unset SoRA setting at its default (SORA_DEFAULTS, the one source)."""
+    return dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
+
+
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
     """Rules across fields of one section, checked for every section that parsed; method defaults."""
     a, d, t = built["adapter"], built["data"], built["train"]
     if a is not None:
         if a.method == "sora":
-            a = dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
+            a = with_sora_defaults(a)
         else:
             for name in [*SORA_DEFAULTS, "gate_lr"]:
                 if getattr(a, name) is not None:

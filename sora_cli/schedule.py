@@ -58,20 +58,22 @@ class Stage:
     lam: float
     steps: int
     lr: str  # how the LR behaves in this stage, for --plan
+    lr_scale: float | None = None  # a constant LR factor (lr_reset: false, later stages); None: the LR schedule
 
 
 def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[Stage]:
     cfg, t = _schedule(recipe), recipe.train
     first = schedule_length(t.max_steps, t.epochs, n_train, t.batch_size, t.grad_accum)
     later = schedule_length(cfg.steps_per_stage, cfg.epochs_per_stage or 1.0, n_train, t.batch_size, t.grad_accum)
+    decayed = None if cfg.lr_reset else _decayed(recipe, first)
     stages = []
     for k, lam in enumerate(stage_thresholds(cfg)):
         if k == 0:
             steps, lr = (0, "none: the given checkpoint") if from_checkpoint else (first, f"{t.lr_scheduler} schedule")
+            stages.append(Stage(k, lam, steps, lr))
         else:
-            steps = later
-            lr = f"{t.lr_scheduler} schedule, restarted" if cfg.lr_reset else f"constant {_decayed(recipe, first):g}× lr"
-        stages.append(Stage(k, lam, steps, lr))
+            lr = f"{t.lr_scheduler} schedule, restarted" if decayed is None else f"constant {decayed:g}× lr"
+            stages.append(Stage(k, lam, later, lr, lr_scale=decayed))
     return stages
 
 
@@ -120,11 +122,10 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
             raise InputError(f"--from: {from_ckpt} is not a sora adapter with r={recipe.adapter.r} like this recipe's")
     state_file = out / "schedule_state.json"
     given = {"from": str(from_ckpt.resolve()) if from_ckpt else None}
-    if resume and state_file.is_file() and json.loads(state_file.read_text()) != given:
-        raise InputError(f"--from: this schedule was started with --from {json.loads(state_file.read_text())['from']}"
-                         "; resume it with the same")
-    first_steps = plan(recipe, n_train := len(load_splits(recipe.data).train))[0].steps
-    stages = plan(recipe, n_train, from_checkpoint=from_ckpt is not None)
+    started = json.loads(state_file.read_text()) if resume and state_file.is_file() else given
+    if started != given:
+        raise InputError(f"--from: this schedule was started with --from {started['from']}; resume it with the same")
+    stages = plan(recipe, len(load_splits(recipe.data).train), from_checkpoint=from_ckpt is not None)
     if not resume and out.exists():
         shutil.rmtree(out)  # --overwrite of a sora directory (checked above)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,6 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
     done = _read_records(out / "schedule.jsonl")
     records: list[dict[str, Any]] = []
     previous: Path | None = from_ckpt
-    lr_scale = None if cfg.lr_reset else _decayed(recipe, first_steps)
     for stage in stages:
         sub = stage_recipe(recipe, out, stage)
         run_dir = Path(sub.train.output_dir or "")
@@ -142,7 +142,7 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
             record = done[stage.k]
         else:
             result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
-                           lr_scale=lr_scale if stage.k > 0 else None,
+                           lr_scale=stage.lr_scale,
                            memorization_samples=cfg.memorization_samples)
             # --from: stage 0 is the given checkpoint itself (its own λ and metadata)
             kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / "final"
@@ -152,7 +152,7 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
             lam = (source or {}).get("method_config", {}).get("sparse_lambda", stage.lam) if kept == from_ckpt \
                 else stage.lam
             record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
-            _append(out, record)
+            _write_records(out, records + [record])
         records.append(record)
         checkpoints = step_checkpoints(run_dir)
         previous = checkpoints[-1][1] if checkpoints else (from_ckpt if stage.steps == 0 else run_dir / "final")
@@ -185,8 +185,7 @@ def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[
     }
 
 
-def _append(out: Path, record: dict[str, Any]) -> None:
-    records = _read_records(out / "schedule.jsonl")[: record["stage"]] + [record]
+def _write_records(out: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(out / "schedule.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore")

@@ -38,7 +38,7 @@ def _compact(names: list[str]) -> str:
     return ", ".join(seen)
 
 
-def _inside(name: str, modules: list[str]) -> bool:
+def inside(name: str, modules: list[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
@@ -46,7 +46,7 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
     names = linear_names(model)
     if target_modules == "all-linear":  # every Linear outside the heads (RoBERTa's head holds two)
         output_heads = [n for n in names if n.split(".")[-1] in HEAD_NAMES]
-        chosen = [n for n in names if not _inside(n, heads + output_heads)]
+        chosen = [n for n in names if not inside(n, heads + output_heads)]
         missing = "'all-linear'"
     elif isinstance(target_modules, str):
         chosen = [n for n in names if re.fullmatch(target_modules, n)]
@@ -68,7 +68,7 @@ def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None) -> l
             raise InputError("adapter.modules_to_save: this model has no 'classifier' or 'score' head to train; "
                              "name its task head, e.g. modules_to_save: [classification_head]; top-level modules: "
                              + ", ".join(n for n in names if "." not in n))
-        return [n for n in found if not _inside(n, [c for c in found if c != n])]
+        return [n for n in found if not inside(n, [c for c in found if c != n])]
     chosen: list[str] = []
     for suffix in modules_to_save:
         found = [n for n in names if _matches(n, suffix)]
@@ -89,7 +89,7 @@ def inject(model: nn.Module, method: Method) -> Injection:
     cfg = method.adapter
     heads = select_heads(model, cfg.modules_to_save)
     targets = select_targets(model, cfg.target_modules, heads)
-    clash = [t for t in targets if _inside(t, heads)]
+    clash = [t for t in targets if inside(t, heads)]
     if clash:
         raise InputError(f"adapter.target_modules: {clash[0]!r} is also in adapter.modules_to_save; "
                          "a module is either adapted or trained in full, not both")

@@ -3,7 +3,6 @@ made sparse by a proximal (soft-threshold) step after every optimizer step."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method
 from sora_cli.optim import proximal_step
-from sora_cli.recipe import SORA_DEFAULTS, AdapterConfig, TrainConfig
+from sora_cli.recipe import AdapterConfig, TrainConfig, with_sora_defaults
 
 
 class SoRALinear(LoRALinear):
@@ -47,9 +46,7 @@ class SoRA(Method):
     name = "sora"
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        # The recipe fills these defaults; a config built in code gets the same ones (one source: SORA_DEFAULTS).
-        unset = {k: v for k, v in SORA_DEFAULTS.items() if getattr(adapter, k) is None}
-        super().__init__(dataclasses.replace(adapter, **unset), train)
+        super().__init__(with_sora_defaults(adapter), train)  # a config built in code gets the recipe's defaults
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter
