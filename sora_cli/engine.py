@@ -293,7 +293,7 @@ def train_step(model: nn.Module, method: Method, optimizer: torch.optim.Optimize
     Returns the mean loss as a device tensor (no host sync) and the method's numbers. bench/ times this
     very function for every contestant, PEFT's included.
     """
-    loss_sum = torch.zeros((), device=params[0].device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)  # logged: never rounded to float32
     for batch in batches:
         with autocast:
             loss = model(**batch).loss
@@ -410,7 +410,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     # -- the loop
     model.train()
     step = counters["step"]
-    window_loss = torch.zeros((), device=device)  # summed on the device; read only when logged or saved
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device; read only when logged or saved
 
     def flush_loss() -> None:
         counters["window_loss"] += float(window_loss)  # the one host sync, off the per-step path

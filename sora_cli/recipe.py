@@ -40,7 +40,7 @@ def _check(name: str) -> dict[str, str]:
 class ModelConfig:
     name_or_path: str = _REQUIRED  # local dir, hub id, or `packaged:all-MiniLM-L6-v2`
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64", "auto"] = "float32"  # float64: exact numerics checks
     gguf_file: str | None = None
     trust_remote_code: bool = False
     ignore_mismatched_sizes: bool = False  # let a task head of another size be re-initialised

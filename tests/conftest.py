@@ -53,7 +53,10 @@ def tiny_llama_config(**kw: Any) -> Any:
 
 def pretrain_tiny_bert(vocab: Path, steps: int = 150) -> Any:
     """A tiny BERT with some sentiment features (like a real pre-trained encoder): full fine-tuning of a
-    random one for a few seconds on other generated sentences; returns the encoder without its head."""
+    random one for a few seconds on other generated sentences; returns the encoder without its head.
+
+    In float64 (and saved so): 150 float32 steps would give other weights on another CPU (AVX2 and AVX-512 GEMMs
+    round differently), and every golden number downstream would move with them."""
     import torch
     from transformers import BertForSequenceClassification, BertTokenizerFast
 
@@ -62,7 +65,7 @@ def pretrain_tiny_bert(vocab: Path, steps: int = 150) -> Any:
     enc = tokenizer([t for t, _ in rows], padding=True, return_tensors="pt")
     labels = torch.tensor([y for _, y in rows])
     torch.manual_seed(0)
-    model = BertForSequenceClassification(tiny_bert_config(len(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE)))
+    model = BertForSequenceClassification(tiny_bert_config(len(SPECIAL + NEUTRAL + POSITIVE + NEGATIVE))).double()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):

@@ -48,8 +48,10 @@ def batch(tokenizer) -> dict[str, torch.Tensor]:
 
 
 def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits computed in float64 (the model is converted in place): comparisons then measure the
+    math (a pruned rank, a float32-rounded merged weight), not how this CPU's float32 kernels sum."""
     with torch.no_grad():
-        return model(**inputs).logits
+        return model.to(torch.float64)(**inputs).logits
 
 
 def test_prune_keeps_outputs_and_counts(ckpt: Path) -> None:
@@ -77,7 +79,7 @@ def test_prune_keeps_outputs_and_counts(ckpt: Path) -> None:
     small, _, _ = load_adapted(out)
     assert type(small.bert.pooler.dense) is nn.Linear  # no adapter left there
     inputs = batch(tokenizer)
-    torch.testing.assert_close(logits(small, inputs), logits(full, inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(small, inputs), logits(full, inputs), atol=1e-10, rtol=0)  # same function
 
 
 def test_merge_equals_adapted_model(ckpt: Path, tmp_path: Path) -> None:
@@ -91,7 +93,8 @@ def test_merge_equals_adapted_model(ckpt: Path, tmp_path: Path) -> None:
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()  # no adapter code involved
     adapted, tokenizer, _ = load_adapted(ckpt)
     inputs = batch(tokenizer)
-    torch.testing.assert_close(logits(merged, inputs), logits(adapted, inputs), atol=1e-4, rtol=0)
+    # The merged weights are rounded to float32 once (relative 2^-24 each); the adapted model is exact in float64.
+    torch.testing.assert_close(logits(merged, inputs), logits(adapted, inputs), atol=1e-5, rtol=0)
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
 
 
@@ -120,12 +123,13 @@ def test_peft_round_trip(ckpt: Path, tmp_path: Path) -> None:
     base, _ = load_base(ckpt, meta)
     model = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     inputs = batch(tokenizer)
+    # The export folds s·B·diag(g) into lora_B in float32 (relative 2^-24 per weight); otherwise the same function.
     torch.testing.assert_close(logits(model, inputs), logits(adapted, inputs), atol=1e-5, rtol=0)
     assert invoke("merge", str(ckpt), "-o", str(tmp_path / "merged")).exit_code == 0
     ours = load_file(tmp_path / "merged" / "model.safetensors")
     theirs = model.merge_and_unload().state_dict()
     for key, value in ours.items():
-        torch.testing.assert_close(theirs[key], value, atol=1e-6, rtol=0)
+        torch.testing.assert_close(theirs[key].to(value.dtype), value, atol=1e-6, rtol=0)
 
 
 def test_inspect_numbers_by_hand() -> None:
@@ -239,8 +243,7 @@ def test_prune_on_a_real_minilm_checkpoint(tmp_path: Path) -> None:
     assert sum(t.numel() for k, t in pruned.items() if not k.startswith("classifier.")) == surviving
     inputs = dict(tokenizer(["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate."] * 4,
                             padding=True, return_tensors="pt"))
-    # float32 through 6 layers: the GEMMs of k=8 and k<8 ranks sum in different orders (measured ~1e-6)
-    torch.testing.assert_close(logits(small, inputs), logits(full, inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(small, inputs), logits(full, inputs), atol=1e-10, rtol=0)  # same function
 
 
 def test_lora_checkpoint_inspect_prune_and_bf16_merge(make_recipe, tmp_path: Path) -> None:
