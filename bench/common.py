@@ -31,17 +31,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from sora_cli.adapters import get_method
+from sora_cli.adapters import SoRA, adapter_layers, get_method
 from sora_cli.adapters.inject import attach, count_parameters, inject, select_heads, select_targets
 from sora_cli.adapters.method import Method
-from sora_cli.adapters.sora import SoRALinear
-from sora_cli.data import Encoded, TrainOrder, collate, encode, load_splits
-from sora_cli.engine import adapter_layers, load_model, module_meta, resolve_model_path, train_step
+from sora_cli.data import TrainOrder
+from sora_cli.engine import module_meta, train_step
 from sora_cli.merge import merge
+from sora_cli.models import load_model, resolve_model_path
 from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters, warmup_length
 from sora_cli.prune import prune
 from sora_cli.recipe import ModelConfig, Recipe, load_recipe
-from sora_cli.tasks import compute_metrics
+from sora_cli.tasks.classification import ClassificationTask, Encoded, collate, compute_metrics, encode
 
 # PEFT 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns on every get_peft_model.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -107,6 +107,7 @@ class Setup:
     targets: list[str]  # the adapted Linear modules, every contestant the same
     heads: list[str]  # the trained head
     device: torch.device
+    task: ClassificationTask  # its loss is the one every contestant trains on
     _bases: dict[int, nn.Module] = dataclasses.field(default_factory=dict)
 
     @property
@@ -117,7 +118,7 @@ class Setup:
         """The pre-trained model with a head initialised under `seed`: contestants take deep copies."""
         if seed not in self._bases:
             torch.manual_seed(seed)
-            self._bases[seed] = load_model(self.model_config, "classification", 2, None)[0]
+            self._bases[seed] = load_model(self.model_config, self.task)[0]
         return self._bases[seed]
 
 
@@ -146,8 +147,11 @@ def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu", spl
     else:
         model_config, data = recipe.model, recipe.data
         description = f"{recipe.model.name_or_path} on {recipe.data.dataset}"
-    splits = load_splits(data)
-    model, tokenizer = load_model(model_config, splits.task_type, splits.num_labels, splits.label_names)
+    task = ClassificationTask(data)
+    task.load_data()
+    splits = task.splits
+    assert splits is not None
+    model, tokenizer = load_model(model_config, task)
     heads = select_heads(model, recipe.adapter.modules_to_save)
     targets = select_targets(model, recipe.adapter.target_modules, heads)
     held = splits.test if split == "test" else splits.dev
@@ -156,7 +160,7 @@ def load_setup(s: Settings, smoke: bool, workdir: Path, device: str = "cpu", spl
                  model_config=model_config, tokenizer=tokenizer,
                  train=encode(splits.train, tokenizer, s.max_length, splits.task_type),
                  test=encode(held, tokenizer, s.max_length, splits.task_type), split=split,
-                 targets=targets, heads=heads, device=torch.device(device))
+                 targets=targets, heads=heads, device=torch.device(device), task=task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +287,12 @@ def adapter_copies(c: Contestant, setup: Setup, seed: int, which: tuple[str, ...
     """A trained sora SoRA contestant as users ship it, each on a clean copy of the seed's base model, in eval
     mode: "pruned" (`sora prune`'s pure function, the adapter left unmerged) and "merged" (`sora merge`'s)."""
     tensors = {n: p.detach().cpu().clone() for n, p in c.model.named_parameters() if p.requires_grad}
-    meta = {"modules": module_meta(c.model), "modules_to_save": setup.heads}
+    meta = {"method": "sora", "modules": module_meta(c.model), "modules_to_save": setup.heads}
     out = {}
     if "pruned" in which:
         pruned, pruned_meta = prune(tensors, meta)
         out["pruned"] = copy.deepcopy(setup.base(seed))
-        attach(out["pruned"], SoRALinear, pruned_meta["modules"], pruned, "bench")
+        attach(out["pruned"], SoRA, pruned_meta["modules"], pruned, "bench")
     if "merged" in which:
         out["merged"] = copy.deepcopy(setup.base(seed))
         out["merged"].load_state_dict(merge(out["merged"].state_dict(), tensors, meta))
@@ -329,11 +333,11 @@ def fixed_batches(setup: Setup, s: Settings, seed: int, n: int) -> list[dict[str
             for k in range(n)]
 
 
-def stepper(c: Contestant, s: Settings) -> Callable[[dict[str, torch.Tensor], int], Any]:
+def stepper(c: Contestant, s: Settings, task: ClassificationTask) -> Callable[[dict[str, torch.Tensor], int], Any]:
     """`step(batch, step_index)`: one `engine.train_step` of `c` (train mode, the recipe's clipping)."""
     params, max_norm = c.params, s.recipe.train.max_grad_norm or 0.0
     c.model.train()
-    return lambda batch, step: train_step(c.model, c.hooks, c.optimizer, [batch], params, max_norm,
+    return lambda batch, step: train_step(c.model, task, c.hooks, c.optimizer, [batch], params, max_norm,
                                           contextlib.nullcontext(), step)
 
 
@@ -342,7 +346,7 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
     order = TrainOrder(len(setup.train), s.batch_size, seed)
     warmup = warmup_length(None, s.warmup_ratio, s.steps)
     seen = hashlib.sha256()
-    step_once = stepper(c, s)
+    step_once = stepper(c, s, setup.task)
     torch.manual_seed(seed)  # dropout masks: the same stream for every contestant
     sync(setup.device)
     t0 = time.perf_counter()

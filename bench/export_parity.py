@@ -13,9 +13,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from sora_cli.data import collate, encode, eval_order, load_splits
-from sora_cli.engine import load_adapted, load_base
+from sora_cli.data import eval_order
+from sora_cli.models import load_adapted, load_base
 from sora_cli.recipe import DataConfig
+from sora_cli.tasks.classification import collate, encode, load_splits
+
 run = Path(sys.argv[1])
 full, tok, meta = load_adapted(run / "final")
 pruned, _, _ = load_adapted(run / "final-pruned")
@@ -27,7 +29,7 @@ enc = encode(s.test, tok, 64, "classification")
 worst = {"prune": 0.0, "merge": 0.0, "peft": 0.0}
 agree = {k: 0 for k in worst}
 with torch.no_grad():
-    for idx in eval_order(enc, 128):
+    for idx in eval_order(enc.lengths, 128):
         b = collate(enc, idx, tok.pad_token_id); b.pop("labels")
         ref = full(**b).logits
         for name, m in (("prune", pruned), ("merge", merged), ("peft", peft)):

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from sora_cli.engine import adapter_layers  # noqa: E402
+from sora_cli.adapters import adapter_layers  # noqa: E402
 from sora_cli.errors import SoraError  # noqa: E402
 from sora_cli.report import pyplot  # noqa: E402
 

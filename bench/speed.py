@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from sora_cli.engine import adapter_layers  # noqa: E402
+from sora_cli.adapters import adapter_layers  # noqa: E402
 
 TRAINING = ("peft-lora", "sora-lora", "sora-r8", "peft-adalora", "floor")
 INFERENCE = ("base", "merged", "pruned")
@@ -45,7 +45,7 @@ INFER_COLUMNS = ["model", "ms / batch", "latency / base", "repeat spread"]
 def contestant(key: str, setup: common.Setup, s: common.Settings) -> tuple[common.Contestant, Any]:
     """The contestant (seed 0) and `step(batch)`, which passes it the step index `step_numbers` gives."""
     c = common.frozen_floor(setup, s, 0) if key == "floor" else common.build(key, setup, s, 0)
-    step_once, numbers = common.stepper(c, s), step_numbers(key, s)
+    step_once, numbers = common.stepper(c, s, setup.task), step_numbers(key, s)
     return c, lambda batch: step_once(batch, next(numbers))
 
 

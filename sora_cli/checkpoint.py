@@ -198,10 +198,14 @@ def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, counters: dict[str, Any]) -> None:
+def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, counters: dict[str, Any],
+                        method_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Optimizer, RNGs, the loop's counters and the method's running statistics (`method.<name>` tensors)."""
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
     rng_tensors, rng_meta = rng_to_files()
-    save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors}.items()}, directory / STATE_TENSORS)
+    method = {f"method.{k}": v for k, v in (method_state or {}).items()}
+    save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors, **method}.items()},
+              directory / STATE_TENSORS)
     write_json(directory / STATE_META, {"counters": counters, "optimizer": opt_meta, "rng": rng_meta})
 
 

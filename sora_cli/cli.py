@@ -94,10 +94,7 @@ def train(
         rows.append((f"dev (best, step {result.best_step})", render.metrics_text(result.best_dev)))
     if result.best_test:
         rows.append((f"test (best, step {result.best_step})", render.metrics_text(result.best_test)))
-    rows.append(("surviving ranks", f"{result.active_rank} / {result.max_rank}"))
-    if result.total_gates:
-        rows.append(("zero gates", f"{result.zero_gates} / {result.total_gates} "
-                                   f"({100 * result.zero_gates / result.total_gates:.1f}%)"))
+    rows += render.stats_rows(result.stats)
     rows.append(("final adapter", str(result.output_dir / "final")))
     rows.append(("time", f"{result.seconds:.1f} s"))
     render.run_summary(rows, title="sora train")
@@ -132,9 +129,7 @@ def schedule_command(
     out = Path(loaded.train.output_dir)
     if plan_only:
         def make_plan() -> tuple[list[Any], float]:
-            from sora_cli.data import load_splits
-
-            stages = schedule.plan(loaded, len(load_splits(loaded.data).train), from_checkpoint=from_ckpt is not None)
+            stages = schedule.plan(loaded, schedule.train_size(loaded), from_checkpoint=from_ckpt is not None)
             return stages, schedule.estimate_step_seconds(loaded)
 
         stages, seconds = _run(make_plan, debug)

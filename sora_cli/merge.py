@@ -1,6 +1,6 @@
 """Merge: fold the adapter into the base weights (METHODS.md "Merge"). Pure, over state dicts.
 
-    W' = W0 + s · B diag(g) A     computed in float32, cast back to the base weight's dtype
+    W' = W0 + ΔW     ΔW from the method's rule (SoRA: s · B diag(g) A), in float32, cast back to the base's dtype
 """
 
 from __future__ import annotations
@@ -10,21 +10,10 @@ from typing import Any
 
 import torch
 
+from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter
 from sora_cli.errors import InputError
-
-
-def folded_b(tensors: dict[str, torch.Tensor], name: str, s: float) -> torch.Tensor:
-    """s · B diag(g) of one module, float32, (d_out, r); without a gate (LoRA), s · B."""
-    b = tensors[f"{name}.lora_B"].float()
-    gate = tensors.get(f"{name}.gate")
-    return s * (b * gate.float() if gate is not None else b)  # diag(g) scales B's columns
-
-
-def delta(tensors: dict[str, torch.Tensor], name: str, s: float) -> torch.Tensor:
-    """s · B diag(g) A of one module, float32, (d_out, d_in)."""
-    return folded_b(tensors, name, s) @ tensors[f"{name}.lora_A"].float()
 
 
 def head_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -37,11 +26,12 @@ def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
           meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A new state dict: every adapted module's weight merged, trained heads copied in; no adapter keys."""
     merged = dict(base)
+    method = method_class(meta["method"])
     for name, m in meta["modules"].items():
         if m["r"] == 0:
             continue
         w0 = base[f"{name}.weight"]
-        merged[f"{name}.weight"] = (w0.float() + delta(tensors, name, m["s"])).to(w0.dtype)
+        merged[f"{name}.weight"] = (w0.float() + method.delta(tensors, name, m)).to(w0.dtype)
     for key, value in head_tensors(tensors, meta).items():
         merged[key] = value.to(base[key].dtype) if key in base else value
     return merged
@@ -51,7 +41,7 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
                      force: bool = False) -> int:
     """`sora merge`: the base as it was trained (checked by fingerprint), merged, saved with its tokenizer
     as a plain transformers model; `dtype` auto keeps the base's. Returns the number of merged modules."""
-    from sora_cli.engine import load_base
+    from sora_cli.models import load_base
 
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")

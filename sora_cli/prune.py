@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 
+from sora_cli.adapters import method_class
 from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
 from sora_cli.errors import InputError, SoraError
+from sora_cli.models import resolve_model_path
 
 
 def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -25,21 +27,28 @@ def prune(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
     """Return pruned (tensors, meta); the inputs are left as they were."""
     out = dict(tensors)
     new_meta = copy.deepcopy(meta)
+    method = method_class(meta["method"])
     for name, m in new_meta["modules"].items():
         m.setdefault("r_max", m["r"])
-        gate = tensors.get(f"{name}.gate")
-        if m["r"] == 0 or gate is None:  # gone already, or LoRA: no gate, every rank survives
+        if m["r"] == 0:  # gone already
             continue
-        keep = torch.nonzero(gate.abs() > eps).flatten()  # (k,), ascending: the ranks keep their order
-        for key in ("lora_A", "lora_B", "gate"):
-            del out[f"{name}.{key}"]
-        if len(keep):
-            out[f"{name}.lora_A"] = tensors[f"{name}.lora_A"][keep].contiguous()  # (k, d_in)
-            out[f"{name}.lora_B"] = tensors[f"{name}.lora_B"][:, keep].contiguous()  # (d_out, k)
-            out[f"{name}.gate"] = gate[keep].contiguous()  # (k,)
+        keep = method.surviving(tensors, name, m, eps)  # (k,), ascending: the ranks keep their order
+        for key, dim in method.rank_dims.items():  # A (k, d_in), B (d_out, k), a gate (k,)
+            value = out.pop(f"{name}.{key}")
+            if len(keep):
+                out[f"{name}.{key}"] = value.index_select(dim, keep).contiguous()
         m["r"] = m["active_rank"] = len(keep)
     new_meta["pruned"] = {"eps": eps, "from_step": meta.get("step")}
     return out, new_meta
+
+
+def _peft_base(base_model: str) -> str:
+    """base_model_name_or_path for PEFT: a packaged model's directory (PEFT knows no `packaged:` names)."""
+    try:
+        return resolve_model_path(base_model)
+    except SoraError as e:
+        raise InputError(f"--peft: the base model {base_model} is not installed here, so adapter_config.json cannot "
+                         f"name its location ({e})") from None
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -53,7 +62,6 @@ def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None 
 
     Returns the inspect reports before and after. Nothing is written when any check fails.
     """
-    from sora_cli.engine import resolve_model_path
     from sora_cli.export import write_peft
     from sora_cli.report import inspect_adapter
 
@@ -70,15 +78,15 @@ def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None 
     if peft is not None and _overlap(peft, out):
         raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
     pruned, pruned_meta = prune(tensors, meta, eps)
+    reason = method_class(meta["method"]).peft_export
+    if peft is not None and reason:
+        raise InputError(f"--peft: {reason}; use sora merge for a plain model instead")
     if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):
         raise InputError(f"--peft: no rank survives in {ckpt}, so there is no LoRA adapter to export; "
                          "the base model with the trained head is the whole model (see sora merge)")
+    base = _peft_base(meta["base_model"]) if peft is not None else ""  # before anything is written
     with atomic_dir(out) as tmp:
         save_adapter(tmp, pruned, pruned_meta)
     if peft is not None:
-        try:
-            base = resolve_model_path(meta["base_model"])
-        except SoraError:
-            base = meta["base_model"]
         write_peft(peft, pruned, pruned_meta, base)
     return inspect_adapter(tensors, meta), inspect_adapter(pruned, pruned_meta)

@@ -67,6 +67,15 @@ def metrics_text(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
+    """Summary rows for a method's totals: surviving ranks; zero gates where the method has gates."""
+    rows = [("surviving ranks", f"{stats.get('active_rank', 0)} / {stats.get('max_rank', 0)}")]
+    if stats.get("total_gates"):
+        zero, total = stats["zero_gates"], stats["total_gates"]
+        rows.append(("zero gates", f"{zero} / {total} ({100 * zero / total:.1f}%)"))
+    return rows
+
+
 def run_summary(rows: list[tuple[str, str]], title: str) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -84,7 +93,7 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     """Per-module table, then by module type and by layer, then the summary."""
     rows = report["modules"]
     rows = sorted(rows, key=lambda r: (-r["rank"], r["module"]) if sort == "rank" else r["module"])
-    gated = report["method"] == "sora"
+    gated = report["gated"]
     title = f"{report['method']} adapter, step {report['step']}" + (" (pruned)" if report["pruned"] else "")
     table = Table(title=title, title_justify="left")
     table.add_column("module", no_wrap=True, min_width=max((len(r["module"]) for r in rows), default=6))

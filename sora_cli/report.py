@@ -30,13 +30,15 @@ def layer_index(name: str) -> int | None:
 
 def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """Stable, JSON-ready numbers: `modules` (one row each), `by_type`, `by_layer`, `summary`."""
-    gated = meta["method"] == "sora"
+    from sora_cli.adapters import method_class
+
+    method = method_class(meta["method"])
     rows = []
     for name, m in meta["modules"].items():
-        gate = tensors.get(f"{name}.gate")
+        gate = method.gate_values(tensors, name) if m["r"] else None
         alive = gate[gate != 0].abs().tolist() if gate is not None else []
-        rank = len(alive) if gate is not None else m["r"]
-        per_rank = m["d_in"] + m["d_out"] + (1 if gated else 0)
+        rank = len(method.surviving(tensors, name, m, 0.0)) if m["r"] else 0
+        per_rank = method.rank_params(m)
         rows.append({
             "module": name, "type": module_type(name), "layer": layer_index(name),
             "r_max": m.get("r_max", m["r"]), "r": m["r"], "rank": rank,
@@ -63,7 +65,7 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     base = meta.get("base_parameters")
     return {
         "method": meta["method"], "base_model": meta.get("base_model"), "step": meta.get("step"),
-        "pruned": "pruned" in meta,
+        "pruned": "pruned" in meta, "gated": any(r["gate_l1"] is not None for r in rows),
         "modules": rows, "by_type": group("type"), "by_layer": group("layer"),
         "summary": {"modules": len(rows), "modules_alive": sum(1 for r in rows if r["rank"]), "r_max": r_max,
                     "r": sum(r["r"] for r in rows),
@@ -94,7 +96,11 @@ def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -
     for r in report["modules"]:
         if r["layer"] is not None:
             grid[layers.index(r["layer"])][types.index(r["type"])] = r["rank"]
-    gates = [v for k, t in tensors.items() if k.endswith(".gate") for v in t.abs().tolist()]
+    from sora_cli.adapters import method_class
+
+    method = method_class(report["method"])
+    gates = [v for r in report["modules"] if (g := method.gate_values(tensors, r["module"])) is not None
+             for v in g.abs().tolist()]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     image = ax1.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=max(r["r_max"] for r in report["modules"]))
     ax1.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)

@@ -77,6 +77,15 @@ def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[St
     return stages
 
 
+def train_size(recipe: Recipe) -> int:
+    """Training examples of the recipe's data (the stage lengths of a schedule in epochs depend on it)."""
+    from sora_cli.tasks import get_task
+
+    task = get_task(recipe.data)
+    task.load_data()
+    return task.train_size()
+
+
 def _schedule(recipe: Recipe) -> ScheduleConfig:
     if recipe.schedule is None:
         raise InputError("schedule: the recipe has no schedule section; add schedule.thresholds (or start, stop, "
@@ -107,8 +116,8 @@ def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
 def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: bool = False,
         overwrite: bool = False) -> Iterator[dict[str, Any]]:
     """Run (or resume) every stage; yield each stage's record as it completes."""
-    from sora_cli.data import load_splits
-    from sora_cli.engine import check_run_dir, train
+    from sora_cli.engine import train
+    from sora_cli.rundir import check_run_dir
 
     cfg = _schedule(recipe)
     check_run_dir(out, recipe, resume, overwrite)
@@ -125,7 +134,7 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
     started = json.loads(state_file.read_text()) if resume and state_file.is_file() else given
     if started != given:
         raise InputError(f"--from: this schedule was started with --from {started['from']}; resume it with the same")
-    stages = plan(recipe, len(load_splits(recipe.data).train), from_checkpoint=from_ckpt is not None)
+    stages = plan(recipe, train_size(recipe), from_checkpoint=from_ckpt is not None)
     if not resume and out.exists():
         shutil.rmtree(out)  # --overwrite of a sora directory (checked above)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,11 +170,11 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
 
 def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[dict[str, Any]]) -> dict[str, Any]:
     from sora_cli.report import inspect_adapter
-    from sora_cli.tasks import selection_metric
+    from sora_cli.tasks import task_from_meta
 
     tensors, meta = load_adapter(out / "stages" / str(stage.k))
     report = inspect_adapter(tensors, meta)
-    metric = selection_metric(recipe.train.metric_for_best, recipe.data.task, meta["task"]["type"])
+    metric = task_from_meta(meta, recipe.data).metric(recipe.train.metric_for_best)
     memorization = result.train_sample.get(metric)
     generalization = result.dev.get(metric)
     best_m = max([r["memorization"] for r in earlier if r["memorization"] is not None] + [memorization or 0.0])

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sora_cli.data import Encoded, Split, TrainOrder, collate, eval_order, load_splits, rotten_tomatoes_columns
+from sora_cli.data import TrainOrder, eval_order, rotten_tomatoes_columns
+from sora_cli.tasks.classification import Encoded, Split, collate, load_splits
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
 
@@ -88,7 +89,7 @@ def test_dynamic_padding() -> None:
     assert batch["labels"].tolist() == [1, 1]
     batch = collate(data, [1, 0], pad_id=0)
     assert batch["input_ids"].shape == (2, 5) and batch["token_type_ids"][0].tolist() == [0, 0, 1, 1, 1]
-    assert eval_order(data, 2) == [[2, 0], [1]]  # sorted by length
+    assert eval_order(data.lengths, 2) == [[2, 0], [1]]  # sorted by length
 
 
 def test_train_order_is_stateless_and_seeded() -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sora_cli.cli import app
-from sora_cli.engine import load_adapted, load_base
+from sora_cli.models import load_adapted, load_base
 from sora_cli.recipe import ScheduleConfig, load_recipe
 from sora_cli.schedule import run, stage_thresholds
 

@@ -60,10 +60,15 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
     return chosen
 
 
-def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None) -> list[str]:
+def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None,
+                 task_heads: tuple[str, ...] = HEAD_NAMES[:2]) -> list[str]:
+    """The trained (not adapted) modules: modules_to_save, else the task's new head (none for a causal LM, whose
+    output layer is pre-trained)."""
     names = [n for n, _ in model.named_modules() if n]
     if modules_to_save is None:
-        found = [n for n in names if n.split(".")[-1] in HEAD_NAMES[:2] and _params(model, n)]
+        if not task_heads:
+            return []
+        found = [n for n in names if n.split(".")[-1] in task_heads and _params(model, n)]
         if not found:
             raise InputError("adapter.modules_to_save: this model has no 'classifier' or 'score' head to train; "
                              "name its task head, e.g. modules_to_save: [classification_head]; top-level modules: "
@@ -84,10 +89,10 @@ def _params(model: nn.Module, name: str) -> list[nn.Parameter]:
     return list(model.get_submodule(name).parameters())
 
 
-def inject(model: nn.Module, method: Method) -> Injection:
+def inject(model: nn.Module, method: Method, task_heads: tuple[str, ...] = HEAD_NAMES[:2]) -> Injection:
     """Freeze the model, replace the target Linears by the method's layer, unfreeze modules_to_save."""
     cfg = method.adapter
-    heads = select_heads(model, cfg.modules_to_save)
+    heads = select_heads(model, cfg.modules_to_save, task_heads)
     targets = select_targets(model, cfg.target_modules, heads)
     clash = [t for t in targets if inside(t, heads)]
     if clash:
@@ -105,7 +110,7 @@ def inject(model: nn.Module, method: Method) -> Injection:
     return Injection(targets=targets, modules_to_save=heads)
 
 
-def attach(model: nn.Module, layer_cls: type[nn.Module], modules: dict[str, dict[str, Any]],
+def attach(model: nn.Module, method: type[Method], modules: dict[str, dict[str, Any]],
            tensors: dict[str, torch.Tensor], where: str) -> None:
     """Rebuild a checkpoint's adapted layers (each module's own r and s, as recorded) and load its tensors.
 
@@ -120,11 +125,11 @@ def attach(model: nn.Module, layer_cls: type[nn.Module], modules: dict[str, dict
         if not isinstance(base, nn.Linear) or (base.in_features, base.out_features) != (m["d_in"], m["d_out"]):
             raise CheckpointError(f"{where}: module {name} of the base model is not a Linear of shape "
                                   f"{m['d_in']} -> {m['d_out']}; is this the base the adapter was trained on?")
-        layer = layer_cls(base, m["r"], m["s"] * m["r"])
+        layer = method.layer(base, m["r"], m["s"] * m["r"])
         layer.scaling = m["s"]  # exactly as recorded, not re-derived from alpha / r
         setattr(parent, child, layer)
     params = dict(model.named_parameters())
-    adapter_keys = {n for n in params if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "gate")}
+    adapter_keys = {n for n in params if n.rsplit(".", 1)[-1] in method.rank_dims}
     missing = sorted(adapter_keys - set(tensors))
     if missing:
         raise CheckpointError(f"{where}: tensor {missing[0]} is missing from the adapter file; the checkpoint is "

@@ -38,6 +38,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # True inside `adapters_disabled(model)`: the plain base layer
 
     def rank_scale(self) -> torch.Tensor | float:
         """What multiplies each rank of A·x before B: s for LoRA (SoRA: s · g)."""
@@ -45,6 +46,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.weight, self.bias)  # (..., d_out)
+        if self.disabled:
+            return h
         z = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.rank_scale()  # (..., r)
         if z.dtype != h.dtype:  # half-precision base without autocast: the adapter stays float32
             return h + F.linear(z, self.lora_B).to(h.dtype)
@@ -60,6 +63,7 @@ class LoRALinear(nn.Module):
 
 class LoRA(Method):
     name = "lora"
+    layer = LoRALinear
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout)

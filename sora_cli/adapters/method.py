@@ -1,8 +1,15 @@
-"""The small interface through which a method plugs into the one training engine."""
+"""The interface through which a method plugs into the one training engine and the pure checkpoint tools.
+
+Nothing outside `adapters/<method>.py` tests a method's name or looks for its tensor names: the engine calls the
+instance hooks below, and `prune`, `merge`, `export` and `inspect` call the class-level rules, which are pure
+functions of a checkpoint's tensors and one module's adapter.json entry.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -10,22 +17,30 @@ from torch import nn
 if TYPE_CHECKING:
     from sora_cli.recipe import AdapterConfig, TrainConfig
 
+Tensors = dict[str, torch.Tensor]
+
 
 class Method:
-    """Build the method's layer, add its optimizer groups, and act after backward / after the step.
+    """Per optimizer step the engine calls: `extra_loss` (added to the task loss), backward, `after_backward`,
+    clip, `optimizer.step()`, `after_step`. Defaults do nothing. `setup` runs once, after injection."""
 
-    The engine calls, per optimizer step: `extra_loss` (added to the task loss), backward,
-    `after_backward`, `optimizer.step()`, `after_step`. Defaults do nothing.
-    """
-
-    name = "base"
+    name: ClassVar[str] = "base"
+    layer: ClassVar[type[nn.Module]]
+    rank_dims: ClassVar[dict[str, int]] = {"lora_A": 0, "lora_B": 1}  # tensor per module -> its rank dimension
+    peft_export: ClassVar[str | None] = None  # why a standard LoRA adapter cannot carry it (None: it can)
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
         self.adapter = adapter
         self.train = train
 
+    # -- training hooks -------------------------------------------------------------------------------------------
+
     def make_layer(self, base: nn.Linear) -> nn.Module:
         raise NotImplementedError
+
+    def setup(self, model: nn.Module, total_steps: int, calibration: list[dict[str, torch.Tensor]] | None) -> None:
+        """Once, after injection and before the first step (schedules, calibration-based initialisation)."""
+        return None
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Extra optimizer groups for parameters the method owns (kept out of the main AdamW groups)."""
@@ -41,6 +56,66 @@ class Method:
         """Runs right after `optimizer.step()`; returns numbers worth logging."""
         return {}
 
+    def state_dict(self) -> Tensors:
+        """Running statistics the method keeps between steps, saved with the training state (exact resume)."""
+        return {}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        return None
+
+    def stats(self, model: nn.Module) -> dict[str, int]:
+        """Totals for the log, the progress bar and the run summary: `active_rank` and `max_rank` at least."""
+        ranks = [(m.r, m.active_rank()) for _, m in adapter_layers(model)]
+        return {"active_rank": sum(a for _, a in ranks), "max_rank": sum(r for r, _ in ranks)}
+
     def describe(self) -> dict[str, Any]:
         """Method settings recorded in every checkpoint's adapter.json."""
         return {}
+
+    # -- pure rules over checkpoints (class-level: no model, no recipe) --------------------------------------------
+
+    @classmethod
+    def factors(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B̃, A) in float32 with ΔW = B̃ A: B̃ (d_out, r) carries every scale (s, and SoRA's gate)."""
+        return module["s"] * tensors[f"{name}.lora_B"].float(), tensors[f"{name}.lora_A"].float()
+
+    @classmethod
+    def delta(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> torch.Tensor:
+        """ΔW of one module, float32, (d_out, d_in)."""
+        b, a = cls.factors(tensors, name, module)
+        return b @ a
+
+    @classmethod
+    def surviving(cls, tensors: Tensors, name: str, module: dict[str, Any], eps: float) -> torch.Tensor:
+        """Indices of the ranks that `prune` keeps (ascending). Default: every rank."""
+        return torch.arange(module["r"])
+
+    @classmethod
+    def gate_values(cls, tensors: Tensors, name: str) -> torch.Tensor | None:
+        """Per-rank gate magnitudes for `inspect` (None: the method has no gates)."""
+        return None
+
+    @classmethod
+    def rank_params(cls, module: dict[str, Any]) -> int:
+        """Adapter parameters per rank of one module."""
+        return int(module["d_in"] + module["d_out"])
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:
+    """(name, layer) of every adapted layer: anything with a low-rank `lora_A` and an `active_rank`."""
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "active_rank"):
+            yield name, m
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model as its untouched base (every adapted layer computes W0 x + b only), without a second copy."""
+    layers = [m for _, m in adapter_layers(model)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.disabled = False

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Method
+from sora_cli.adapters.method import Method, Tensors, adapter_layers
 from sora_cli.optim import proximal_step
 from sora_cli.recipe import AdapterConfig, TrainConfig, with_sora_defaults
 
@@ -44,13 +44,15 @@ def gates(model: nn.Module) -> list[nn.Parameter]:
 
 class SoRA(Method):
     name = "sora"
+    layer = SoRALinear
+    rank_dims = {"lora_A": 0, "lora_B": 1, "gate": 0}
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
         super().__init__(with_sora_defaults(adapter), train)  # a config built in code gets the recipe's defaults
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter
-        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init)
+        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal")
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr).
@@ -67,10 +69,35 @@ class SoRA(Method):
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         (group,) = [g for g in optimizer.param_groups if g.get("name") == "gate"]
-        tau = proximal_step(group["params"], self.adapter.threshold, self.adapter.sparse_lambda, lr=group["lr"])
+        tau = proximal_step(group["params"], self.adapter.threshold or "scaled", self.adapter.sparse_lambda or 0.0,
+                            lr=group["lr"])
         return {"threshold": tau}
+
+    def stats(self, model: nn.Module) -> dict[str, int]:
+        ranks = [(m.r, m.active_rank()) for _, m in adapter_layers(model)]  # one host sync per layer
+        active, total = sum(a for _, a in ranks), sum(r for r, _ in ranks)
+        return {"active_rank": active, "max_rank": total, "zero_gates": total - active, "total_gates": total}
 
     def describe(self) -> dict[str, Any]:
         a = self.adapter
         return {"gate_init": a.gate_init, "sparse_lambda": a.sparse_lambda, "threshold": a.threshold,
                 "gate_lr": a.gate_lr, "l1_loss_weight": a.l1_loss_weight}
+
+    # -- rules over checkpoints: the gate scales B's columns, and a zero gate is a rank that prune cuts
+
+    @classmethod
+    def factors(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = tensors[f"{name}.lora_B"].float() * tensors[f"{name}.gate"].float()  # B diag(g): (d_out, r)
+        return module["s"] * b, tensors[f"{name}.lora_A"].float()
+
+    @classmethod
+    def surviving(cls, tensors: Tensors, name: str, module: dict[str, Any], eps: float) -> torch.Tensor:
+        return torch.nonzero(tensors[f"{name}.gate"].abs() > eps).flatten()
+
+    @classmethod
+    def gate_values(cls, tensors: Tensors, name: str) -> torch.Tensor | None:
+        return tensors.get(f"{name}.gate")
+
+    @classmethod
+    def rank_params(cls, module: dict[str, Any]) -> int:
+        return int(module["d_in"] + module["d_out"] + 1)  # A's row, B's column and the gate entry

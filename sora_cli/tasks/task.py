@@ -1,0 +1,110 @@
+"""The Task interface: everything that differs between fine-tuning a classifier and a causal LM.
+
+The engine calls, in order: `load_data` (columns, before the model: a classifier's head size depends on the labels),
+`configure` + `auto_class` (the model), `encode` (token ids, once the tokenizer exists); per step `collate`,
+`count` and `loss_sum`; per evaluation `evaluate`. The engine never asks which task it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from sora_cli.recipe import DataConfig
+
+
+class Dataset(Protocol):
+    """An encoded split: examples addressable by index, with their token lengths (for length-sorted eval)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> list[int]: ...
+
+
+@dataclass
+class EncodedSplits:
+    train: Any
+    dev: Any | None
+    test: Any | None
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What evaluation needs besides the model and the data."""
+
+    batch_size: int
+    device: torch.device
+    autocast: contextlib.AbstractContextManager[Any]
+    tokenizer: Any
+
+
+class Task:
+    name: ClassVar[str] = "base"
+    peft_task_type: ClassVar[str] = ""
+    task_heads: ClassVar[tuple[str, ...]] = ()  # modules_to_save when the recipe gives none (() = none)
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+
+    # -- model
+    def auto_class(self) -> Any:
+        """The transformers `AutoModelFor…` class."""
+        raise NotImplementedError
+
+    def configure(self, config: Any) -> None:
+        """Adjust the model config before loading (a classifier's label count, names, problem type)."""
+        return None
+
+    # -- data
+    def load_data(self) -> None:
+        """Read the train/dev/test examples (no tokenizer yet)."""
+        raise NotImplementedError
+
+    def train_size(self) -> int:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the training examples in order: resume refuses data that changed under the run."""
+        raise NotImplementedError
+
+    def encode(self, tokenizer: Any, max_length: int) -> EncodedSplits:
+        raise NotImplementedError
+
+    def collate(self, data: Any, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def subset(self, data: Any, indices: list[int]) -> Any:
+        raise NotImplementedError
+
+    # -- loss and evaluation
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over in this batch: examples, or label tokens."""
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed (not averaged) loss of a batch, as a 0-d tensor with grad."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Any, ctx: EvalContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def metric(self, metric_for_best: str | None) -> str:
+        """The model-selection metric: train.metric_for_best, else the task's own."""
+        raise NotImplementedError
+
+    def greater_is_better(self, metric: str) -> bool:
+        return True
+
+    # -- checkpoints
+    def meta(self) -> dict[str, Any]:
+        """This task's block in adapter.json (`type` first): enough to rebuild the model for merge and eval."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_meta(cls, block: dict[str, Any], data: DataConfig) -> Task:
+        raise NotImplementedError
