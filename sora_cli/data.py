@@ -84,6 +84,7 @@ def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = No
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is our one-line error, not its log
     if cfg.train_file is not None:
         ds = _load_files(cfg, datasets)
     else:

@@ -238,3 +238,146 @@ def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:
     assert (again.resumed_from, again.step) == (4, 12)
     a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The Positive!  ") == "positive"
+    assert normalize_answer("An  apple, a DAY.") == "apple day"
+    assert normalize_answer("negative") != normalize_answer("not negative")
+
+
+def test_evaluation_metrics_equal_one_prompt_at_a_time(causal_recipe) -> None:
+    """Batched, left-padded generation and the B×C choice forward give what each prompt alone gives."""
+    from sora_cli.models import load_adapted
+    from sora_cli.tasks import EvalContext
+
+    recipe = load_recipe(causal_recipe("eval", train={"max_steps": 40, "eval_every": None, "save_every": None},
+                                       data={"max_new_tokens": 4}))
+    train(recipe)
+    model, tok, _ = load_adapted(Path(recipe.train.output_dir) / "final")
+    task = CausalLMTask(recipe.data)
+    task.load_data()
+    test = task.encode(tok, recipe.data.max_length).test
+    metrics = task.evaluate(model, test, EvalContext(8, torch.device("cpu"), torch.autocast("cpu", enabled=False), tok))
+    exact = chosen = 0
+    loss = tokens = 0.0
+    with torch.no_grad():
+        for e in test.examples:
+            out = model.generate(torch.tensor([e.prompt_ids]), max_new_tokens=4, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            answer = tok.decode(out[0, len(e.prompt_ids):], skip_special_tokens=True)
+            exact += normalize_answer(answer) == normalize_answer(e.reference)
+            scores = []
+            for choice in ("positive", "negative"):
+                ids = e.prompt_ids + tok(choice, add_special_tokens=False)["input_ids"]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+                scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(e.prompt_ids), len(ids))))
+            chosen += ("positive", "negative")[scores.index(max(scores))] == e.reference
+            positions = [t for t in range(1, len(e.labels)) if e.labels[t] != -100]
+            loss += hand_ce(model, e.input_ids, positions) * len(positions)
+            tokens += len(positions)
+    assert metrics["exact_match"] == exact / len(test) and metrics["choice_accuracy"] == chosen / len(test)
+    assert metrics["loss"] == pytest.approx(loss / tokens, rel=1e-5)  # float32 model: batched vs single sums
+    assert 0 < exact < len(test) and 0 < chosen < len(test)  # neither trivially all nor nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports
+
+
+def test_peft_export_and_merge_of_a_causal_adapter(causal_recipe, tmp_path: Path) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sora_cli.models import load_adapted, load_base
+
+    recipe = load_recipe(causal_recipe("export", train={"max_steps": 20, "eval_every": None, "save_every": None},
+                                       adapter={"sparse_lambda": 3.0}))
+    train(recipe)
+    final = Path(recipe.train.output_dir) / "final"
+    result = runner.invoke(app, ["prune", str(final), "-o", str(tmp_path / "pruned"), "--peft", str(tmp_path / "peft")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] == []
+    adapted, tok, meta = load_adapted(final)
+    base, _ = load_base(final, meta)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    batch = tok(["the film was great", "the plot was very bad and the movie awful"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours_logits = adapted.to(torch.float64)(**batch).logits
+        # the export folds s·B·diag(g) into lora_B in float32 (relative 2^-24 per weight): same function otherwise
+        torch.testing.assert_close(theirs.to(torch.float64)(**batch).logits, ours_logits, atol=1e-5, rtol=0)
+
+    assert runner.invoke(app, ["merge", str(final), "-o", str(tmp_path / "merged")]).exit_code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # no adapter code at all
+    merged_tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged_tok.chat_template == tok.chat_template and merged_tok.eos_token == tok.eos_token
+    adapted, _, _ = load_adapted(final)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "classify the sentiment of this review\nit was good"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        assert torch.equal(merged.generate(**prompt, **kwargs), adapted.generate(**prompt, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the field, file or record; exit 2; nothing written
+
+
+def _fails(recipe: Path, *overrides: str) -> str:
+    out = Path(load_recipe(recipe).train.output_dir or "")
+    result = runner.invoke(app, ["train", str(recipe), *overrides])
+    assert result.exit_code == 2, result.output
+    assert not out.exists(), "a failed start must write nothing"
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return " ".join(result.output.split())
+
+
+def test_bad_causal_inputs(causal_recipe, tmp_path: Path) -> None:
+    def data(name: str, rows: list[dict[str, Any]] | str) -> str:
+        path = tmp_path / name
+        path.write_text(rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    good = sentiment_records(20, seed=5)
+    recipe = causal_recipe("bad")
+    assert "data.format: expected one of auto, alpaca, prompt_completion, chat, text, got 'xml'" in _fails(
+        recipe, "data.format=xml")
+    message = _fails(recipe, f"data.train_file={data('cols.jsonl', [{'question': 'a', 'answer': 'b'}] * 20)}")
+    assert "no known format in the columns found (question, answer)" in message and "alpaca needs" in message
+    missing = [dict(r) for r in good]
+    del missing[7]["output"]
+    assert "missing.jsonl (train) record" in _fails(recipe, f"data.train_file={data('missing.jsonl', missing)}",
+                                                    "data.split=[0.9,0.1]")
+    empty = [dict(r) for r in good]
+    empty[3]["output"] = "  "
+    assert "empty response" in _fails(recipe, f"data.train_file={data('empty.jsonl', empty)}")
+    assert "data.max_length: every train example's response is longer than 2 tokens" in _fails(
+        recipe, "data.max_length=2")
+    assert "could not read the json data" in _fails(recipe, f"data.train_file={data('broken.jsonl', '{not json')}")
+    nochat = save_tiny_causal_model(tmp_path / "nochat", tiny_causal_tokenizer(chat_template=False))
+    chat = [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
+            for r in good]
+    assert "chat template" in _fails(recipe, f"model.name_or_path={nochat}",
+                                     f"data.train_file={data('chat.jsonl', chat)}")
+    odd = [dict(r) for r in good]
+    for r in odd:
+        r["output"] = "good"  # no reference is one of the choices: choice accuracy cannot be scored
+    assert "is not one of data.choices ['positive', 'negative']" in _fails(
+        recipe, f"data.train_file={data('odd.jsonl', odd)}")
+
+
+def test_a_response_that_does_not_fit_is_dropped_with_one_line(causal_recipe, tmp_path: Path) -> None:
+    rows = sentiment_records(40, seed=6)
+    rows[0]["output"] = " ".join(["positive"] * 80)  # longer than max_length 64 on its own
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    recipe = causal_recipe("long", data={"train_file": str(path), "choices": None, "split": [0.9, 0.1]},
+                           train={"max_steps": 1, "eval_every": None, "save_every": None})
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "dropped 1 of 36 train examples whose response alone is longer than data.max_length=64" in result.output
