@@ -94,6 +94,8 @@ def train(
         rows.append((f"dev (best, step {result.best_step})", render.metrics_text(result.best_dev)))
     if result.best_test:
         rows.append((f"test (best, step {result.best_step})", render.metrics_text(result.best_test)))
+    if result.base_test:
+        rows.append(("test (base model)", render.metrics_text(result.base_test)))
     rows += render.stats_rows(result.stats)
     rows.append(("final adapter", str(result.output_dir / "final")))
     rows.append(("time", f"{result.seconds:.1f} s"))
@@ -237,6 +239,50 @@ def merge_command(
 
     merged = _run(go, debug)
     render.note(f"merged {merged} adapted modules into the base weights: {output}")
+
+
+class EvalSplit(str, Enum):
+    dev = "dev"
+    test = "test"
+
+
+@app.command("eval")
+def eval_command(
+    ckpt: CkptArgument,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Dotted overrides of the run's recipe, e.g. data.max_eval_samples=100 train.eval_batch_size=32.",
+        show_default=False)] = None,
+    split: Annotated[EvalSplit | None, typer.Option("--split", help="Split of the run's data [default: test].",
+                                                    show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Evaluate every record of this file instead "
+                                                             "(the recipe's columns and format).")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Evaluate the untouched base model (adapters off; a "
+                                                      "classifier keeps the trained head).")] = False,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="The recipe the checkpoint was trained with "
+                                                                 "(default: recipe.yaml of its run).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Score a checkpoint on its run's test (or dev) split, or on a data file; writes nothing."""
+    import contextlib
+    import sys
+
+    from sora_cli.errors import InputError
+    from sora_cli.evaluate import evaluate_checkpoint
+
+    def go() -> dict[str, Any]:
+        if data is not None and split is not None:
+            raise InputError("--split: not with --data, which evaluates every record of the file")
+        # With --json stdout carries the JSON alone: notes printed while evaluating (dropped examples) go to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            return evaluate_checkpoint(ckpt, overrides or [], split=(split or EvalSplit.test).value, data_file=data,
+                                       base=base, recipe_path=recipe)
+
+    report = _run(go, debug)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render.eval_table(report)
 
 
 def main() -> None:

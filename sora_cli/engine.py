@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from sora_cli import __version__, render
-from sora_cli.adapters import Method, get_method
+from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.checkpoint import atomic_dir, load_adapter, remove_old_checkpoints, save_adapter, save_training_state
 from sora_cli.data import TrainOrder
@@ -45,6 +46,7 @@ class RunResult:
     best_step: int | None = None
     best_dev: dict[str, float] = field(default_factory=dict)
     best_test: dict[str, float] = field(default_factory=dict)
+    base_test: dict[str, float] = field(default_factory=dict)  # the base model zero-shot (tasks that score it)
     stats: dict[str, int] = field(default_factory=dict)  # the method's totals (ranks, zero gates, ...)
     trainable: int = 0
     seconds: float = 0.0
@@ -138,6 +140,9 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
     """Data, model, adapters, optimizer: everything but the run directory (a failure here writes nothing)."""
     cfg = recipe.train
     device = pick_device(cfg.device)
+    if "tensorboard" in cfg.report_to and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("train.report_to: tensorboard needs the tensorboard package: pip install tensorboard "
+                         '(or pip install -e ".[tensorboard]")')
     seed_everything(cfg.seed)
     task = get_task(recipe.data)
     task.load_data()
@@ -153,6 +158,8 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
     facts = {"base_fingerprint": base_fingerprint(model, injection.targets), "data_fingerprint": task.fingerprint(),
              "base_parameters": base_parameters}
     model.to(device)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     data = task.encode(tokenizer, recipe.data.max_length)
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
@@ -164,6 +171,15 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
                warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric,
                EvalContext(cfg.eval_batch_size, device, autocast, tokenizer), facts)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward. Non-reentrant checkpointing works on a frozen base whose
+    inputs need no gradient (the reentrant kind would give the adapters none)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise InputError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
 
 
 def adapter_meta(run: Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +273,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     render.note(f"{run.method.name} on {len(run.injection.targets)} modules, r={recipe.adapter.r}; "
                 f"{len(run.data.train):,d} train / {len(run.data.dev or []):,d} dev / "
                 f"{len(run.data.test or []):,d} test examples; {run.total} steps on {run.ctx.device.type}")
-    log = MetricsLog(out / METRICS)
+    log = MetricsLog(out / METRICS, out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
     try:
         loop(run, state, log, lr_scale)
         result = finish(run, state, log, memorization_samples)
@@ -363,13 +379,18 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     if data.test is not None:
         result.test = run.evaluate(data.test)
         log.emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
+        if run.task.scores_base:
+            with adapters_disabled(run.model):
+                result.base_test = run.evaluate(data.test)
+            log.emit({"event": "test", "checkpoint": "base", "step": 0, **result.base_test})
     if memorization_samples:
         sample = memorization_sample(len(data.train), memorization_samples, run.recipe.data.split_seed)
         result.train_sample = run.evaluate(run.task.subset(data.train, sample))
         log.emit({"event": "eval", "split": "train_sample", "step": step, "examples": len(sample),
                   "sample_sha256": hashlib.sha256(str(sample).encode()).hexdigest(), **result.train_sample})
-    run.save(run.out / "final", step, {"dev": result.dev, **({"test": result.test} if result.test else {}),
-                                       **({"train_sample": result.train_sample} if result.train_sample else {})})
+    extra = {k: v for k, v in (("test", result.test), ("base_test", result.base_test),
+                                ("train_sample", result.train_sample)) if v}
+    run.save(run.out / "final", step, {"dev": result.dev, **extra})
     if state.best_step is not None and state.best_step != step and (run.out / "best").is_dir():
         best_tensors, best_meta = load_adapter(run.out / "best")
         result.best_dev = best_meta["metrics"].get("dev", {})
@@ -393,6 +414,7 @@ def finished(out: Path, state: TrainState, trainable: int, t0: float) -> RunResu
     tensors, meta = load_adapter(out / "final")
     metrics = meta["metrics"]
     return RunResult(out, state.step, dev=metrics.get("dev", {}), test=metrics.get("test", {}),
+                     base_test=metrics.get("base_test", {}),
                      train_sample=metrics.get("train_sample", {}), best_step=state.best_step, trainable=trainable,
                      seconds=time.perf_counter() - t0, already_complete=True,
                      stats=checkpoint_stats(method_class(meta["method"]), tensors, meta))

@@ -85,6 +85,16 @@ def run_summary(rows: list[tuple[str, str]], title: str) -> None:
     console.print(table)
 
 
+def eval_table(report: dict[str, Any]) -> None:
+    """`sora eval`'s report: what was evaluated on what, then one row per metric."""
+    model = f"{report['method']} adapter" if report["model"] == "adapter" else "base (adapters off)"
+    rows = [("checkpoint", f"{report['checkpoint']} (step {report['step']})"),
+            ("model", f"{model}, {report['base_model']}"),
+            ("split", f"{report['split']}: {report['examples']:,d} examples from {report['data']}")]
+    rows += [(name, f"{value:.4f}") for name, value in report["metrics"].items()]
+    run_summary(rows, title="sora eval")
+
+
 def _num(value: float | None, fmt: str = ".3f") -> str:
     return "–" if value is None else format(value, fmt)
 

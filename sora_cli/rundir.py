@@ -81,17 +81,32 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event, flushed as written (a killed run keeps what it logged)."""
+    """metrics.jsonl: one JSON object per event, flushed as written (a killed run keeps what it logged); with
+    `tensorboard`, the same numbers as TensorBoard scalars (tag `<event or split>/<name>`, at the event's step)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tensorboard: Path | None = None):
         self._file: IO[str] = open(path, "a")
+        self._board: Any = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter  # checked by the engine before anything is written
+
+            self._board = SummaryWriter(str(tensorboard))
 
     def emit(self, event: dict[str, Any]) -> None:
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
+        if self._board is not None:
+            group = event.get("split") or event.get("checkpoint") or event["event"]
+            prefix = f"{event['event']}_{group}" if event["event"] == "test" else group
+            for key, value in event.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._board.add_scalar(f"{prefix}/{key}", value, event.get("step", 0))
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

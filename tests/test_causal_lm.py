@@ -381,3 +381,35 @@ def test_a_response_that_does_not_fit_is_dropped_with_one_line(causal_recipe, tm
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "dropped 1 of 36 train examples whose response alone is longer than data.max_length=64" in result.output
+
+
+def test_gradient_checkpointing_and_tensorboard(causal_recipe) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    calls = [0]  # attention forwards, counted by a global hook (a recomputed block runs its attention again)
+
+    def count(module: torch.nn.Module, args: Any, output: Any) -> None:
+        calls[0] += isinstance(module, LlamaAttention)
+
+    common = {"max_steps": 4, "eval_every": None, "save_every": None, "log_every": 2}
+    plain = load_recipe(causal_recipe("plain", model={"dtype": "float64"}, train=common))
+    ckpt = load_recipe(causal_recipe("ckpt", model={"dtype": "float64"},
+                                     train={**common, "gradient_checkpointing": True, "report_to": ["tensorboard"]}))
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        train(plain)
+        plain_calls, calls[0] = calls[0], 0
+        train(ckpt)
+    finally:
+        handle.remove()
+    assert calls[0] - plain_calls == 2 * 4  # each of the 2 blocks ran again in each of the 4 backward passes
+    a = load_file(Path(plain.train.output_dir) / "final" / "adapter.safetensors")
+    b = load_file(Path(ckpt.train.output_dir) / "final" / "adapter.safetensors")
+    for key in a:  # recomputed activations: the same gradients (float64, no dropout in the tiny Llama)
+        torch.testing.assert_close(b[key], a[key], atol=1e-12, rtol=0)
+    board = EventAccumulator(str(Path(ckpt.train.output_dir) / "tensorboard"))
+    board.Reload()
+    logged = {e["step"]: e["loss"] for e in events(Path(ckpt.train.output_dir), "train")}
+    assert {s.step: s.value for s in board.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
+    assert "test_final/exact_match" in board.Tags()["scalars"] and "test_base/exact_match" in board.Tags()["scalars"]

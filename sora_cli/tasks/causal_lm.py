@@ -104,6 +104,7 @@ class CausalLMTask(Task):
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
     task_heads = ()  # the LM head is pre-trained: nothing is trained in full unless modules_to_save says so
+    scores_base = True  # the zero-shot numbers on the same prompts, beside the fine-tuned ones
 
     def __init__(self, data: DataConfig):
         super().__init__(data)

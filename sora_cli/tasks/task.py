@@ -47,6 +47,9 @@ class Task:
     name: ClassVar[str] = "base"
     peft_task_type: ClassVar[str] = ""
     task_heads: ClassVar[tuple[str, ...]] = ()  # modules_to_save when the recipe gives none (() = none)
+    # Score the untouched base model on test at the end of training too (a zero-shot baseline; a classifier's
+    # base has an untrained head, so there it means nothing).
+    scores_base: ClassVar[bool] = False
 
     def __init__(self, data: DataConfig):
         self.data = data
