@@ -67,7 +67,8 @@ def train(
         help="Dotted overrides, e.g. train.lr=5e-4 adapter.r=16 data.max_length=64.", show_default=False)] = None,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Run directory "
                                                     "(default: train.output_dir, else runs/<recipe name>).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete "
+                                                          "checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -107,8 +108,10 @@ def schedule_command(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe with a schedule section.", show_default=False)],
     overrides: Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. schedule.num=6.",
                                                           show_default=False)] = None,
-    from_ckpt: Annotated[Path | None, typer.Option("--from", help="Start from this checkpoint (it is stage 0).")] = None,
-    plan_only: Annotated[bool, typer.Option("--plan", help="Print the stages and an estimated time; train nothing.")] = False,
+    from_ckpt: Annotated[Path | None, typer.Option("--from", help="Start from this checkpoint (it is "
+                                                                  "stage 0).")] = None,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Print the stages and an estimated time; "
+                                                           "train nothing.")] = False,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Schedule directory "
                                                     "(default: train.output_dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue where the schedule stopped.")] = False,
@@ -200,7 +203,8 @@ def inspect_command(
 @app.command("prune")
 def prune_command(
     ckpt: CkptArgument,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Pruned checkpoint (default: <ckpt>-pruned).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Pruned checkpoint "
+                                                                       "(default: <ckpt>-pruned).")] = None,
     eps: Annotated[float, typer.Option("--eps", help="Keep ranks with |g| > eps (0: exactly the same outputs).")] = 0.0,
     peft: Annotated[Path | None, typer.Option("--peft", help="Also write a standard PEFT LoRA adapter here.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing output directories.")] = False,
@@ -252,7 +256,7 @@ def eval_command(
     overrides: Annotated[list[str] | None, typer.Argument(
         help="Dotted overrides of the run's recipe, e.g. data.max_eval_samples=100 train.eval_batch_size=32.",
         show_default=False)] = None,
-    split: Annotated[EvalSplit | None, typer.Option("--split", help="Split of the run's data [default: test].",
+    split: Annotated[EvalSplit | None, typer.Option("--split", help="Split of the run's data (default: test).",
                                                     show_default=False)] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Evaluate every record of this file instead "
                                                              "(the recipe's columns and format).")] = None,

@@ -31,8 +31,17 @@ from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import build_optimizer, lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
 from sora_cli.recipe import Recipe
 from sora_cli.rundir import (
-    METRICS, MetricsLog, check_run_dir, load_trainable, resume as resume_run, start_fresh, start_from,
-    trainable_tensors, truncate_metrics,
+    METRICS,
+    MetricsLog,
+    check_run_dir,
+    load_trainable,
+    start_fresh,
+    start_from,
+    trainable_tensors,
+    truncate_metrics,
+)
+from sora_cli.rundir import (
+    resume as resume_run,
 )
 from sora_cli.tasks import EncodedSplits, EvalContext, Task, get_task
 
@@ -173,7 +182,7 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
                EvalContext(cfg.eval_batch_size, device, autocast, tokenizer), facts)
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: Any) -> None:
     """Recompute each block's activations in backward. Non-reentrant checkpointing works on a frozen base whose
     inputs need no gradient (the reentrant kind would give the adapters none)."""
     if not getattr(model, "supports_gradient_checkpointing", False):

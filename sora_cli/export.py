@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from sora_cli.checkpoint import atomic_dir, write_json
 from sora_cli.adapters import method_class
+from sora_cli.checkpoint import atomic_dir, write_json
 from sora_cli.merge import head_tensors
 from sora_cli.tasks import task_from_meta
 

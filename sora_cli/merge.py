@@ -46,6 +46,7 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")
     tensors, meta = load_adapter(ckpt)
+    model: Any
     model, tokenizer = load_base(ckpt, meta, base)
     model.load_state_dict(merge(model.state_dict(), tensors, meta))
     if dtype != "auto":

@@ -3,7 +3,9 @@ and rebuild a checkpoint's adapted model for evaluation, merge and tests."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,10 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
         kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True, "output_loading_info": True}
         if cfg.dtype != "auto":
             kwargs["dtype"] = getattr(torch, cfg.dtype)
-        model, info = task.auto_class().from_pretrained(path, **common, **kwargs)
+        # transformers' GGUF loader draws its own tqdm bar on stderr, which no setting turns off
+        quiet = contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext()
+        with quiet:
+            model, info = task.auto_class().from_pretrained(path, **common, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
@@ -89,7 +94,7 @@ def _check_gguf() -> None:
         raise InputError("model.gguf_file: loading a GGUF file needs the 'gguf' package: pip install gguf==0.19.0")
 
 
-def base_fingerprint(model: nn.Module, targets: list[str]) -> str:
+def base_fingerprint(model: Any, targets: list[str]) -> str:
     """sha256 over the adapted base weights (float32 bytes), to refuse merging into another base."""
     h = hashlib.sha256()
     for name in targets:

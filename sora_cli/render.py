@@ -36,8 +36,9 @@ class TrainProgress:
 
     def __init__(self, total: int, start: int = 0):
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, transient=False,
         )
         self.task = self.progress.add_task("train", total=total, completed=start, stats="")
 
@@ -57,7 +58,10 @@ class TrainProgress:
             parts.append(f"lr {lr:.2e}")
         if active is not None:
             parts.append(f"ranks {active[0]}/{active[1]}")
-        self.progress.update(self.task, completed=step, **({"stats": "  ".join(parts)} if parts else {}))
+        if parts:
+            self.progress.update(self.task, completed=step, stats="  ".join(parts))
+        else:
+            self.progress.update(self.task, completed=step)
 
     def log(self, message: str) -> None:
         self.progress.console.print(message, soft_wrap=True, markup=False)

@@ -17,7 +17,12 @@ from torch import nn
 
 from sora_cli import render
 from sora_cli.checkpoint import (
-    load_adapter, load_training_state, optimizer_from_files, recover, rng_from_files, step_checkpoints,
+    load_adapter,
+    load_training_state,
+    optimizer_from_files,
+    recover,
+    rng_from_files,
+    step_checkpoints,
     write_text_atomic,
 )
 from sora_cli.errors import CheckpointError, InputError, SoraError

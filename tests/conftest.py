@@ -112,3 +112,13 @@ def make_recipe(tmp_path: Path, tiny_bert_dir: Path, tiny_csv: Path):
         return path
 
     return make
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is a failed run: every dependency of the suite is a test dependency (CI must not go green
+    because something it should check was not there)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and exitstatus == 0:
+        reporter.write_line(f"{len(skipped)} test(s) skipped: the suite counts a skip as a failure", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

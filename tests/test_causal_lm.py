@@ -413,3 +413,17 @@ def test_gradient_checkpointing_and_tensorboard(causal_recipe) -> None:
     logged = {e["step"]: e["loss"] for e in events(Path(ckpt.train.output_dir), "train")}
     assert {s.step: s.value for s in board.Scalars("train/loss")} == pytest.approx(logged, rel=1e-6)
     assert "test_final/exact_match" in board.Tags()["scalars"] and "test_base/exact_match" in board.Tags()["scalars"]
+
+
+def test_packaged_smollm2_loads_and_takes_a_step(tmp_path: Path) -> None:
+    """The real GGUF model of the causal quickstart (so that path cannot rot): it loads, trains one step, saves."""
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart-causal.yaml"
+    run = tmp_path / "smol"
+    result = runner.invoke(app, ["train", str(recipe), "train.max_steps=1", "data.max_train_samples=8",
+                                 "data.max_eval_samples=2", "data.max_new_tokens=2", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((run / "final" / "adapter.json").read_text())
+    assert meta["base_model_loading"]["gguf_file"] is None and meta["base_model"] == "packaged:SmolLM2-135M-Instruct"
+    assert len(meta["modules"]) == 30 * 7 and meta["task"]["type"] == "causal_lm"  # 30 blocks x 7 projections
+    assert {"exact_match", "choice_accuracy", "loss"} <= set(meta["metrics"]["base_test"])
+    assert "de-quantizing" not in result.output  # the GGUF loader's own progress bar is kept quiet

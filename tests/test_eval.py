@@ -117,6 +117,9 @@ def test_base_is_the_recorded_base_with_the_trained_head(make_recipe: Any, tmp_p
     data = task.encode(tokenizer, recipe.data.max_length).test
     ctx = EvalContext(recipe.train.eval_batch_size, torch.device("cpu"), contextlib.nullcontext(), tokenizer)
     assert base["metrics"] == task.evaluate(model.eval(), data, ctx)
+    bf16 = report(str(run / "final"), "train.precision=bf16")  # the recipe's autocast applies
+    assert bf16["metrics"] != adapted["metrics"] and bf16["metrics"]["pearson"] == pytest.approx(
+        adapted["metrics"]["pearson"], abs=0.05)
 
 
 def test_data_file_scores_every_record(run: Path, tmp_path: Path) -> None:
@@ -133,6 +136,27 @@ def test_data_file_scores_every_record(run: Path, tmp_path: Path) -> None:
             correct += int(model(**inputs).logits.argmax(-1).item() == label)
     assert 0 < correct < 23
     assert got["metrics"]["accuracy"] == correct / 23
+
+
+def test_pruned_copy_scores_the_same(run: Path) -> None:
+    assert invoke("prune", str(run / "final")).exit_code == 0
+    pruned = report(str(run / "final-pruned"))  # next to final/: the run's recipe is one level up
+    assert pruned["metrics"] == load_adapter(run / "final")[1]["metrics"]["test"]
+
+
+def test_json_is_alone_on_stdout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sora_cli.evaluate
+    from sora_cli import render
+
+    def noisy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        render.note("dropped 1 of 9 dev examples")  # as a task does while encoding
+        print("a stray print")
+        return {"examples": 8}
+
+    monkeypatch.setattr(sora_cli.evaluate, "evaluate_checkpoint", noisy)
+    result = invoke("eval", str(tmp_path), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"examples": 8}
+    assert "dropped 1 of 9" in result.stderr and "a stray print" in result.stderr
 
 
 def test_overrides_apply_to_the_run_recipe(run: Path) -> None:
@@ -158,6 +182,8 @@ def test_bad_input_is_one_line_and_exit_2(run: Path, tmp_path: Path) -> None:
     assert "not with --data" in failure(str(run / "final"), "--data", str(tmp_path / "x.csv"), "--split", "dev")
     assert "train.eval_batch_size: must be positive" in failure(str(run / "final"), "train.eval_batch_size=0")
     assert invoke("eval", str(run / "final"), "--split", "train").exit_code == 2  # typer: not dev or test
+    if not torch.cuda.is_available():
+        assert "train.device: cuda requested" in failure(str(run / "final"), "train.device=cuda")
 
 
 def test_data_file_with_other_labels_is_refused(run: Path, tmp_path: Path) -> None:

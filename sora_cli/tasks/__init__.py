@@ -9,10 +9,15 @@ from typing import Any
 
 from sora_cli.errors import CheckpointError
 from sora_cli.recipe import DataConfig
-from sora_cli.tasks.classification import (
-    CLASSIFICATION_METRICS, GLUE, REGRESSION_METRICS, ClassificationTask, compute_metrics, selection_metric,
-)
 from sora_cli.tasks.causal_lm import CausalLMTask
+from sora_cli.tasks.classification import (
+    CLASSIFICATION_METRICS,
+    GLUE,
+    REGRESSION_METRICS,
+    ClassificationTask,
+    compute_metrics,
+    selection_metric,
+)
 from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regression": ClassificationTask,

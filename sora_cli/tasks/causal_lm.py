@@ -83,7 +83,7 @@ def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V), target ids (N,)) at the N positions whose next token is a target (!= IGNORE_INDEX).
 
@@ -109,7 +109,7 @@ class CausalLMTask(Task):
     def __init__(self, data: DataConfig):
         super().__init__(data)
         self.records: dict[str, Records] = {}
-        self.format = data.format
+        self.format: str = data.format
         self.fields = FormatFields(prompt=data.prompt_field, completion=data.completion_field)
 
     def auto_class(self) -> Any:
@@ -212,7 +212,7 @@ class CausalLMTask(Task):
             metrics["choice_accuracy"] = chosen / len(data)
         return metrics
 
-    def _generate(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
+    def _generate(self, model: Any, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
         """Greedy generation from each prompt (batched, left-padded); exact match after normalisation."""
         tok = ctx.tokenizer
         inputs = left_padded([e.prompt_ids for e in examples], tok.pad_token_id, ctx.device)

@@ -132,15 +132,14 @@ def load_splits(cfg: DataConfig) -> Splits:
     if test is not None and task_type == "classification" and all(y == -1 for y in test.labels):
         test = None  # GLUE's hidden test labels
     if dev is None:
+        train_all = train
         parts = split_indices(len(train), split_fractions(cfg.split, test is not None), cfg.split_seed)
-        train, dev, split_test = [train.take(p) for p in parts + [[]] * (3 - len(parts))]
-        test = test or (split_test if len(parts) == 3 else None)
+        train, dev = train.take(parts[0]), train.take(parts[1])
+        test = test or (train_all.take(parts[2]) if len(parts) == 3 else None)
 
     label_names, num_labels = _labels(cfg, task_type, preset, train, dev, test)
-    train = _head(train, cfg.max_train_samples)
-    dev = _head(dev, cfg.max_eval_samples)
-    test = _head(test, cfg.max_eval_samples)
-    return Splits(train, dev, test, task_type, num_labels, label_names)  # type: ignore[arg-type]
+    return Splits(_head(train, cfg.max_train_samples) or train, _head(dev, cfg.max_eval_samples),
+                  _head(test, cfg.max_eval_samples), task_type, num_labels, label_names)
 
 
 def _labels(cfg: DataConfig, task_type: str, preset: TaskPreset | None, train: Split, dev: Split | None,
