@@ -295,9 +295,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
 def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None) -> tuple[TrainState, int | None]:
     """Resume the run in `run.out` (model, optimizer, RNGs, counters, method state), or start it fresh."""
     state = TrainState()
-    resumed = resume_run(run.out, run.model, run.optimizer, {k: run.facts[k] for k in
-                                                              ("base_fingerprint", "data_fingerprint")}) \
-        if has_run else None
+    fingerprints = {k: run.facts[k] for k in ("base_fingerprint", "data_fingerprint")}
+    resumed = resume_run(run.out, run.model, run.optimizer, fingerprints) if has_run else None
     if resumed is not None:
         step, counters, method_state = resumed
         state = TrainState(**counters)

@@ -106,7 +106,8 @@ def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
     """Stage k's own recipe: λ_k, its run directory, seed + k; later stages run their full length (no early stop)."""
     adapter = dataclasses.replace(recipe.adapter, sparse_lambda=stage.lam)
     train = dataclasses.replace(recipe.train, output_dir=str(out / "runs" / str(stage.k)),
-                                seed=recipe.train.seed + stage.k, patience=recipe.train.patience if stage.k == 0 else None)
+                                seed=recipe.train.seed + stage.k,
+                                patience=recipe.train.patience if stage.k == 0 else None)
     return dataclasses.replace(recipe, adapter=adapter, train=train, schedule=None)
 
 

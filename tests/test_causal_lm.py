@@ -427,3 +427,22 @@ def test_packaged_smollm2_loads_and_takes_a_step(tmp_path: Path) -> None:
     assert len(meta["modules"]) == 30 * 7 and meta["task"]["type"] == "causal_lm"  # 30 blocks x 7 projections
     assert {"exact_match", "choice_accuracy", "loss"} <= set(meta["metrics"]["base_test"])
     assert "de-quantizing" not in result.output  # the GGUF loader's own progress bar is kept quiet
+
+
+def test_one_token_choices_from_the_shared_pass_equal_the_choice_forward(causal_recipe) -> None:
+    """Choice accuracy read from the next-token logits after each prompt (the fast path for one-token answers)
+    picks what scoring every prompt + choice sequence picks (the general path, also used for longer answers)."""
+    from sora_cli.models import load_adapted
+    from sora_cli.tasks import EvalContext
+
+    recipe = load_recipe(causal_recipe("choices", train={"max_steps": 20, "eval_every": None, "save_every": None}))
+    train(recipe)
+    model, tok, _ = load_adapted(Path(recipe.train.output_dir) / "final")
+    task = CausalLMTask(recipe.data)
+    task.load_data()
+    test = task.encode(tok, recipe.data.max_length).test
+    ctx = EvalContext(8, torch.device("cpu"), torch.autocast("cpu", enabled=False), tok)
+    assert task._single_token_choices(tok) is not None  # "positive" and "negative" are one token each here
+    fast = task.evaluate(model, test, ctx)["choice_accuracy"]
+    general = sum(task._choose(model, test.examples[i:i + 8], ctx).count(True) for i in range(0, len(test), 8))
+    assert fast == general / len(test) and 0 < general < len(test)

@@ -93,11 +93,16 @@ def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     shifted = targets[:, 1:]  # (B, T-1): what position t predicts
     keep = shifted != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    return lm_head(model, hidden[:, :-1][keep]), shifted[keep]  # (N, V), (N,)
+
+
+def lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) of hidden states (..., H), as the model's own forward makes them."""
+    logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2 squashes its logits; the loss must see what generation sees
         logits = cap * torch.tanh(logits / cap)
-    return logits, shifted[keep]
+    return logits
 
 
 class CausalLMTask(Task):
@@ -189,20 +194,30 @@ class CausalLMTask(Task):
     # -- evaluation
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: CausalData, ctx: EvalContext) -> dict[str, float]:
+    def evaluate(self, model: Any, data: CausalData, ctx: EvalContext) -> dict[str, float]:
         loss = correct = tokens = exact = chosen = 0.0
         pad = ctx.tokenizer.pad_token_id
+        single = self._single_token_choices(ctx.tokenizer)
         for indices in eval_order(data.lengths, ctx.batch_size):
             batch = {k: v.to(ctx.device) for k, v in collate(data, indices, pad).items()}
-            with ctx.autocast:
-                logits, targets = selected_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            examples = [data.examples[i] for i in indices]
+            with ctx.autocast:  # one decoder pass: the response's logits, and the next-token logits after the prompt
+                hidden = model.base_model(input_ids=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+                keep = batch["labels"][:, 1:] != IGNORE_INDEX
+                logits, targets = lm_head(model, hidden[:, :-1][keep]), batch["labels"][:, 1:][keep]  # (N, V), (N,)
             loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             correct += float((logits.argmax(-1) == targets).sum())
             tokens += len(targets)
-            examples = [data.examples[i] for i in indices]
             if self.data.exact_match and examples[0].prompt_ids:
                 exact += sum(self._generate(model, examples, ctx))
-            if self.data.choices:
+            if single is not None:  # one-token answers: their likelihoods are the next-token logits after the prompt
+                ends = torch.tensor([len(e.prompt_ids) - 1 for e in examples], device=hidden.device)
+                with ctx.autocast:
+                    first = lm_head(model, hidden[torch.arange(len(examples), device=hidden.device), ends])  # (B, V)
+                picks = first.float()[:, single].argmax(-1).tolist()
+                chosen += sum(self.choice_names()[k] == e.reference for k, e in zip(picks, examples))
+            elif self.data.choices:
                 chosen += sum(self._choose(model, examples, ctx))
         metrics = {"loss": loss / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
@@ -222,6 +237,14 @@ class CausalLMTask(Task):
                                  temperature=None, top_p=None, top_k=None)
         answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)]
+
+    def choice_names(self) -> list[str]:
+        return list(self.data.choices or ())
+
+    def _single_token_choices(self, tokenizer: Any) -> list[int] | None:
+        """The token id of each choice when every choice is one token (the usual labels), else None."""
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choice_names()]
+        return [i[0] for i in ids] if ids and all(len(i) == 1 for i in ids) else None
 
     def _choose(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
         """Which choice has the highest summed log-likelihood after each prompt; one forward over B × C rows."""
