@@ -187,7 +187,11 @@ def enable_checkpointing(model: Any) -> None:
     inputs need no gradient (the reentrant kind would give the adapters none)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise InputError(f"train.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False  # a cache is useless in training and conflicts with recomputation
 
 
