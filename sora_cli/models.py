@@ -75,6 +75,10 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
+    if gguf and getattr(model, "hf_quantizer", None) is not None:
+        # The GGUF blocks were dequantised into ordinary float Linears (the CPU path); what is left of the quantizer
+        # only marks the model "not serializable", which would stop `sora merge` from saving it.
+        model.hf_quantizer.remove_quantization_config(model)
     mismatched = sorted(key for key, *_ in info.get("mismatched_keys", []))
     if mismatched and not cfg.ignore_mismatched_sizes:
         raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a {mismatched[0]} of another size than this "

@@ -416,34 +416,30 @@ def test_gradient_checkpointing_and_tensorboard(causal_recipe) -> None:
     assert "test_final/exact_match" in board.Tags()["scalars"] and "test_base/exact_match" in board.Tags()["scalars"]
 
 
-def test_packaged_smollm2_loads_and_takes_a_step(tmp_path: Path) -> None:
-    """The real GGUF model of the causal quickstart (so that path cannot rot): it loads, trains one step, saves."""
+def test_packaged_smollm2_trains_a_step_and_merges_to_safetensors(tmp_path: Path) -> None:
+    """The real GGUF model of the causal quickstart (so that path cannot rot): it loads by directory + gguf_file (the
+    packaged name resolves to the same two), trains one step, and merges into a plain safetensors model."""
+    from transformers import AutoModelForCausalLM
+
+    from sora_cli.models import _resolve
+
+    folder, gguf = _resolve("packaged:SmolLM2-135M-Instruct")
+    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and (Path(folder) / gguf).is_file()
     recipe = Path(__file__).parent.parent / "recipes" / "quickstart-causal.yaml"
     run = tmp_path / "smol"
-    result = runner.invoke(app, ["train", str(recipe), "train.max_steps=1", "data.max_train_samples=8",
-                                 "data.max_eval_samples=2", "data.max_new_tokens=2", "-o", str(run)])
+    result = runner.invoke(app, ["train", str(recipe), f"model.name_or_path={folder}", f"model.gguf_file={gguf}",
+                                 "train.max_steps=1", "data.max_train_samples=8", "data.max_eval_samples=2",
+                                 "data.max_new_tokens=2", "-o", str(run)])
     assert result.exit_code == 0, result.output
-    meta = json.loads((run / "final" / "adapter.json").read_text())
-    assert meta["base_model_loading"]["gguf_file"] is None and meta["base_model"] == "packaged:SmolLM2-135M-Instruct"
-    assert len(meta["modules"]) == 30 * 7 and meta["task"]["type"] == "causal_lm"  # 30 blocks x 7 projections
-    assert {"exact_match", "choice_accuracy", "loss"} <= set(meta["metrics"]["base_test"])
     assert "de-quantizing" not in result.output  # the GGUF loader's own progress bar is kept quiet
-
-
-def test_one_token_choices_from_the_shared_pass_equal_the_choice_forward(causal_recipe) -> None:
-    """Choice accuracy read from the next-token logits after each prompt (the fast path for one-token answers)
-    picks what scoring every prompt + choice sequence picks (the general path, also used for longer answers)."""
-    from sora_cli.models import load_adapted
-    from sora_cli.tasks import EvalContext
-
-    recipe = load_recipe(causal_recipe("choices", train={"max_steps": 20, "eval_every": None, "save_every": None}))
-    train(recipe)
-    model, tok, _ = load_adapted(Path(recipe.train.output_dir) / "final")
-    task = CausalLMTask(recipe.data)
-    task.load_data()
-    test = task.encode(tok, recipe.data.max_length).test
-    ctx = EvalContext(8, torch.device("cpu"), torch.autocast("cpu", enabled=False), tok)
-    assert task._single_token_choices(tok) is not None  # "positive" and "negative" are one token each here
-    fast = task.evaluate(model, test, ctx)["choice_accuracy"]
-    general = sum(task._choose(model, test.examples[i:i + 8], ctx).count(True) for i in range(0, len(test), 8))
-    assert fast == general / len(test) and 0 < general < len(test)
+    meta = json.loads((run / "final" / "adapter.json").read_text())
+    assert meta["base_model_loading"]["gguf_file"] == gguf and meta["task"]["type"] == "causal_lm"
+    assert len(meta["modules"]) == 30 * 7  # 30 blocks x 7 projections
+    assert {"exact_match", "choice_accuracy", "loss"} <= set(meta["metrics"]["base_test"])
+    result = runner.invoke(app, ["merge", str(run / "final"), "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain safetensors, no gguf_file
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    assert weights[f"{name}.weight"].dtype == torch.float32 and merged.config.model_type == "llama"
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
