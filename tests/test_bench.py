@@ -18,6 +18,7 @@ import common  # noqa: E402
 import publish  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
+import speed_causal  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,8 @@ def test_quality_smoke_writes_every_row_and_column(quality_out: Path) -> None:
     # LoRA r=8 on the tiny model's 13 Linears, r (d_in + d_out) each, PEFT's count and sora's alike: per layer
     # q, k, v, attention output (32 -> 32) and intermediate / output (32 <-> 64), twice, plus the pooler (32 -> 32).
     expected = 8 * ((32 + 32) * (4 * 2 + 1) + (32 + 64) * (2 * 2))
-    assert data["rows"]["peft-lora"]["inference_params_mean"] == data["rows"]["sora-lora"]["inference_params_mean"] == expected
+    rows = data["rows"]
+    assert rows["peft-lora"]["inference_params_mean"] == rows["sora-lora"]["inference_params_mean"] == expected
     # SoRA adds one gate entry per rank; pruning only ever removes.
     assert data["rows"]["sora-r8"]["trainable_params"] == data["rows"]["sora-lora"]["trainable_params"] + 8 * 13
     assert data["rows"]["sora-r8"]["inference_params_mean"] == expected + 8 * 13  # unpruned: every rank is shipped
@@ -155,7 +157,8 @@ def test_publish_rewrites_only_the_results_section(quality_out: Path, speed_out:
     publish.main([str(results), "--readme", str(readme)])
     text = readme.read_text()
     assert "old numbers" not in text
-    assert text.startswith("# x\n\n## Results\n\n" + publish.START) and text.endswith(publish.END + "\n\n## After\ntail\n")
+    assert text.startswith("# x\n\n## Results\n\n" + publish.START)
+    assert text.endswith(publish.END + "\n\n## After\ntail\n")
     assert "### Quality, parameters, training time" in text and "### Speed and memory" in text
     assert text.index("| PEFT LoRA r=8 |") < text.index("### Speed and memory")
 
@@ -166,3 +169,20 @@ def test_publish_refuses_a_readme_without_markers(tmp_path: Path, quality_out: P
     with pytest.raises(SystemExit, match="needs exactly one pair of results markers"):
         publish.main([str(quality_out), "--readme", str(readme)])
     assert readme.read_text() == "# x\n"
+
+
+def test_causal_speed_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
+    out = speed_causal.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((out / "speed_causal.json").read_text())
+    rows = data["training"]
+    assert list(rows) == list(speed_causal.LABELS)
+    for key, row in rows.items():  # medians of the repeats; ratios per repeat; memory against PEFT's
+        assert len(row["repeats_ms"]) == 2 and row["ms_per_step"] == pytest.approx(statistics.median(row["repeats_ms"]))
+        pairs = zip(row["repeats_ms"], rows["peft-lora"]["repeats_ms"])
+        assert row["vs_peft_lora"] == pytest.approx(statistics.median(a / b for a, b in pairs)), key
+        assert row["memory_vs_peft_lora"] == pytest.approx(row["peak_mib"] / rows["peft-lora"]["peak_mib"])
+    assert [t["target"] for t in data["targets"]] == ["sora LoRA step time ≤ 1.0 × PEFT LoRA's",
+                                                      "SoRA step time ≤ 1.05 × sora LoRA's"]
+    table = table_rows((out / "speed_causal.md").read_text(), speed_causal.COLUMNS)
+    assert [r[0] for r in table] == list(speed_causal.LABELS.values())
+    assert all(len(r) == len(speed_causal.COLUMNS) and all(r) for r in table)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -17,18 +17,9 @@ from torch import nn
 from sora_cli.recipe import DataConfig
 
 
-class Dataset(Protocol):
-    """An encoded split: examples addressable by index, with their token lengths (for length-sorted eval)."""
-
-    def __len__(self) -> int: ...
-
-    @property
-    def lengths(self) -> list[int]: ...
-
-
 @dataclass
 class EncodedSplits:
-    train: Any
+    train: Any  # the task's encoded split (classification.Encoded, causal_lm.CausalData): len() and .lengths
     dev: Any | None
     test: Any | None
 
