@@ -354,6 +354,7 @@ def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.Tr
              "epoch": round(state.step * run.recipe.train.grad_accum / run.order.per_epoch, 4),
              "loss": state.window_loss / state.window_steps, "lr": run.optimizer.param_groups[0]["lr"], **stats,
              **{k: v for k, v in totals.items() if k != "max_rank"},
+             **({"nonzero_gates": totals["total_gates"] - totals["zero_gates"]} if "total_gates" in totals else {}),
              "examples_per_s": round(state.window_examples / max(state.window_seconds, 1e-9), 2)}
     log.emit(event)
     progress.update(state.step, event["loss"], event["lr"], (totals["active_rank"], totals["max_rank"]))

@@ -175,11 +175,11 @@ def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[
 
     tensors, meta = load_adapter(out / "stages" / str(stage.k))
     report = inspect_adapter(tensors, meta)
-    metric = task_from_meta(meta, recipe.data).metric(recipe.train.metric_for_best)
+    task = task_from_meta(meta, recipe.data)
+    metric = task.metric(recipe.train.metric_for_best)
+    higher = task.greater_is_better(metric)
     memorization = result.train_sample.get(metric)
     generalization = result.dev.get(metric)
-    best_m = max([r["memorization"] for r in earlier if r["memorization"] is not None] + [memorization or 0.0])
-    best_g = max([r["generalization"] for r in earlier if r["generalization"] is not None] + [generalization or 0.0])
     per_module = {row["module"]: {"nonzero_gates": row["rank"], "params": row["params_pruned"]}
                   for row in report["modules"]}
     return {
@@ -187,12 +187,24 @@ def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[
         "nonzero_gates": report["summary"]["rank"], "total_gates": report["summary"]["r"],
         "params": report["summary"]["params_pruned"],
         "memorization": memorization,
-        "memorization_pct": 100 * memorization / best_m if memorization is not None and best_m else None,
+        "memorization_pct": percent_of_best(memorization, [r["memorization"] for r in earlier], higher),
         "generalization": generalization,
-        "generalization_pct": 100 * generalization / best_g if generalization is not None and best_g else None,
+        "generalization_pct": percent_of_best(generalization, [r["generalization"] for r in earlier], higher),
         "test": result.test.get(metric), "checkpoint": str(out / "stages" / str(stage.k)),
         "modules": per_module,  # schedule.jsonl only; the CSV keeps the totals
     }
+
+
+def percent_of_best(value: float | None, earlier: list[float | None], higher_is_better: bool) -> float | None:
+    """value as % of the best so far (this one included): value/best when higher is better (accuracy), best/value
+    when lower is (a loss), so 100 is always the best stage and less is worse."""
+    seen = [v for v in [*earlier, value] if v is not None]
+    if value is None or not seen:
+        return None
+    best = max(seen) if higher_is_better else min(seen)
+    if higher_is_better:
+        return 100 * value / best if best else None
+    return 100 * best / value if value else None
 
 
 def _write_records(out: Path, records: list[dict[str, Any]]) -> None:

@@ -227,7 +227,8 @@ def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:
     losses = [e["loss"] for e in events(run, "train")]
     assert losses == pytest.approx(CAUSAL_GOLDEN, abs=1e-8, rel=0), losses
     meta = json.loads((run / "final" / "adapter.json").read_text())
-    assert meta["task"] == {"type": "causal_lm", "format": "alpaca"} and meta["modules_to_save"] == []
+    assert meta["task"] == {"type": "causal_lm", "format": "alpaca", "chat_template": True, "train_on_prompt": False}
+    assert meta["modules_to_save"] == []
     assert "lm_head" not in meta["modules"] and len(meta["modules"]) == 14  # 7 projections x 2 layers
     assert set(result.test) == {"loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"}
     part = load_recipe(causal_recipe("part", model={"dtype": "float64"}))
@@ -443,3 +444,33 @@ def test_packaged_smollm2_trains_a_step_and_merges_to_safetensors(tmp_path: Path
     name = "model.layers.0.self_attn.q_proj"
     assert weights[f"{name}.weight"].dtype == torch.float32 and merged.config.model_type == "llama"
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_evaluation_inputs_that_cannot_be_scored_fail_before_anything_is_written(causal_recipe, tmp_path: Path) -> None:
+    rows = [{"prompt": "" if i % 5 == 0 else "what of this review ?", "completion": "positive" if i % 2 else "negative"}
+            for i in range(40)]
+    path = write_jsonl(tmp_path / "empty-prompts.jsonl", rows)  # this tokenizer adds no BOS: "" has no tokens
+    recipe = causal_recipe("noprompt", data={"train_file": str(path), "chat_template": False})
+    assert "the prompt is empty (or cut away by data.max_length)" in _fails(recipe)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the movie was very good"}] * 20)
+    recipe = causal_recipe("text", data={"train_file": str(text), "choices": None, "chat_template": False},
+                           train={"metric_for_best": "exact_match"})
+    assert "train.metric_for_best: exact_match is not computed with this data section" in _fails(recipe)
+
+
+def test_train_on_prompt_is_evaluated_on_the_response_only(causal_recipe) -> None:
+    common = {"max_steps": 1, "warmup_steps": 1, "eval_every": None, "save_every": None}  # lr 0: nothing moves
+    plain = train(load_recipe(causal_recipe("resp", train=common)))
+    on_prompt = train(load_recipe(causal_recipe("all", train=common, data={"train_on_prompt": True})))
+    assert on_prompt.test == plain.test  # the same untrained adapter scored on the same response tokens
+
+
+def test_generation_stops_at_the_models_own_end_tokens() -> None:
+    from types import SimpleNamespace
+
+    from sora_cli.tasks.causal_lm import stop_ids
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 107]))  # Gemma: <eos>, <end_of_turn>
+    assert stop_ids(model, SimpleNamespace(eos_token_id=1)) == [1, 107]
+    assert stop_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)),
+                    SimpleNamespace(eos_token_id=2)) == [2]

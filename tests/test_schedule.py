@@ -166,3 +166,12 @@ def test_a_bad_plot_path_fails_before_training(make_recipe, tmp_path: Path) -> N
     assert result.exit_code == 2 and "is not a directory" in result.output and not out.exists()
     result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "-o", str(out), "--plot", "c.pdf"])
     assert result.exit_code == 2 and "must be a .png file" in result.output and not out.exists()
+
+
+def test_percent_of_best_in_the_metric_direction() -> None:
+    from sora_cli.schedule import percent_of_best
+
+    assert percent_of_best(0.8, [1.0, None], True) == pytest.approx(80.0)  # accuracy: value / best
+    assert percent_of_best(0.6, [0.5], False) == pytest.approx(100 * 0.5 / 0.6)  # a loss: best / value
+    assert percent_of_best(0.5, [0.6, 0.9], False) == pytest.approx(100.0)  # the lowest loss is the best stage
+    assert percent_of_best(None, [0.5], True) is None

@@ -45,10 +45,9 @@ def normalize_answer(text: str) -> str:
 
 @dataclass
 class CausalData:
-    """An encoded split: examples (formats.Encoded) and the record index each came from."""
+    """An encoded split: its examples (formats.Encoded)."""
 
     examples: list[Encoded]
-    where: list[str]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -83,6 +82,13 @@ def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Where generation stops: the model's own end tokens (a chat model's end-of-turn among them) and the EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
+
+
 def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V), target ids (N,)) at the N positions whose next token is a target (!= IGNORE_INDEX).
@@ -97,9 +103,15 @@ def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 def lm_head(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits (..., V) of hidden states (..., H), as the model's own forward makes them."""
+    """Logits (..., V) of hidden states (..., H), as the model's own forward makes them (the output scalings that
+    transformers' causal LMs apply after the head: Granite's logits_scaling, Cohere's logit_scale, Gemma 2's cap)."""
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config
+    if getattr(config, "model_type", "").startswith("granite") and getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "model_type", "").startswith("cohere") and getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:  # Gemma 2 squashes its logits; the loss must see what generation sees
         logits = cap * torch.tanh(logits / cap)
     return logits
@@ -154,17 +166,17 @@ class CausalLMTask(Task):
 
     def _encode_split(self, split: str, label: str, tokenizer: Any, max_length: int) -> CausalData:
         source = self.data.train_file or self.data.dataset or "data"
-        data = CausalData([], [])
+        data = CausalData([])
+        evaluated = split != "train"  # scored over the response only, whatever train_on_prompt says
         for i, record in enumerate(self.records[split]):
             where = f"{source} ({label}) record {i}"
             e = encode_record(record, self.format, tokenizer, fields=self.fields, chat_template=self.data.chat_template,
-                              train_on_prompt=self.data.train_on_prompt, max_length=max_length, where=where)
+                              train_on_prompt=self.data.train_on_prompt and not evaluated, max_length=max_length,
+                              where=where)
+            if e is not None and evaluated:
+                self._check_evaluable(e, where)
             if e is not None:
-                if split != "train" and self.data.choices and e.reference not in self.data.choices:
-                    raise InputError(f"{where}: the reference {e.reference!r} is not one of data.choices "
-                                     f"{list(self.data.choices)}; fix the record or data.choices")
                 data.examples.append(e)
-                data.where.append(where)
         dropped = len(self.records[split]) - len(data)
         if dropped and not data.examples:
             raise InputError(f"data.max_length: every {label} example's response is longer than {max_length} "
@@ -174,11 +186,25 @@ class CausalLMTask(Task):
                         f"alone is longer than data.max_length={max_length}")
         return data
 
+    def _check_evaluable(self, e: Encoded, where: str) -> None:
+        """Generation and choice scoring start from the prompt: it must exist, and the reference be a choice."""
+        if (self.generates or self.data.choices) and not e.prompt_ids:
+            raise InputError(f"{where}: the prompt is empty (or cut away by data.max_length), so there is nothing "
+                             "to generate or score choices from; fix the record or raise data.max_length")
+        if self.data.choices and e.reference not in self.data.choices:
+            raise InputError(f"{where}: the reference {e.reference!r} is not one of data.choices "
+                             f"{list(self.data.choices)}; fix the record or data.choices")
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluation generates and scores exact match (text records have no prompt / reference)."""
+        return self.data.exact_match and self.format != "text"
+
     def collate(self, data: CausalData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(data, indices, pad_id)
 
     def subset(self, data: CausalData, indices: list[int]) -> CausalData:
-        return CausalData([data.examples[i] for i in indices], [data.where[i] for i in indices])
+        return CausalData([data.examples[i] for i in indices])
 
     # -- loss
 
@@ -209,7 +235,7 @@ class CausalLMTask(Task):
             loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             correct += float((logits.argmax(-1) == targets).sum())
             tokens += len(targets)
-            if self.data.exact_match and examples[0].prompt_ids:
+            if self.generates:
                 exact += sum(self._generate(model, examples, ctx))
             if single is not None:  # one-token answers: their likelihoods are the next-token logits after the prompt
                 ends = torch.tensor([len(e.prompt_ids) - 1 for e in examples], device=hidden.device)
@@ -221,8 +247,8 @@ class CausalLMTask(Task):
                 chosen += sum(self._choose(model, examples, ctx))
         metrics = {"loss": loss / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
-        if self.data.exact_match and data.examples and data.examples[0].prompt_ids:
-            metrics["exact_match"] = exact / len(data)
+        if self.generates:
+            metrics["exact_match"] = exact / max(len(data), 1)
         if self.data.choices:
             metrics["choice_accuracy"] = chosen / len(data)
         return metrics
@@ -233,7 +259,7 @@ class CausalLMTask(Task):
         inputs = left_padded([e.prompt_ids for e in examples], tok.pad_token_id, ctx.device)
         with ctx.autocast:
             out = model.generate(**inputs, max_new_tokens=self.data.max_new_tokens, do_sample=False,
-                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
                                  temperature=None, top_p=None, top_k=None)
         answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)]
@@ -248,12 +274,12 @@ class CausalLMTask(Task):
 
     def _choose(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
         """Which choice has the highest summed log-likelihood after each prompt; one forward over B × C rows."""
-        choices = list(self.data.choices or ())
+        choices = self.choice_names()
         tok = ctx.tokenizer
         continuations = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
         rows = [e.prompt_ids + c for e in examples for c in continuations]
         targets = [[IGNORE_INDEX] * len(e.prompt_ids) + c for e in examples for c in continuations]
-        batch = collate(CausalData([Encoded(r, t, [], "") for r, t in zip(rows, targets)], [""] * len(rows)),
+        batch = collate(CausalData([Encoded(r, t, [], "") for r, t in zip(rows, targets)]),
                         list(range(len(rows))), tok.pad_token_id)
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
         with ctx.autocast:
@@ -268,9 +294,10 @@ class CausalLMTask(Task):
             raise InputError(f"train.metric_for_best: {metric_for_best!r} is not a causal_lm metric; use one of "
                              f"{', '.join(METRICS)}")
         if metric_for_best in ("exact_match", "choice_accuracy") and not (
-                self.data.exact_match if metric_for_best == "exact_match" else self.data.choices):
-            raise InputError(f"train.metric_for_best: {metric_for_best} is not computed with this data section; "
-                             "use loss or token_accuracy, or enable it (data.exact_match / data.choices)")
+                self.generates if metric_for_best == "exact_match" else self.data.choices):
+            raise InputError(f"train.metric_for_best: {metric_for_best} is not computed with this data section "
+                             "(exact match needs data.exact_match and a format with prompts; choice accuracy needs "
+                             "data.choices); use loss or token_accuracy")
         return metric_for_best or "loss"
 
     def greater_is_better(self, metric: str) -> bool:
@@ -279,7 +306,8 @@ class CausalLMTask(Task):
     # -- checkpoints
 
     def meta(self) -> dict[str, Any]:
-        return {"type": "causal_lm", "format": self.format}
+        return {"type": "causal_lm", "format": self.format, "chat_template": self.data.chat_template,
+                "train_on_prompt": self.data.train_on_prompt}
 
     @classmethod
     def from_meta(cls, block: dict[str, Any], data: DataConfig) -> CausalLMTask:
