@@ -157,10 +157,7 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
     task.load_data()
     metric = task.metric(cfg.metric_for_best)
     model, tokenizer = load_model(recipe.model, task)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and recipe.data.max_length > positions:
-        raise InputError(f"data.max_length: {recipe.data.max_length} is longer than the model's "
-                         f"{positions} positions; use at most {positions}")
+    check_length(model, recipe.data.max_length)
     method = get_method(recipe.adapter, cfg)
     base_parameters = sum(p.numel() for p in model.parameters())
     injection = inject(model, method, task.task_heads)
@@ -174,12 +171,26 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
     method.setup(model, total, None)
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
-    autocast: contextlib.AbstractContextManager[Any] = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext())
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
                warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric,
-               EvalContext(cfg.eval_batch_size, device, autocast, tokenizer), facts)
+               eval_context(recipe, device, tokenizer), facts)
+
+
+def check_length(model: nn.Module, max_length: int) -> None:
+    """Longer inputs than the model's positions would fail deep inside the model: say so up front."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise InputError(f"data.max_length: {max_length} is longer than the model's {positions} positions; "
+                         f"use at most {positions}")
+
+
+def eval_context(recipe: Recipe, device: torch.device, tokenizer: Any) -> EvalContext:
+    """Evaluation's batch size, device and autocast (bf16 when train.precision says so); training's too."""
+    autocast: contextlib.AbstractContextManager[Any] = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if recipe.train.precision == "bf16"
+        else contextlib.nullcontext())
+    return EvalContext(recipe.train.eval_batch_size, device, autocast, tokenizer)
 
 
 def enable_checkpointing(model: Any) -> None:

@@ -13,15 +13,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from sora_cli.adapters.method import adapters_disabled
 from sora_cli.checkpoint import load_adapter
-from sora_cli.engine import pick_device
+from sora_cli.engine import check_length, eval_context, pick_device
 from sora_cli.errors import InputError
 from sora_cli.models import load_adapted
-from sora_cli.recipe import DataConfig, Recipe, load_recipe
+from sora_cli.recipe import DataConfig, load_recipe
 from sora_cli.tasks import GLUE, EncodedSplits, EvalContext, Task, task_from_meta
 
 RECIPE = "recipe.yaml"
@@ -97,14 +96,6 @@ def check_labels(found: dict[str, Any], recorded: dict[str, Any], source: str) -
                          f"(0..{head - 1})")
 
 
-def check_length(model: nn.Module, max_length: int) -> None:
-    """As in training: longer inputs than the model's positions would fail deep inside the model."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and max_length > positions:
-        raise InputError(f"data.max_length: {max_length} is longer than the model's {positions} positions; "
-                         f"use at most {positions}")
-
-
 def pick_split(splits: EncodedSplits, split: str, source: str) -> Any:
     """The encoded split asked for, or an error naming it and the splits the data has."""
     data = getattr(splits, split)
@@ -113,14 +104,6 @@ def pick_split(splits: EncodedSplits, split: str, source: str) -> Any:
         hint = "; give data.test_file or three data.split fractions, or use --split dev" if split == "test" else ""
         raise InputError(f"--split {split}: the data ({source}) has no {split} split, only {have}{hint}")
     return data
-
-
-def eval_context(recipe: Recipe, device: torch.device, tokenizer: Any) -> EvalContext:
-    """The engine's evaluation settings (batch size, device, bf16 autocast), so the numbers match training's."""
-    autocast: contextlib.AbstractContextManager[Any] = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if recipe.train.precision == "bf16"
-        else contextlib.nullcontext())
-    return EvalContext(recipe.train.eval_batch_size, device, autocast, tokenizer)
 
 
 def score(task: Task, model: nn.Module, data: Any, ctx: EvalContext, base: bool) -> dict[str, float]:
