@@ -86,6 +86,16 @@ def train_size(recipe: Recipe) -> int:
     return task.train_size()
 
 
+def checked_train_size(recipe: Recipe, out: Path) -> int:
+    """Stage 0 prepared as the engine will (data, model, adapters: every input check) before the schedule directory
+    is written or replaced; returns the training set's size. Costs one extra model load."""
+    from sora_cli.engine import prepare
+
+    first = Stage(0, stage_thresholds(_schedule(recipe))[0], 0, "")
+    run = prepare(stage_recipe(recipe, out, first), out / "runs" / "0", total_steps=1)
+    return run.task.train_size()
+
+
 def _schedule(recipe: Recipe) -> ScheduleConfig:
     if recipe.schedule is None:
         raise InputError("schedule: the recipe has no schedule section; add schedule.thresholds (or start, stop, "
@@ -135,7 +145,7 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
     started = json.loads(state_file.read_text()) if resume and state_file.is_file() else given
     if started != given:
         raise InputError(f"--from: this schedule was started with --from {started['from']}; resume it with the same")
-    stages = plan(recipe, train_size(recipe), from_checkpoint=from_ckpt is not None)
+    stages = plan(recipe, checked_train_size(recipe, out), from_checkpoint=from_ckpt is not None)
     if not resume and out.exists():
         shutil.rmtree(out)  # --overwrite of a sora directory (checked above)
     out.mkdir(parents=True, exist_ok=True)

@@ -175,3 +175,15 @@ def test_percent_of_best_in_the_metric_direction() -> None:
     assert percent_of_best(0.6, [0.5], False) == pytest.approx(100 * 0.5 / 0.6)  # a loss: best / value
     assert percent_of_best(0.5, [0.6, 0.9], False) == pytest.approx(100.0)  # the lowest loss is the best stage
     assert percent_of_best(None, [0.5], True) is None
+
+
+def test_a_bad_model_input_fails_before_the_schedule_directory_is_touched(make_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "data.max_length=512", "-o", str(out)])
+    assert result.exit_code == 2 and "data.max_length: 512 is longer than the model's 64 positions" in result.output
+    assert not out.exists()
+    (out / "stages").mkdir(parents=True)
+    (out / "recipe.yaml").write_text("an earlier schedule")  # --overwrite must not delete it for a bad recipe
+    result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "data.max_length=512", "-o", str(out),
+                                 "--overwrite"])
+    assert result.exit_code == 2 and (out / "recipe.yaml").read_text() == "an earlier schedule"
