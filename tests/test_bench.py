@@ -186,3 +186,16 @@ def test_causal_speed_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
     table = table_rows((out / "speed_causal.md").read_text(), speed_causal.COLUMNS)
     assert [r[0] for r in table] == list(speed_causal.LABELS.values())
     assert all(len(r) == len(speed_causal.COLUMNS) and all(r) for r in table)
+
+
+def test_causal_ab_smoke(tmp_path: Path) -> None:
+    import ab_causal
+
+    text = ab_causal.main(["sora-lora", "sora-r8", "--smoke", "--steps", "1", "--repeats", "2", "--out", str(tmp_path)])
+    rows = table_rows(text, ["contestant", "ms / step", "step / sora LoRA r=8", "repeats (ms)"])
+    assert [r[0] for r in rows] == ["sora LoRA r=8", "sora SoRA r_max=8"]
+    lora, sora = ([float(x) for x in r[3].split(", ")] for r in rows)
+    # the table's own numbers, printed to 0.1 ms: its median and its per-repeat ratio, to that rounding
+    assert len(sora) == 2 and float(rows[1][1]) == pytest.approx(statistics.median(sora), abs=0.6)
+    assert float(rows[1][2]) == pytest.approx(statistics.median(a / b for a, b in zip(sora, lora)), rel=2e-2)
+    assert (tmp_path / "ab-causal.md").read_text() == text
