@@ -93,6 +93,14 @@ def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", make_sentences(400, seed=1))
 
 
+def write_recipe(path: Path, recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:
+    """`recipe` with each section updated by `sections`, written as YAML to `path`."""
+    for key, values in sections.items():
+        recipe.setdefault(key, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path: Path, tiny_bert_dir: Path, tiny_csv: Path):
     """Write a recipe for the tiny model + CSV, with section overrides; return its path."""
@@ -105,11 +113,7 @@ def make_recipe(tmp_path: Path, tiny_bert_dir: Path, tiny_csv: Path):
             "train": {"lr": 1e-2, "batch_size": 16, "max_steps": 30, "log_every": 5, "eval_every": 15,
                       "save_every": 10, "output_dir": str(tmp_path / "runs" / name), "seed": 7},
         }
-        for key, values in sections.items():
-            recipe.setdefault(key, {}).update(values)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+        return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
 
     return make
 

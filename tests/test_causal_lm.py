@@ -24,6 +24,7 @@ from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
 from sora_cli.tasks.causal_lm import CausalLMTask, normalize_answer
 from sora_cli.tasks.classification import ClassificationTask
 
+from .conftest import write_recipe
 from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
 
 runner = CliRunner()
@@ -69,11 +70,7 @@ def causal_recipe(tmp_path: Path, tiny_llama_dir: Path, alpaca_file: Path):
             "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "log_every": 4, "eval_every": 6,
                       "save_every": 4, "keep_last": 3, "output_dir": str(tmp_path / "runs" / name), "seed": 3},
         }
-        for key, values in sections.items():
-            recipe.setdefault(key, {}).update(values)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+        return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
 
     return make
 

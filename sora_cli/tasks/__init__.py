@@ -17,6 +17,7 @@ from sora_cli.tasks.classification import (
     ClassificationTask,
     compute_metrics,
     selection_metric,
+    task_type_of,
 )
 from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
 
@@ -26,8 +27,7 @@ TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regressio
 
 def get_task(data: DataConfig) -> Task:
     """The recipe's task: data.task_type, else the GLUE preset's, else classification."""
-    kind = data.task_type or (GLUE[data.task].task_type if data.task in GLUE else "classification")
-    return TASKS[kind](data)
+    return TASKS[task_type_of(data)](data)
 
 
 def task_from_meta(meta: dict[str, Any], data: DataConfig | None = None, where: str = "adapter.json") -> Task:

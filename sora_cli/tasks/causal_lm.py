@@ -97,6 +97,11 @@ def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     is read at position t - 1. The decoder runs once; the LM head only on the N selected positions.
     """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    return labelled_logits(model, hidden, targets)
+
+
+def labelled_logits(model: Any, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V), target ids (N,)) from the decoder's hidden states (B, T, H) at the labelled positions."""
     shifted = targets[:, 1:]  # (B, T-1): what position t predicts
     keep = shifted != IGNORE_INDEX
     return lm_head(model, hidden[:, :-1][keep]), shifted[keep]  # (N, V), (N,)
@@ -230,8 +235,7 @@ class CausalLMTask(Task):
             with ctx.autocast:  # one decoder pass: the response's logits, and the next-token logits after the prompt
                 hidden = model.base_model(input_ids=batch["input_ids"],
                                           attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-                keep = batch["labels"][:, 1:] != IGNORE_INDEX
-                logits, targets = lm_head(model, hidden[:, :-1][keep]), batch["labels"][:, 1:][keep]  # (N, V), (N,)
+                logits, targets = labelled_logits(model, hidden, batch["labels"])  # (N, V), (N,)
             loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             correct += float((logits.argmax(-1) == targets).sum())
             tokens += len(targets)

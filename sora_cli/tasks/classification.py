@@ -51,6 +51,11 @@ CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
 REGRESSION_METRICS = ("pearson", "spearman")
 
 
+def task_type_of(data: DataConfig) -> str:
+    """data.task_type, else the GLUE preset's, else classification."""
+    return data.task_type or (GLUE[data.task].task_type if data.task in GLUE else "classification")
+
+
 def default_metric(task_type: str) -> str:
     return "pearson" if task_type == "regression" else "accuracy"
 
@@ -112,7 +117,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     raw = load_raw(cfg, preset.hub_id if preset else None, cfg.task if preset else None,
                    preset.validation_split if preset else "validation")
     text_fields = cfg.text_fields or (preset.text_fields if preset else ("text",))
-    task_type = cfg.task_type or (preset.task_type if preset else "classification")
+    task_type = task_type_of(cfg)
 
     where = cfg.train_file and "data.train_file" or "data.dataset"
     columns = list(raw["train"])
@@ -240,8 +245,7 @@ class ClassificationTask(Task):
     def __init__(self, data: DataConfig, task_type: str | None = None, num_labels: int | None = None,
                  label_names: list[str] | None = None):
         super().__init__(data)
-        preset = GLUE.get(data.task) if data.task else None
-        self.task_type = task_type or data.task_type or (preset.task_type if preset else "classification")
+        self.task_type = task_type or task_type_of(data)
         self.num_labels = num_labels
         self.label_names = label_names
         self.splits: Splits | None = None
