@@ -28,6 +28,7 @@ _CHECKS: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "must be positive"),
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
     "probability": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "unit_interval": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "seed": (lambda v: 0 <= v < 2**32, "must be in 0 .. 2**32 - 1"),
 }
 
@@ -48,7 +49,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: Literal["sora", "lora"] = "sora"
+    method: Literal["sora", "lora", "roselora"] = "sora"
     r: int = field(default=8, metadata=_check("positive"))
     alpha: float = field(default=8.0, metadata=_check("positive"))  # s = alpha / r (PEFT's default alpha)
     dropout: float = field(default=0.0, metadata=_check("probability"))
@@ -60,6 +61,13 @@ class AdapterConfig:
     threshold: Literal["scaled", "fixed", "reference"] | None = None
     gate_lr: float | None = field(default=None, metadata=_check("positive"))  # None: train.lr
     l1_loss_weight: float | None = field(default=None, metadata=_check("non_negative"))
+    # RoseLoRA only (see README "RoseLoRA"); None = the method's default
+    density: float | None = field(default=None, metadata=_check("unit_interval"))  # τ: kept fraction per row / col
+    sparsify_start: float | None = field(default=None, metadata=_check("non_negative"))  # t_i: step, or fraction < 1
+    sparsify_end: float | None = field(default=None, metadata=_check("non_negative"))  # t_f: density reaches τ
+    importance_beta: float | None = field(default=None, metadata=_check("probability"))  # EMA β of |p ⊙ ∇p|
+    mask_rule: Literal["budget", "reference"] | None = None
+    clamp: float | None = field(default=None, metadata=_check("positive"))  # clip A, B to ±clamp when masking
 
 
 SORA_DEFAULTS: dict[str, Any] = {
@@ -67,6 +75,17 @@ SORA_DEFAULTS: dict[str, Any] = {
     "sparse_lambda": 0.1,
     "threshold": "scaled",
     "l1_loss_weight": 0.0,
+}
+ROSELORA_DEFAULTS: dict[str, Any] = {  # clamp's default is None (off)
+    "density": 0.05,
+    "sparsify_start": 0.1,
+    "sparsify_end": 0.8,
+    "importance_beta": 0.8,
+    "mask_rule": "budget",
+}
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {  # settings that only one method reads
+    "sora": (*SORA_DEFAULTS, "gate_lr"),
+    "roselora": (*ROSELORA_DEFAULTS, "clamp"),
 }
 
 
@@ -401,6 +420,10 @@ def with_sora_defaults(a: AdapterConfig) -> AdapterConfig:
     return dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
 
 
+def with_roselora_defaults(a: AdapterConfig) -> AdapterConfig:
+    return dataclasses.replace(a, **{k: v for k, v in ROSELORA_DEFAULTS.items() if getattr(a, k) is None})
+
+
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
     """Rules across fields of one section, checked for every section that parsed; method defaults."""
     a = _resolve_adapter(built["adapter"], problems) if built["adapter"] is not None else None
@@ -418,12 +441,15 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
 
 def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
     """The method's defaults filled in; settings of another method and bad target_modules reported."""
+    for method, names in METHOD_FIELDS.items():
+        for name in names if method != a.method else ():
+            if getattr(a, name) is not None:
+                problems.append(f"adapter.{name}: only applies to method {method}, not {a.method}; remove it")
     if a.method == "sora":
         a = with_sora_defaults(a)
-    else:
-        for name in [*SORA_DEFAULTS, "gate_lr"]:
-            if getattr(a, name) is not None:
-                problems.append(f"adapter.{name}: only applies to method sora, not {a.method}; remove it")
+    if a.method == "roselora":
+        a = with_roselora_defaults(a)
+        _check_sparsify_window(a, problems)
     if isinstance(a.target_modules, tuple) and not a.target_modules:
         problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
     if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
@@ -433,6 +459,18 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
             problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
                             "give a list of module-name suffixes, a regex, or all-linear")
     return a
+
+
+def _check_sparsify_window(a: AdapterConfig, problems: list[str]) -> None:
+    """t_i and t_f: each an integer step or a fraction of training in (0, 1); t_i before t_f when both are alike."""
+    for name in ("sparsify_start", "sparsify_end"):
+        value = getattr(a, name)
+        if value >= 1 and not float(value).is_integer():
+            problems.append(f"adapter.{name}: give a step (an integer) or a fraction of training below 1, "
+                            f"got {value}")
+    start, end = a.sparsify_start or 0.0, a.sparsify_end or 0.0
+    if (start < 1) == (end < 1) and end <= start:
+        problems.append(f"adapter.sparsify_end: must come after adapter.sparsify_start ({start}), got {end}")
 
 
 def _check_data(d: DataConfig, problems: list[str]) -> None:

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 
 from sora_cli.adapters.lora import LoRA, LoRALinear
 from sora_cli.adapters.method import Method, adapter_layers, adapters_disabled
+from sora_cli.adapters.roselora import RoseLoRA
 from sora_cli.adapters.sora import SoRA, SoRALinear
 from sora_cli.errors import CheckpointError
 
 if TYPE_CHECKING:
     from sora_cli.recipe import AdapterConfig, TrainConfig
 
-METHODS: dict[str, type[Method]] = {"lora": LoRA, "sora": SoRA}
+METHODS: dict[str, type[Method]] = {"lora": LoRA, "sora": SoRA, "roselora": RoseLoRA}
 
 
 def get_method(adapter: AdapterConfig, train: TrainConfig) -> Method:
@@ -26,5 +27,5 @@ def method_class(name: str, where: str = "adapter.json") -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "LoRA", "LoRALinear", "Method", "SoRA", "SoRALinear", "adapter_layers", "adapters_disabled",
-           "get_method", "method_class"]
+__all__ = ["METHODS", "LoRA", "LoRALinear", "Method", "RoseLoRA", "SoRA", "SoRALinear", "adapter_layers",
+           "adapters_disabled", "get_method", "method_class"]
