@@ -81,9 +81,16 @@ def train(
         loaded = load_recipe(recipe, overrides or [])
         if output_dir is not None:  # a path, taken as given (never read as YAML)
             loaded = dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, output_dir=str(output_dir)))
+        if loaded.edit is not None:  # knowledge editing: its own protocol over the same engine
+            from sora_cli.editing.run import run_edits
+
+            return run_edits(loaded, resume=resume, overwrite=overwrite)
         return run_training(loaded, resume=resume, overwrite=overwrite)
 
     result = _run(go, debug)
+    if hasattr(result, "summary"):  # an edit run (editing.run.EditResult)
+        render.edit_summary(result.summary, str(result.output_dir), result.seconds)
+        return
     rows = [("run", str(result.output_dir)), ("steps", str(result.step))]
     if result.already_complete:
         rows.append(("status", "already complete; nothing to do"))
@@ -236,13 +243,14 @@ def merge_command(
     debug: DebugOption = False,
 ) -> None:
     """Fold the adapter into the base weights: an ordinary transformers model, no adapter code needed."""
-    from sora_cli.merge import merge_checkpoint
+    from sora_cli.merge import MERGE_REPORT, merge_checkpoint
 
-    def go() -> int:
+    def go() -> dict[str, Any]:
         return merge_checkpoint(ckpt, output, base=base, dtype=dtype.value, force=force)
 
-    merged = _run(go, debug)
-    render.note(f"merged {merged} adapted modules into the base weights: {output}")
+    report = _run(go, debug)
+    render.note(f"merged {report['modules_merged']} adapted modules into the base weights: {output}")
+    render.merge_summary(report, str(output / MERGE_REPORT))
 
 
 class EvalSplit(str, Enum):

@@ -1,6 +1,9 @@
 """Merge: fold the adapter into the base weights (METHODS.md "Merge"). Pure, over state dicts.
 
-    W' = W0 + ΔW     ΔW from the method's rule (SoRA: s · B diag(g) A), in float32, cast back to the base's dtype
+    W' = W0 + ΔW     ΔW from the method's rule (SoRA: s · B diag(g) A), in float32 (float64 for a float64 base),
+                     cast back to the base's dtype
+
+and how many base weights that changed, counted after the cast: a small update can round away (bfloat16).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import torch
 
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
-from sora_cli.checkpoint import atomic_dir, load_adapter
+from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
 from sora_cli.errors import InputError
+
+MERGE_REPORT = "sora_merge.json"  # beside the merged model: per-module counts of changed / rounded-away weights
 
 
 def head_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -22,25 +27,63 @@ def head_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
     return {k: v for k, v in tensors.items() if inside(k, heads)}
 
 
-def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-          meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A new state dict: every adapted module's weight merged, trained heads copied in; no adapter keys."""
+def merge_weight(w0: torch.Tensor, delta: torch.Tensor,
+                 saved: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+    """W' = (W0 in float32 or wider + ΔW) cast back to W0's dtype, and what of ΔW survived, counted in `saved` (the
+    dtype the merged model is written in; default W0's), weight by weight (d_out, d_in):
+
+        changed = #(W' != W0)     rounded_away = #(ΔW != 0 and W' == W0)     changed + rounded_away = #(ΔW != 0)
+
+    e.g. in bfloat16 (8 significant bits) an update of 1e-4 on a weight of about 1 rounds away."""
+    wide = torch.promote_types(w0.dtype, torch.float32)  # float32, or float64 for a float64 base (exact checks)
+    merged = (w0.to(wide) + delta).to(w0.dtype)
+    new, old = (merged, w0) if saved is None else (merged.to(saved), w0.to(saved))
+    same = new == old  # (d_out, d_in) bool
+    nonzero = delta != 0
+    counts = {"weights": w0.numel(), "nonzero_delta": int(nonzero.sum()), "changed": int((~same).sum()),
+              "rounded_away": int((nonzero & same).sum())}
+    return merged, counts
+
+
+def merge_counted(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                  saved: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+    """`merge`, and `merge_weight`'s counts per merged module (modules with rank 0 are not merged, not counted)."""
     merged = dict(base)
+    counts: dict[str, dict[str, int]] = {}
     method = method_class(meta["method"])
     for name, m in meta["modules"].items():
         if m["r"] == 0:
             continue
         w0 = base[f"{name}.weight"]
-        merged[f"{name}.weight"] = (w0.float() + method.delta(tensors, name, m)).to(w0.dtype)
+        merged[f"{name}.weight"], counts[name] = merge_weight(w0, method.delta(tensors, name, m), saved)
     for key, value in head_tensors(tensors, meta).items():
         merged[key] = value.to(base[key].dtype) if key in base else value
-    return merged
+    return merged, counts
+
+
+def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+          meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A new state dict: every adapted module's weight merged, trained heads copied in; no adapter keys."""
+    return merge_counted(base, tensors, meta)[0]
+
+
+def totals(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    keys = ("weights", "nonzero_delta", "changed", "rounded_away")
+    return {k: sum(c[k] for c in counts.values()) for k in keys}
+
+
+def _saved_dtype(model: Any, counts: dict[str, dict[str, int]]) -> str:
+    """The dtype the merged weights are written (and counted) in, e.g. `bfloat16`."""
+    first = next(iter(counts), None)
+    weight = model.get_submodule(first).weight if first is not None else next(model.parameters())
+    return str(weight.dtype).removeprefix("torch.")
 
 
 def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: str = "auto",
-                     force: bool = False) -> int:
+                     force: bool = False) -> dict[str, Any]:
     """`sora merge`: the base as it was trained (checked by fingerprint), merged, saved with its tokenizer
-    as a plain transformers model; `dtype` auto keeps the base's. Returns the number of merged modules."""
+    as a plain transformers model; `dtype` auto keeps the base's. Beside the model, `sora_merge.json` holds the
+    counts of changed and rounded-away weights per module (counted in the saved dtype). Returns that report."""
     from sora_cli.models import load_base
 
     if output.exists() and not force:
@@ -48,10 +91,15 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     tensors, meta = load_adapter(ckpt)
     model: Any
     model, tokenizer = load_base(ckpt, meta, base)
-    model.load_state_dict(merge(model.state_dict(), tensors, meta))
-    if dtype != "auto":
-        model.to(getattr(torch, dtype))
+    saved = None if dtype == "auto" else getattr(torch, dtype)
+    merged, counts = merge_counted(model.state_dict(), tensors, meta, saved)
+    model.load_state_dict(merged)
+    if saved is not None:
+        model.to(saved)
+    report = {"checkpoint": str(ckpt), "method": meta["method"], "modules_merged": len(counts),
+              "dtype": _saved_dtype(model, counts), "total": totals(counts), "modules": counts}
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return sum(1 for m in meta["modules"].values() if m["r"])
+        write_json(tmp / MERGE_REPORT, report)
+    return report

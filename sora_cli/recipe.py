@@ -97,7 +97,7 @@ class DataConfig:
     validation_file: str | None = None
     test_file: str | None = None
     task: Literal[GLUE_TASKS] | None = None  # type: ignore[valid-type]
-    task_type: Literal["classification", "regression", "causal_lm"] | None = None
+    task_type: Literal["classification", "regression", "causal_lm", "edit"] | None = None
     text_fields: tuple[str, ...] | None = None  # one field, or a pair
     label_field: str = "label"
     num_labels: int | None = field(default=None, metadata=_check("positive"))
@@ -159,6 +159,18 @@ class ScheduleConfig:
     memorization_samples: int = field(default=1000, metadata=_check("positive"))
 
 
+@dataclass(frozen=True)
+class EditConfig:
+    """Knowledge editing (data.task_type: edit): how the requests are applied and scored (README "Knowledge
+    editing"). train.max_steps counts passes over the requests being edited (EasyEdit's num_steps), each pass
+    one optimizer step per train.batch_size requests; data.max_train_samples takes the first N requests."""
+
+    mode: Literal["single", "batch", "sequential"] = "single"  # single: a fresh adapter per edit (EasyEdit)
+    stop_loss: float | None = field(default=None, metadata=_check("positive"))  # end an edit once below it ...
+    stop_after: int = field(default=0, metadata=_check("non_negative"))  # ... from this pass on (RoseLoRA: t_f)
+    exact_match: bool = False  # also generate greedily from each prompt and score exact match
+
+
 CAUSAL_FIELDS = ("format", "prompt_field", "completion_field", "chat_template", "train_on_prompt", "choices",
                  "max_new_tokens", "exact_match")
 
@@ -173,17 +185,20 @@ class Recipe:
     data: DataConfig
     train: TrainConfig
     schedule: ScheduleConfig | None = None  # only `sora schedule` needs it
+    edit: EditConfig | None = None  # only knowledge editing (data.task_type: edit) reads it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (lists, not tuples) that YAML serialises and `load_recipe` reads back."""
         data = _plain(dataclasses.asdict(self))
-        if data["schedule"] is None:
-            del data["schedule"]
+        for optional in ("schedule", "edit"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
-                             "schedule": ScheduleConfig}
+                             "schedule": ScheduleConfig, "edit": EditConfig}
+OPTIONAL_SECTIONS = ("schedule", "edit")
 
 
 def _plain(value: Any) -> Any:
@@ -264,7 +279,7 @@ def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: s
             problems.append(f"{name}: expected a mapping of fields, got {_show(section)}")
             section = {}
         built[name] = _build_section(name, cls, dict(section), problems, present=name in raw) \
-            if name != "schedule" or name in raw else None
+            if name not in OPTIONAL_SECTIONS or name in raw else None
     return _resolve(built, problems, default_output)
 
 
@@ -434,9 +449,12 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
     sched = built["schedule"]
     if sched is not None:
         _check_schedule(sched, a, t, problems)
+    edit = built["edit"]
+    if d is not None and (edit is not None or d.task_type == "edit"):
+        edit = _check_edit(edit, d, problems)
     if problems or built["model"] is None or a is None or d is None or t is None:
         return None  # a section that did not parse has its problems listed already
-    return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched)
+    return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched, edit=edit)
 
 
 def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
@@ -486,8 +504,8 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
         problems.append(f"data.text_fields: expected one field or a pair, got {len(d.text_fields)}")
     if d.task_type != "causal_lm":
         defaults = DataConfig()
-        for name in CAUSAL_FIELDS:
-            if getattr(d, name) != getattr(defaults, name):
+        for name in CAUSAL_FIELDS:  # an edit task generates too (edit.exact_match)
+            if getattr(d, name) != getattr(defaults, name) and not (d.task_type == "edit" and name == "max_new_tokens"):
                 problems.append(f"data.{name}: only applies to data.task_type: causal_lm; remove it or set the "
                                 "task type")
     elif d.choices is not None and (len(d.choices) < 2 or len(set(d.choices)) != len(d.choices)):
@@ -497,6 +515,20 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
     if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
                         f"got {list(d.split)}")
+
+
+def _check_edit(edit: EditConfig | None, d: DataConfig, problems: list[str]) -> EditConfig | None:
+    """The edit section belongs to edit tasks (which get its defaults when it is absent)."""
+    if d.task_type != "edit":
+        problems.append("edit: only applies to data.task_type: edit; remove the section or set the task type")
+        return edit
+    if d.dataset is not None and d.dataset != "packaged:country-edits":
+        problems.append(f"data.dataset: an edit task reads packaged:country-edits or data.train_file (EasyEdit, "
+                        f"ZsRE or CounterFact JSON), got {d.dataset!r}")
+    if d.validation_file or d.test_file:
+        problems.append("data.validation_file: an edit task scores the edited requests themselves; give only "
+                        "data.train_file")
+    return edit or EditConfig()
 
 
 def _resolve_train(t: TrainConfig, problems: list[str], default_output: str) -> TrainConfig:

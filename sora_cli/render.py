@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -34,9 +35,9 @@ def trainable_line(trainable: int, total: int) -> str:
 class TrainProgress:
     """A live bar: step, loss, learning rate, active ranks (SoRA's ranks switching off as it trains)."""
 
-    def __init__(self, total: int, start: int = 0):
+    def __init__(self, total: int, start: int = 0, label: str = "train"):
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn(f"[bold]{label}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=console, transient=False,
         )
@@ -119,6 +120,8 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
         table.add_row(r["module"], str(r["r_max"]), str(r["rank"]), *gates, f"{r['params']:,d}",
                       f"{r['params_pruned']:,d}")
     console.print(table)
+    if "support" in report:  # sparse factors (RoseLoRA): which base weights the update touches
+        console.print(support_table(report["support"], [r["module"] for r in rows]))
     for key, label in (("by_type", "module type"), ("by_layer", "layer")):
         console.print(_group_table(report[key], label))
     s = report["summary"]
@@ -127,6 +130,27 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     console.print(f"surviving rank {s['rank']} / {s['r_max']} ({s['rank_kept_percent']:.1f}%) in "
                   f"{s['modules_alive']} of {s['modules']} modules; adapter parameters {s['params']:,d} now, "
                   f"{s['params_pruned']:,d} after pruning{of_base}", markup=False, soft_wrap=True)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def support_table(support: dict[str, Any], order: list[str]) -> Table:
+    """One row per module in `order` (the module table's), then the totals: nnz and density of A and B, the exact
+    nnz(ΔW), Proposition 1's bound on it, and the share of the base matrix that ΔW touches."""
+    caption = Text("bound: min(d_out·d_in, Σ_i nnz(B[:, i])·nnz(A[i, :])); touched: nnz(ΔW) / (d_out·d_in)")
+    table = Table(title="update support", title_justify="left", caption=caption, caption_justify="left")
+    table.add_column("module", no_wrap=True)
+    for col in ("density A", "density B", "nnz(A)", "nnz(B)", "nnz(ΔW)", "bound", "touched"):
+        table.add_column(col, justify="right")
+    by_name = {r["module"]: r for r in support["modules"]}
+    rows = [by_name[name] for name in order] + [dict(support["total"], module="total")]
+    for i, r in enumerate(rows):
+        table.add_row(r["module"], _percent(r["density_A"]), _percent(r["density_B"]), f"{r['nnz_A']:,d}",
+                      f"{r['nnz_B']:,d}", f"{r['nnz_delta']:,d}", f"{r['bound']:,d}", _percent(r["touched_fraction"]),
+                      end_section=i == len(rows) - 2, style="bold" if i == len(rows) - 1 else None)
+    return table
 
 
 def _group_table(groups: dict[str, dict[str, int]], label: str, after: dict[str, dict[str, int]] | None = None,
@@ -157,6 +181,18 @@ def prune_summary(before: dict[str, Any], after: dict[str, Any], out: str, peft:
     console.print(f"pruned checkpoint: {out}" + (f"\nPEFT adapter: {peft}" if peft else ""), markup=False)
 
 
+def merge_summary(report: dict[str, Any], details: str) -> None:
+    """Two lines at most: base weights changed (after the cast to the saved dtype), updates the cast rounded away;
+    the per-module numbers are in `details` (sora_merge.json beside the model)."""
+    t = report["total"]
+    share = f" ({100 * t['changed'] / t['weights']:.2f}%)" if t["weights"] else ""
+    note(f"changed {t['changed']:,d} of {t['weights']:,d} base weights of the adapted modules{share}, counted in "
+         f"{report['dtype']}; {t['rounded_away']:,d} non-zero updates rounded away by the cast; per module: {details}")
+    if t["rounded_away"]:
+        note(f"hint: those updates are below the {report['dtype']} spacing of their weights, so the merged model "
+             "lacks them; the unmerged adapter keeps them (sora eval CKPT, or sora prune CKPT --peft DIR)")
+
+
 def schedule_plan(stages: list[Any], step_seconds: float) -> None:
     table = Table(title="sparsifying schedule (plan)", title_justify="left")
     for col in ("stage", "λ", "steps", "learning rate"):
@@ -182,3 +218,28 @@ def schedule_table(records: list[dict[str, Any]]) -> None:
                       _num(r["memorization_pct"], ".1f"), _num(r["generalization"], ".4f"),
                       _num(r["generalization_pct"], ".1f"), _num(r["test"], ".4f"))
     console.print(table)
+
+
+def edit_summary(summary: dict[str, Any], out: str, seconds: float) -> None:
+    """`sora train` on an edit recipe: unedited and edited means per metric, and what the edits cost."""
+    table = Table(title=f"sora edit: {summary['edits']} edits, {summary['mode']} mode, {summary['method']} "
+                        f"({summary['protocol']})", title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("unedited", justify="right")
+    table.add_column("edited", justify="right")
+    if "just_after" in summary:
+        table.add_column("right after each edit", justify="right")
+    for name, after in summary["post"].items():
+        row = [name, _num(summary["pre"].get(name)), _num(after)]
+        if "just_after" in summary:
+            row.append(_num(summary["just_after"].get(name)))
+        table.add_row(*row)
+    console.print(table)
+    per = "per edit" if summary["mode"] == "single" else "by the final adapter"
+    changed, total = summary["changed_weights_per_edit"] or 0, summary["adapted_base_weights"]
+    note(f"base weights changed {per}: {changed:,.0f} of {total:,d} in the adapted modules "
+         f"({100 * changed / max(total, 1):.3f}%); {summary['seconds_per_edit']:.1f} s per edit")
+    if summary["rounded_away_per_edit"]:
+        note(f"hint: {summary['rounded_away_per_edit']:,.0f} non-zero updates per edit round away in the base dtype; "
+             "merging would lose them")
+    note(f"per-edit results: {out}/edits.jsonl; means: {out}/summary.json")

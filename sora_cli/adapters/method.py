@@ -28,6 +28,9 @@ class Method:
     layer: ClassVar[type[nn.Module]]
     rank_dims: ClassVar[dict[str, int]] = {"lora_A": 0, "lora_B": 1}  # tensor per module -> its rank dimension
     peft_export: ClassVar[str | None] = None  # why a standard LoRA adapter cannot carry it (None: it can)
+    # True: the factors themselves are sparse (entries of A and B exactly zero), so `inspect` reports the support of
+    # A, B and ΔW (nnz, density, the bound nnz(B̃A) ≤ Σ_i nnz(B̃[:, i])·nnz(A[i, :]), the touched base weights)
+    sparse_factors: ClassVar[bool] = False
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
         self.adapter = adapter

@@ -64,6 +64,7 @@ def window(value: float, total: int) -> int:
 class RoseLoRA(Method):
     name = "roselora"
     layer = LoRALinear
+    sparse_factors = True  # `inspect` shows the support of A, B and B A
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
         super().__init__(with_roselora_defaults(adapter), train)

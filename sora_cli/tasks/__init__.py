@@ -19,10 +19,11 @@ from sora_cli.tasks.classification import (
     selection_metric,
     task_type_of,
 )
+from sora_cli.tasks.edit import EditTask
 from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regression": ClassificationTask,
-                                "causal_lm": CausalLMTask}
+                                "causal_lm": CausalLMTask, "edit": EditTask}
 
 
 def get_task(data: DataConfig) -> Task:

@@ -1,0 +1,1 @@
+"""Knowledge editing: edit requests (EasyEdit, ZsRE and CounterFact files) and the packaged country edits."""

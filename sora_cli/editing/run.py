@@ -1,0 +1,284 @@
+"""The knowledge-editing protocol (`sora train` on a recipe with data.task_type: edit).
+
+Modes (edit.mode):
+- single: every request gets a fresh adapter (the same initial tensors each time, seeded by train.seed + its index,
+  so an edit's numbers do not depend on the others), trained, scored, discarded: EasyEdit's default protocol;
+- batch: all requests in one adapter, scored at the end;
+- sequential: the requests one after another on the same adapter (a fresh optimizer each), all scored at the end,
+  so earlier edits can be forgotten; `just_after` keeps each edit's reliability right after its own training.
+
+An edit runs train.max_steps passes over its requests, each pass one optimizer step per train.batch_size requests
+(EasyEdit's `num_steps` and `batch_size`), with the engine's own `train_step` (the method's hooks included: RoseLoRA
+masks). edit.stop_loss ends an edit once a pass's mean loss is below it, from pass edit.stop_after on.
+
+Writes <output_dir>/recipe.yaml, edits.jsonl (one line per edit, appended as it finishes: --resume continues a
+single-mode run after the last complete line) and summary.json; batch and sequential also save the adapter (final/).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from sora_cli import render
+from sora_cli.adapters import adapters_disabled
+from sora_cli.checkpoint import write_text_atomic
+from sora_cli.editing.changed import changed_weights
+from sora_cli.editing.metrics import PROTOCOL, agreement, mean, predict, token_accuracy
+from sora_cli.editing.requests import EditRequest
+from sora_cli.engine import Run, prepare, train_step
+from sora_cli.errors import InputError
+from sora_cli.optim import build_optimizer, lr_factor, set_lr, warmup_length
+from sora_cli.recipe import EditConfig, Recipe
+from sora_cli.rundir import check_run_dir, start_fresh
+from sora_cli.tasks.causal_lm import collate, left_padded, normalize_answer, stop_ids
+from sora_cli.tasks.edit import EditTask, split_ids
+
+Pair = tuple[list[int], list[int]]
+METRICS = ("reliability", "generalization", "locality", "portability")
+
+
+@dataclass
+class Probes:
+    """The token ids of one request's probes: (prompt ids, target ids) each."""
+
+    rewrite: Pair
+    rephrase: list[Pair]
+    portability: list[Pair]
+    locality: list[Pair]
+
+    def pairs(self) -> list[Pair]:
+        return [self.rewrite, *self.rephrase, *self.portability, *self.locality]
+
+
+@dataclass
+class EditResult:
+    output_dir: Path
+    mode: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Session:
+    """What every edit shares: the prepared run, the requests, their probes, the unedited model's predictions."""
+
+    run: Run
+    edit: EditConfig
+    requests: list[EditRequest]
+    probes: list[Probes]
+    base: list[list[list[int]]] = field(default_factory=list)  # per request: the unedited argmax of every probe
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)  # the fresh adapter's trainable tensors
+    base_match: list[float] = field(default_factory=list)  # edit.exact_match: the unedited model's generations
+
+
+def probes_of(tokenizer: Any, r: EditRequest) -> Probes:
+    return Probes(split_ids(tokenizer, r.prompt, r.target_new),
+                  [split_ids(tokenizer, p, r.target_new) for p in r.rephrase],
+                  [split_ids(tokenizer, p.prompt, p.target) for p in r.portability],
+                  [split_ids(tokenizer, p.prompt, p.target) for p in r.locality])
+
+
+def predictions(s: Session, indices: list[int]) -> list[list[list[int]]]:
+    """Per request in `indices`: the model's argmax at every target position of every probe (one batched pass)."""
+    run = s.run
+    flat = [pair for i in indices for pair in s.probes[i].pairs()]
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with run.ctx.autocast:
+            preds = predict(run.model, flat, run.tokenizer.pad_token_id, run.ctx.device, run.ctx.batch_size)
+    finally:
+        run.model.train(was_training)
+    out, at = [], 0
+    for i in indices:
+        n = len(s.probes[i].pairs())
+        out.append(preds[at: at + n])
+        at += n
+    return out
+
+
+def scores(p: Probes, preds: list[list[int]], base: list[list[int]]) -> dict[str, float | None]:
+    """One request's metrics from its probes' predictions (`base`: the unedited model's, for locality)."""
+    n_re, n_po = len(p.rephrase), len(p.portability)
+    rest = preds[1:]
+    return {
+        "reliability": token_accuracy(preds[0], p.rewrite[1]),
+        "generalization": mean([token_accuracy(a, t) for a, (_, t) in zip(rest[:n_re], p.rephrase)]),
+        "locality": mean([agreement(a, b) for a, b in zip(rest[n_re + n_po:], base[1 + n_re + n_po:])]),
+        "portability": mean([token_accuracy(a, t) for a, (_, t) in zip(rest[n_re: n_re + n_po], p.portability)]),
+    }
+
+
+def open_session(recipe: Recipe) -> Session:
+    """Load the model and requests, inject the adapter, score the unedited model (nothing written yet)."""
+    edit = recipe.edit or EditConfig()
+    run = prepare(recipe, Path(recipe.train.output_dir or "runs/edit"))
+    task = run.task
+    assert isinstance(task, EditTask)
+    s = Session(run, edit, task.requests, [probes_of(run.tokenizer, r) for r in task.requests])
+    with adapters_disabled(run.model):
+        s.base = predictions(s, list(range(len(s.requests))))
+        if edit.exact_match:
+            s.base_match = [generated_match(s, i) for i in range(len(s.requests))]
+    s.initial = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    return s
+
+
+def reset_adapter(s: Session) -> None:
+    with torch.no_grad():
+        for name, p in s.run.model.named_parameters():
+            if name in s.initial:
+                p.copy_(s.initial[name])
+
+
+def apply_edit(s: Session, indices: list[int], seed: int) -> dict[str, Any]:
+    """Train the current adapter on the requests `indices` (a fresh optimizer and method state); its trace."""
+    run, cfg = s.run, s.run.recipe.train
+    torch.manual_seed(seed)  # dropout's draws: the same for an edit whatever ran before it
+    chunks = [indices[i: i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    passes = cfg.max_steps or 1
+    total = passes * len(chunks)
+    run.optimizer = build_optimizer(run.model, run.method.param_groups(run.model), cfg.lr, cfg.weight_decay)
+    run.method.setup(run.model, total, None)
+    warmup, step, started = warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), 0, time.perf_counter()
+    run.model.train()
+    for done in range(1, passes + 1):
+        losses = []
+        for chunk in chunks:
+            set_lr(run.optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
+            batch = {k: v.to(run.ctx.device) for k, v in
+                     collate(run.data.train, chunk, run.tokenizer.pad_token_id).items()}
+            loss, _ = train_step(run.model, run.task, run.method, run.optimizer, [batch], run.params,
+                                 cfg.max_grad_norm, run.ctx.autocast, step)
+            losses.append(float(loss))
+            step += 1
+        if s.edit.stop_loss is not None and done > s.edit.stop_after and sum(losses) / len(losses) < s.edit.stop_loss:
+            break
+    return {"passes": done, "steps": step, "loss": sum(losses) / len(losses),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+@torch.inference_mode()
+def generated_match(s: Session, i: int) -> float:
+    """1.0 when the greedy continuation of the prompt begins with target_new (both SQuAD-normalised), else 0.0:
+    a generation-based score, stored under its own name, never averaged with the teacher-forced ones."""
+    run, tok, model = s.run, s.run.tokenizer, cast(Any, s.run.model)
+    inputs = left_padded([s.probes[i].rewrite[0]], tok.pad_token_id, run.ctx.device)
+    was_training = run.model.training
+    run.model.eval()
+    try:
+        with run.ctx.autocast:
+            out = model.generate(**inputs, max_new_tokens=run.recipe.data.max_new_tokens, do_sample=False,
+                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
+                                 temperature=None, top_p=None, top_k=None)
+    finally:
+        run.model.train(was_training)
+    words = normalize_answer(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)).split()
+    target = normalize_answer(s.requests[i].target_new).split()
+    return float(words[: len(target)] == target)
+
+
+def record(s: Session, i: int, preds: list[list[int]], trace: dict[str, Any]) -> dict[str, Any]:
+    r = s.requests[i]
+    item = {"index": i, "prompt": r.prompt, "target_new": r.target_new, "ground_truth": r.ground_truth,
+            "pre": scores(s.probes[i], s.base[i], s.base[i]), "post": scores(s.probes[i], preds, s.base[i]), **trace}
+    if s.edit.exact_match:
+        item["pre"]["exact_match"], item["post"]["exact_match"] = s.base_match[i], generated_match(s, i)
+    return item
+
+
+def run_edits(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> EditResult:
+    """Apply and score the recipe's edits as edit.mode says; write edits.jsonl and summary.json."""
+    t0 = time.perf_counter()
+    out = Path(recipe.train.output_dir or "runs/edit")
+    edit = recipe.edit or EditConfig()
+    has_run = check_run_dir(out, recipe, resume, overwrite)
+    if has_run and edit.mode != "single":
+        raise InputError(f"--resume: a {edit.mode}-mode edit run cannot continue part-way (its adapter holds every "
+                         "edit so far); start it again with --overwrite")
+    s = open_session(recipe)
+    done = read_done(out / "edits.jsonl") if has_run else {}
+    if not has_run:
+        start_fresh(out, recipe, has_run, overwrite)
+    render.note(f"{s.run.method.name} edits {len(s.requests)} requests ({edit.mode}) on "
+                f"{len(s.run.injection.targets)} modules, r={recipe.adapter.r}; {recipe.train.max_steps} passes each")
+    with (out / "edits.jsonl").open("a") as log:
+        records = edit_all(s, done, log)
+    summary = summarize(s, records)
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if edit.mode != "single":
+        s.run.save(out / "final", sum(r["steps"] for r in records), {"edit": summary["post"]})
+    return EditResult(out, edit.mode, summary, time.perf_counter() - t0)
+
+
+def read_done(path: Path) -> dict[int, dict[str, Any]]:
+    """The complete lines of an interrupted single-mode run's edits.jsonl (a line cut by a kill is dropped)."""
+    done: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[item["index"]] = item
+    write_text_atomic(path, "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    return done
+
+
+def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict[str, Any]]:
+    """Every request edited as the mode says; each record written to `log` as soon as it is final."""
+    n, seed = len(s.requests), s.run.recipe.train.seed
+    if s.edit.mode == "batch":
+        trace = apply_edit(s, list(range(n)), seed)
+        trace["seconds"] = trace["seconds"] / n  # one adapter for all: its time shared out per edit
+        every = predictions(s, list(range(n)))
+        records = [record(s, i, every[i], {**trace, **changed_weights(s.run.model)}) for i in range(n)]
+    else:
+        records = []
+        with render.TrainProgress(n, start=len(done), label="edit") as progress:
+            for i in range(n):
+                if i in done:
+                    records.append(done[i])
+                    continue
+                if s.edit.mode == "single":
+                    reset_adapter(s)
+                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model)}
+                (preds,) = predictions(s, [i])
+                records.append(record(s, i, preds, trace))
+                if s.edit.mode == "single":
+                    log.write(json.dumps(records[-1]) + "\n")
+                    log.flush()
+                else:
+                    records[-1]["just_after"] = records[-1].pop("post")
+                progress.update(i + 1, trace["loss"])
+        if s.edit.mode == "sequential":  # everything scored once more at the end: what later edits undid
+            preds_all = predictions(s, list(range(n)))
+            for i, r in enumerate(records):
+                r["post"] = scores(s.probes[i], preds_all[i], s.base[i])
+    if s.edit.mode != "single":
+        log.write("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def summarize(s: Session, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over edits (each edit's own mean first; an edit without rephrases etc. is left out of that mean)."""
+    def means(key: str) -> dict[str, float | None]:
+        names = (*METRICS, "exact_match") if s.edit.exact_match else METRICS
+        return {m: mean([r[key][m] for r in records if r.get(key, {}).get(m) is not None]) for m in names}
+
+    run = s.run
+    return {"protocol": PROTOCOL, "mode": s.edit.mode, "method": run.method.name, "edits": len(records),
+            "source": run.task.meta()["source"], "base_model": run.recipe.model.name_or_path,
+            "pre": means("pre"), "post": means("post"),
+            **({"just_after": means("just_after")} if s.edit.mode == "sequential" else {}),
+            "changed_weights_per_edit": mean([r["changed_weights"] for r in records]),
+            "rounded_away_per_edit": mean([r["rounded_away"] for r in records]),
+            "adapted_base_weights": records[0]["adapted_base_weights"] if records else 0,
+            "seconds_per_edit": mean([r["seconds"] for r in records]),
+            "steps_per_edit": mean([r["steps"] for r in records])}
