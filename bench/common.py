@@ -85,7 +85,7 @@ def settings(smoke: bool, seeds: tuple[int, ...] | None = None, steps: int | Non
     recipe = load_recipe(QUICKSTART)
     t = recipe.train
     default_lrs = {"peft-lora": LORA_LR, "peft-adalora": ADALORA_LR, "sora-lora": LORA_LR,
-                   "sora-r8": t.lr, "sora-r16": t.lr}
+                   "sora-r8": t.lr, "sora-r16": t.lr, **{key: LORA_LR for key in ROSELORA}}
     return Settings(recipe=recipe, steps=steps or (6 if smoke else int(t.max_steps or 0)),
                     batch_size=t.batch_size, max_length=recipe.data.max_length, warmup_ratio=t.warmup_ratio,
                     seeds=seeds if seeds is not None else ((0, 1) if smoke else (0, 1, 2)),
@@ -196,6 +196,8 @@ class Contestant:
         return count_parameters(self.model)[0]
 
 
+# RoseLoRA at three densities, r as LoRA's, LoRA's LR: the mask schedule from 10% to 80% of training
+ROSELORA = {"roselora-d05": 0.05, "roselora-d10": 0.1, "roselora-d20": 0.2}
 LABELS = {
     "peft-lora": "PEFT LoRA r={r}",
     "peft-adalora": "PEFT AdaLoRA r 12→8",
@@ -203,8 +205,9 @@ LABELS = {
     "sora-r8": "sora SoRA r_max=8",
     "sora-r16": "sora SoRA r_max=16",
     "floor": "frozen base + 1 scalar (floor)",
+    **{key: f"sora RoseLoRA r={{r}}, density {density:g}" for key, density in ROSELORA.items()},
 }
-QUALITY = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r16")
+QUALITY = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r16", *ROSELORA)
 
 
 def reference_a(seed: int, name: str, r: int, d_in: int) -> torch.Tensor:
@@ -255,6 +258,9 @@ def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
                                       gate_lr=None, l1_loss_weight=None)
     elif key in ("sora-r8", "sora-r16"):
         adapter = dataclasses.replace(adapter, method="sora", r=int(key.removeprefix("sora-r")))
+    elif key in ROSELORA:
+        adapter = dataclasses.replace(adapter, method="roselora", gate_init=None, sparse_lambda=None, threshold=None,
+                                      gate_lr=None, l1_loss_weight=None, density=ROSELORA[key])
     else:
         raise KeyError(key)
     train_cfg = dataclasses.replace(s.recipe.train, lr=lr)
@@ -265,6 +271,7 @@ def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
         for name, layer in adapter_layers(model):
             layer.lora_A.copy_(reference_a(seed, name, layer.r, layer.in_features))
     model.to(setup.device)
+    method.setup(model, s.steps, None)  # as the engine's prepare does: RoseLoRA's layers and mask schedule
     optimizer = build_optimizer(model, method.param_groups(model), lr, train_cfg.weight_decay)
     return Contestant(key, LABELS[key].format(r=s.r), model, method, optimizer, lr)
 

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> str:
         data = json.loads(args.from_json.read_text())
         text = table(data["summaries"], data["command"], data["machine"])
         (args.from_json.parent / "editing.md").write_text(text)
+        print(text)
         return text
     command = f"python bench/editing.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Quality, parameters and training time: PEFT LoRA and AdaLoRA against sora's LoRA and SoRA, side by side.
+"""Quality, parameters and training time: PEFT LoRA and AdaLoRA against sora's LoRA, SoRA and RoseLoRA, side by side.
 
     python bench/quality.py                      # the full run: 5 methods x 3 seeds, quickstart model and data
     python bench/quality.py --seeds 0 --steps 200 # a shorter look
@@ -31,7 +31,8 @@ from sora_cli.errors import SoraError  # noqa: E402
 from sora_cli.report import pyplot  # noqa: E402
 
 PRUNED = {"sora-r8": "sora-r8-pruned", "sora-r16": "sora-r16-pruned"}
-ROWS = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r8-pruned", "sora-r16", "sora-r16-pruned")
+ROWS = ("peft-lora", "peft-adalora", "sora-lora", "sora-r8", "sora-r8-pruned", "sora-r16", "sora-r16-pruned",
+        *common.ROSELORA)
 COLUMNS = ["method", "lr", "accuracy", "trainable params", "inference params", "inference / PEFT LoRA",
            "train time (s)", "time / AdaLoRA"]
 
@@ -39,7 +40,8 @@ COLUMNS = ["method", "lr", "accuracy", "trainable params", "inference params", "
 def inference_parameters(c: common.Contestant) -> int:
     """The adapter as shipped unmerged, head excluded: LoRA r(d_in + d_out); SoRA r(d_in + d_out + 1) (A, B and
     the gate: every rank before pruning, the surviving ones after); AdaLoRA k(d_in + d_out + 1) with k the
-    triplets its final budget kept (E != 0: PEFT saves its rank pattern and loads only those)."""
+    triplets its final budget kept (E != 0: PEFT saves its rank pattern and loads only those); RoseLoRA the
+    non-zero entries of A and B (what a sparse format stores; as a dense LoRA it ships r(d_in + d_out))."""
     if c.key == "peft-lora":
         return sum(p.numel() for n, p in c.model.named_parameters() if "lora_A" in n or "lora_B" in n)
     if c.key == "peft-adalora":
@@ -49,6 +51,8 @@ def inference_parameters(c: common.Contestant) -> int:
                 kept = int((module.lora_E["default"] != 0).sum())
                 total += kept * (module.in_features + module.out_features + 1)
         return total
+    if c.key in common.ROSELORA:  # stored sparse: its non-zero entries of A and B
+        return sum(int(torch.count_nonzero(t)) for _, m in adapter_layers(c.model) for t in (m.lora_A, m.lora_B))
     return sora_parameters(c.model, gate=c.key.startswith("sora-r"))
 
 

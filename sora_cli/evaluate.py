@@ -36,6 +36,9 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str], *, split: str = "test"
     # The cheap checks first, in the order the user gave things: the checkpoint, the recipe, the data.
     _, meta = load_adapter(ckpt)
     recipe = load_recipe(recipe_path if recipe_path is not None else find_recipe(ckpt), overrides)
+    if recipe.edit is not None:
+        raise InputError(f"{ckpt}: a knowledge-editing adapter; sora train scored its edits (edits.jsonl and "
+                         "summary.json beside it), and sora eval scores splits of a training set, which edits lack")
     data_cfg, split = (recipe.data, split) if data_file is None else (file_data(recipe.data, data_file), "dev")
     source = data_source(data_cfg, split)
     device = pick_device(recipe.train.device)

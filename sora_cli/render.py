@@ -78,6 +78,9 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
     if stats.get("total_gates"):
         zero, total = stats["zero_gates"], stats["total_gates"]
         rows.append(("zero gates", f"{zero} / {total} ({100 * zero / total:.1f}%)"))
+    if stats.get("adapter_numel"):  # RoseLoRA: the entries of A and B its masks kept
+        nnz, numel = stats["adapter_nnz"], stats["adapter_numel"]
+        rows.append(("adapter non-zeros", f"{nnz:,d} / {numel:,d} ({100 * nnz / numel:.1f}%)"))
     return rows
 
 

@@ -102,6 +102,9 @@ def _schedule(recipe: Recipe) -> ScheduleConfig:
                          "num) and schedule.steps_per_stage")
     if recipe.adapter.method != "sora":
         raise InputError(f"adapter.method: the sparsifying scheduler needs sora, not {recipe.adapter.method}")
+    if recipe.edit is not None:
+        raise InputError("data.task_type: the sparsifying scheduler needs a dev split to track generalization; an "
+                         "edit task has none (run it with sora train)")
     return recipe.schedule
 
 

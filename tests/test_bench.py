@@ -68,6 +68,9 @@ def test_quality_smoke_writes_every_row_and_column(quality_out: Path) -> None:
     # SoRA adds one gate entry per rank; pruning only ever removes.
     assert data["rows"]["sora-r8"]["trainable_params"] == data["rows"]["sora-lora"]["trainable_params"] + 8 * 13
     assert data["rows"]["sora-r8"]["inference_params_mean"] == expected + 8 * 13  # unpruned: every rank is shipped
+    # RoseLoRA at density 0.2 ships its non-zeros: per rank ⌈0.2 d_in⌉ of A's row and ⌈0.2 d_out⌉ of B's column
+    # (9 modules 32 -> 32: 7 + 7; 4 modules 32 <-> 64: 7 + 13), the schedule having reached τ by step 5 of 6
+    assert data["rows"]["roselora-d20"]["inference_params_mean"] == 8 * (9 * (7 + 7) + 4 * (7 + 13))
 
 
 def test_quality_runs_are_kept_and_not_repeated(quality_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,3 +202,19 @@ def test_causal_ab_smoke(tmp_path: Path) -> None:
     assert len(sora) == 2 and float(rows[1][1]) == pytest.approx(statistics.median(sora), abs=0.6)
     assert float(rows[1][2]) == pytest.approx(statistics.median(a / b for a, b in zip(sora, lora)), rel=2e-2)
     assert (tmp_path / "ab-causal.md").read_text() == text
+
+
+def test_editing_smoke(tmp_path: Path) -> None:
+    import editing
+
+    text = editing.main(["--smoke", "--contestants", "lora", "roselora", "--out", str(tmp_path)])
+    header = ["contestant", *editing.METRICS, "base weights changed / edit", "/ LoRA's", "s / edit"]
+    rows = table_rows(text, header)
+    assert [r[0] for r in rows] == [editing.CONTESTANTS[k][2] for k in ("lora", "roselora")]
+    data = json.loads((tmp_path / "editing.json").read_text())["summaries"]
+    assert data["lora"]["protocol"] == "easyedit-teacher-forced" and data["lora"]["edits"] == 3
+    # LoRA's B A is dense: every weight of the tiny model's q_proj (32 x 32) and v_proj (16 x 32), 2 layers
+    assert data["lora"]["changed_weights_per_edit"] == data["lora"]["adapted_base_weights"] == 2 * (32 + 16) * 32
+    share = data["roselora"]["changed_weights_per_edit"] / data["lora"]["changed_weights_per_edit"]
+    assert rows[1][6] == f"{share:.4f}" and share < 0.1
+    assert editing.main(["--from-json", str(tmp_path / "editing.json")]) == text  # the table from the JSON alone

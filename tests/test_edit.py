@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sora_cli.editing.metrics import agreement, padded, predict, token_accuracy
 from sora_cli.editing.run import open_session, predictions, run_edits, scores
-from sora_cli.errors import RecipeError
+from sora_cli import schedule
+from sora_cli.errors import InputError, RecipeError
+from sora_cli.evaluate import evaluate_checkpoint
 from sora_cli.recipe import load_recipe
 from sora_cli.tasks.edit import split_ids
 from tests.conftest import write_recipe
@@ -139,11 +141,14 @@ def test_batch_and_sequential_modes(edit_recipe) -> None:
     b = run_edits(batch).summary
     assert b["mode"] == "batch" and (Path(batch.train.output_dir) / "final" / "adapter.safetensors").is_file()
     assert b["post"]["reliability"] > b["pre"]["reliability"]
+    with pytest.raises(InputError, match="a knowledge-editing adapter; sora train scored its edits"):
+        evaluate_checkpoint(Path(batch.train.output_dir) / "final", [])
     seq = load_recipe(edit_recipe("seq", edit={"mode": "sequential"}))
     s = run_edits(seq).summary
     assert s["just_after"]["reliability"] > s["pre"]["reliability"]
     lines = [json.loads(line) for line in (Path(seq.train.output_dir) / "edits.jsonl").read_text().splitlines()]
     assert all(set(r) >= {"pre", "just_after", "post"} for r in lines)  # each edit right after, and at the end
+    assert s["changed_weights_per_edit"] == lines[-1]["changed_weights"]  # the final adapter, not a mean
     with pytest.raises(Exception, match="a sequential-mode edit run cannot continue part-way"):
         run_edits(seq, resume=True)
 
@@ -156,3 +161,8 @@ def test_edit_recipe_errors(edit_recipe, tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"bad.json: record 1: .*target_new"):
         run_edits(load_recipe(edit_recipe("bad", data={"train_file": str(bad)})))
     assert not (tmp_path / "runs" / "bad").exists()  # nothing written
+    scheduled = load_recipe(edit_recipe("sched", adapter={"method": "sora", "density": None, "sparsify_start": None,
+                                                          "sparsify_end": None},
+                                        schedule={"thresholds": [0.1, 1.0], "steps_per_stage": 2}))
+    with pytest.raises(InputError, match="the sparsifying scheduler needs a dev split"):
+        schedule.plan(scheduled, 3)

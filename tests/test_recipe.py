@@ -124,3 +124,11 @@ def test_defaults_and_round_trip(tmp_path: Path) -> None:
     assert load_recipe(again) == r
     lora = load_recipe(write(tmp_path, BASE + "adapter:\n  method: lora\n"))
     assert lora.adapter.gate_init is None and lora.adapter.sparse_lambda is None
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_names_its_command(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert path.read_text().startswith(f"# sora {'schedule' if recipe.schedule else 'train'} recipes/{path.name}")
+    if recipe.data.task_type == "edit":
+        assert recipe.edit is not None and recipe.data.dataset == "packaged:country-edits"

@@ -46,8 +46,9 @@ capital, region, demonym (72/71/71). The new answer is that relation's value of 
 `Random(0)` shuffle, whose value differs. Prompts: \"The capital of France is\", \"France is located in the \
 continent of\" (\"the Americas\"), \"People from France are called\", two rephrases each; the subject is the \
 country's name. Locality: two other countries (not the answer's donor, no overlapping name), asked the edited \
-relation and the next one, scored against their true values. Portability: one one-hop prompt, answered by the new \
-value through another true fact of the edited country: \"The capital of the country whose people are called French \
+relation and the next one, with their true values as the answers (locality scores the edited model's agreement \
+with the unedited one on those answer tokens). Portability: one one-hop prompt, answered by the new value \
+through another true fact of the edited country: \"The capital of the country whose people are called French \
 is\", \"The city of Paris is located in the continent of\", \"People from the country whose capital is Paris are \
 called\". The edits are then shuffled (same `Random(0)`): the first N (`limit`) mix relations and continents."""
 

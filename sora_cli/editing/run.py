@@ -266,6 +266,12 @@ def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict
     return records
 
 
+def per_edit(counts: list[int], mode: str) -> float | None:
+    """Base weights changed: each edit's own adapter (single), or the adapter after the last edit (the others,
+    whose records count cumulatively)."""
+    return mean(counts) if mode == "single" or not counts else float(counts[-1])
+
+
 def summarize(s: Session, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over edits (each edit's own mean first; an edit without rephrases etc. is left out of that mean)."""
     def means(key: str) -> dict[str, float | None]:
@@ -277,8 +283,9 @@ def summarize(s: Session, records: list[dict[str, Any]]) -> dict[str, Any]:
             "source": run.task.meta()["source"], "base_model": run.recipe.model.name_or_path,
             "pre": means("pre"), "post": means("post"),
             **({"just_after": means("just_after")} if s.edit.mode == "sequential" else {}),
-            "changed_weights_per_edit": mean([r["changed_weights"] for r in records]),
-            "rounded_away_per_edit": mean([r["rounded_away"] for r in records]),
+            # single: the mean over edits; batch and sequential: what the one final adapter changes
+            "changed_weights_per_edit": per_edit([r["changed_weights"] for r in records], s.edit.mode),
+            "rounded_away_per_edit": per_edit([r["rounded_away"] for r in records], s.edit.mode),
             "adapted_base_weights": records[0]["adapted_base_weights"] if records else 0,
             "seconds_per_edit": mean([r["seconds"] for r in records]),
             "steps_per_edit": mean([r["steps"] for r in records])}
