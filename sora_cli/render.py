@@ -243,6 +243,6 @@ def edit_summary(summary: dict[str, Any], out: str, seconds: float) -> None:
     note(f"base weights changed {per}: {changed:,.0f} of {total:,d} in the adapted modules "
          f"({100 * changed / max(total, 1):.3f}%); {summary['seconds_per_edit']:.1f} s per edit")
     if summary["rounded_away_per_edit"]:
-        note(f"hint: {summary['rounded_away_per_edit']:,.0f} non-zero updates per edit round away in the base dtype; "
-             "merging would lose them")
+        note(f"hint: {summary['rounded_away_per_edit']:,.2f} non-zero updates per edit (mean) round away in the base "
+             "dtype; a merged model would lack them")
     note(f"per-edit results: {out}/edits.jsonl; means: {out}/summary.json")
