@@ -17,8 +17,10 @@ single-mode run after the last complete line) and summary.json; batch and sequen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -84,17 +86,23 @@ def probes_of(tokenizer: Any, r: EditRequest) -> Probes:
                   [split_ids(tokenizer, p.prompt, p.target) for p in r.locality])
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) inside, back in the mode it was in after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def predictions(s: Session, indices: list[int]) -> list[list[list[int]]]:
     """Per request in `indices`: the model's argmax at every target position of every probe (one batched pass)."""
     run = s.run
     flat = [pair for i in indices for pair in s.probes[i].pairs()]
-    was_training = run.model.training
-    run.model.eval()
-    try:
-        with run.ctx.autocast:
-            preds = predict(run.model, flat, run.tokenizer.pad_token_id, run.ctx.device, run.ctx.batch_size)
-    finally:
-        run.model.train(was_training)
+    with evaluating(run.model), run.ctx.autocast:
+        preds = predict(run.model, flat, run.tokenizer.pad_token_id, run.ctx.device, run.ctx.batch_size)
     out, at = [], 0
     for i in indices:
         n = len(s.probes[i].pairs())
@@ -170,15 +178,10 @@ def generated_match(s: Session, i: int) -> float:
     a generation-based score, stored under its own name, never averaged with the teacher-forced ones."""
     run, tok, model = s.run, s.run.tokenizer, cast(Any, s.run.model)
     inputs = left_padded([s.probes[i].rewrite[0]], tok.pad_token_id, run.ctx.device)
-    was_training = run.model.training
-    run.model.eval()
-    try:
-        with run.ctx.autocast:
-            out = model.generate(**inputs, max_new_tokens=run.recipe.data.max_new_tokens, do_sample=False,
-                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
-                                 temperature=None, top_p=None, top_k=None)
-    finally:
-        run.model.train(was_training)
+    with evaluating(run.model), run.ctx.autocast:
+        out = model.generate(**inputs, max_new_tokens=run.recipe.data.max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok), temperature=None,
+                             top_p=None, top_k=None)
     words = normalize_answer(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)).split()
     target = normalize_answer(s.requests[i].target_new).split()
     return float(words[: len(target)] == target)

@@ -82,8 +82,5 @@ class EditTask(CausalLMTask):
             raise InputError("train.metric_for_best: an edit task keeps no best checkpoint; remove it")
         return "reliability"
 
-    def greater_is_better(self, metric: str) -> bool:
-        return True
-
     def meta(self) -> dict[str, Any]:
         return {"type": "edit", "source": self.source(), "edits": len(self.requests)}
