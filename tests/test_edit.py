@@ -166,3 +166,20 @@ def test_edit_recipe_errors(edit_recipe, tmp_path: Path) -> None:
                                         schedule={"thresholds": [0.1, 1.0], "steps_per_stage": 2}))
     with pytest.raises(InputError, match="the sparsifying scheduler needs a dev split"):
         schedule.plan(scheduled, 3)
+
+
+def test_generation_based_exact_match_is_stored_under_its_own_name(edit_recipe, tiny_dir: Path) -> None:
+    recipe = load_recipe(edit_recipe("em", edit={"mode": "single", "exact_match": True}, data={"max_new_tokens": 3}))
+    summary = run_edits(recipe).summary
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    lines = [json.loads(line) for line in (Path(recipe.train.output_dir) / "edits.jsonl").read_text().splitlines()]
+    for e, r in zip(EDITS, lines):  # the unedited model's greedy continuation, by hand
+        ids = torch.tensor([split_ids(tok, e["prompt"], e["target_new"])[0]])
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+        words = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower().split()
+        target = e["target_new"].lower().split()
+        assert r["pre"]["exact_match"] == float(words[: len(target)] == target)
+        assert r["post"]["exact_match"] in (0.0, 1.0)
+    assert summary["post"]["exact_match"] == sum(r["post"]["exact_match"] for r in lines) / 3
+    assert summary["post"]["exact_match"] > summary["pre"]["exact_match"]  # the edits took, in generation too
