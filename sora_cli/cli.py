@@ -89,7 +89,7 @@ def train(
 
     result = _run(go, debug)
     if hasattr(result, "summary"):  # an edit run (editing.run.EditResult)
-        render.edit_summary(result.summary, str(result.output_dir), result.seconds)
+        render.edit_summary(result.summary, str(result.output_dir))
         return
     rows = [("run", str(result.output_dir)), ("steps", str(result.step))]
     if result.already_complete:

@@ -83,6 +83,7 @@ ROSELORA_DEFAULTS: dict[str, Any] = {  # clamp's default is None (off)
     "importance_beta": 0.8,
     "mask_rule": "budget",
 }
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sora": SORA_DEFAULTS, "roselora": ROSELORA_DEFAULTS}
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {  # settings that only one method reads
     "sora": (*SORA_DEFAULTS, "gate_lr"),
     "roselora": (*ROSELORA_DEFAULTS, "clamp"),
@@ -430,13 +431,10 @@ def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 # Cross-field rules and method defaults
 
 
-def with_sora_defaults(a: AdapterConfig) -> AdapterConfig:
-    """The adapter config with every unset SoRA setting at its default (SORA_DEFAULTS, the one source)."""
-    return dataclasses.replace(a, **{k: v for k, v in SORA_DEFAULTS.items() if getattr(a, k) is None})
-
-
-def with_roselora_defaults(a: AdapterConfig) -> AdapterConfig:
-    return dataclasses.replace(a, **{k: v for k, v in ROSELORA_DEFAULTS.items() if getattr(a, k) is None})
+def with_method_defaults(a: AdapterConfig) -> AdapterConfig:
+    """The adapter config with every unset setting of its method at its default (METHOD_DEFAULTS, the one source)."""
+    defaults = METHOD_DEFAULTS.get(a.method, {})
+    return dataclasses.replace(a, **{k: v for k, v in defaults.items() if getattr(a, k) is None})
 
 
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
@@ -463,10 +461,8 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
         for name in names if method != a.method else ():
             if getattr(a, name) is not None:
                 problems.append(f"adapter.{name}: only applies to method {method}, not {a.method}; remove it")
-    if a.method == "sora":
-        a = with_sora_defaults(a)
+    a = with_method_defaults(a)
     if a.method == "roselora":
-        a = with_roselora_defaults(a)
         _check_sparsify_window(a, problems)
     if isinstance(a.target_modules, tuple) and not a.target_modules:
         problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")

@@ -223,7 +223,7 @@ def schedule_table(records: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def edit_summary(summary: dict[str, Any], out: str, seconds: float) -> None:
+def edit_summary(summary: dict[str, Any], out: str) -> None:
     """`sora train` on an edit recipe: unedited and edited means per metric, and what the edits cost."""
     table = Table(title=f"sora edit: {summary['edits']} edits, {summary['mode']} mode, {summary['method']} "
                         f"({summary['protocol']})", title_justify="left")

@@ -17,7 +17,7 @@ from torch import nn
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method, Tensors, adapter_layers
 from sora_cli.errors import InputError
-from sora_cli.recipe import AdapterConfig, TrainConfig, with_roselora_defaults
+from sora_cli.recipe import AdapterConfig, TrainConfig, with_method_defaults
 
 
 def density_at(t: int, density: float, start: int, end: int) -> float:
@@ -67,7 +67,7 @@ class RoseLoRA(Method):
     sparse_factors = True  # `inspect` shows the support of A, B and B A
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        super().__init__(with_roselora_defaults(adapter), train)
+        super().__init__(with_method_defaults(adapter), train)
         self.layers: dict[str, LoRALinear] = {}
         self.importance: Tensors = {}  # "<module>.lora_A" / "<module>.lora_B" -> Ī, shaped like the tensor
         self.start = self.end = 0

@@ -11,7 +11,7 @@ from torch import nn
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method, Tensors, adapter_layers
 from sora_cli.optim import proximal_step
-from sora_cli.recipe import AdapterConfig, TrainConfig, with_sora_defaults
+from sora_cli.recipe import AdapterConfig, TrainConfig, with_method_defaults
 
 
 class SoRALinear(LoRALinear):
@@ -48,7 +48,7 @@ class SoRA(Method):
     rank_dims = {"lora_A": 0, "lora_B": 1, "gate": 0}
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        super().__init__(with_sora_defaults(adapter), train)  # a config built in code gets the recipe's defaults
+        super().__init__(with_method_defaults(adapter), train)  # a config built in code gets the recipe's defaults
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter

@@ -1,22 +1,24 @@
-"""How many base weights a live adapter changes, counted in the base dtype after the cast (merge's own rule)."""
+"""How many base weights a live adapter changes, counted in the base dtype after the cast: the method's own ΔW
+rule and merge's own count, so an edit's number is the one `sora merge` would report."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sora_cli.adapters import adapter_layers
+from sora_cli.adapters import Method, adapter_layers
+from sora_cli.engine import module_meta
 from sora_cli.merge import merge_weight
+from sora_cli.rundir import trainable_tensors
 
 
 @torch.no_grad()
-def changed_weights(model: nn.Module) -> dict[str, int]:
-    """Totals over the model's adapted layers: ΔW = B (rank_scale · A) of each (LoRA: s; SoRA: s · g)."""
+def changed_weights(model: nn.Module, method: type[Method]) -> dict[str, int]:
+    """Totals over the model's adapted layers (ΔW from `method.delta`, as adapter.json would record them)."""
+    tensors, metas = trainable_tensors(model), module_meta(model)
     changed = rounded = total = 0
-    for _, m in adapter_layers(model):
-        scale = m.rank_scale()
-        scale = scale[:, None] if isinstance(scale, torch.Tensor) else scale  # (r, 1): one factor per rank
-        _, counts = merge_weight(m.weight, m.lora_B @ (m.lora_A * scale))  # ΔW: (d_out, d_in)
+    for name, layer in adapter_layers(model):
+        _, counts = merge_weight(layer.weight, method.delta(tensors, name, metas[name]))  # W0: (d_out, d_in)
         changed, rounded = changed + counts["changed"], rounded + counts["rounded_away"]
-        total += m.weight.numel()
+        total += layer.weight.numel()
     return {"changed_weights": changed, "rounded_away": rounded, "adapted_base_weights": total}

@@ -241,7 +241,8 @@ def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict
         trace = apply_edit(s, list(range(n)), seed)
         trace["seconds"] = trace["seconds"] / n  # one adapter for all: its time shared out per edit
         every = predictions(s, list(range(n)))
-        records = [record(s, i, every[i], {**trace, **changed_weights(s.run.model)}) for i in range(n)]
+        trace.update(changed_weights(s.run.model, type(s.run.method)))  # one adapter: counted once
+        records = [record(s, i, every[i], trace) for i in range(n)]
     else:
         records = []
         with render.TrainProgress(n, start=len(done), label="edit") as progress:
@@ -251,7 +252,7 @@ def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict
                     continue
                 if s.edit.mode == "single":
                     reset_adapter(s)
-                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model)}
+                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model, type(s.run.method))}
                 (preds,) = predictions(s, [i])
                 records.append(record(s, i, preds, trace))
                 if s.edit.mode == "single":
