@@ -24,12 +24,13 @@ from torch import nn
 from sora_cli import __version__, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
+from sora_cli.adapters.method import Calibration
 from sora_cli.checkpoint import atomic_dir, load_adapter, remove_old_checkpoints, save_adapter, save_training_state
 from sora_cli.data import TrainOrder
 from sora_cli.errors import InputError
 from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import build_optimizer, lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
-from sora_cli.recipe import Recipe
+from sora_cli.recipe import Recipe, TrainConfig
 from sora_cli.rundir import (
     METRICS,
     MetricsLog,
@@ -169,12 +170,25 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
     data = task.encode(tokenizer, recipe.data.max_length)
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
-    method.setup(model, total, None)
+    ctx = eval_context(recipe, device, tokenizer)
+    method.setup(model, total, calibration(task, data.train, tokenizer, method.calibration_samples(), cfg, ctx))
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
-               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric,
-               eval_context(recipe, device, tokenizer), facts)
+               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts)
+
+
+def calibration(task: Task, train: Any, tokenizer: Any, samples: int, cfg: TrainConfig,
+                ctx: EvalContext) -> Calibration | None:
+    """`samples` training examples drawn by train.seed (its own generator: training's draws are untouched), in
+    batches of train.batch_size, for a method's data-driven initialisation; None when the method wants none."""
+    if samples <= 0:
+        return None
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:samples].tolist()
+    pad = tokenizer.pad_token_id
+    batches = [{k: v.to(ctx.device) for k, v in task.collate(train, chosen[i: i + cfg.batch_size], pad).items()}
+               for i in range(0, len(chosen), cfg.batch_size)]
+    return Calibration(batches, task.loss_sum, task.count, ctx.autocast)
 
 
 def check_length(model: nn.Module, max_length: int) -> None:
@@ -212,6 +226,9 @@ def adapter_meta(run: Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]
         "sora_version": __version__,
         "method": run.method.name,
         "method_config": run.method.describe(),
+        # (W0 + s·B·A) ⊙ (W0 ≠ 0): evaluation, merge and export must keep the base's zeros too
+        "keep_sparsity": bool(run.method.adapter.keep_sparsity),
+        "use_rslora": run.method.adapter.use_rslora,
         "base_model": r.model.name_or_path,
         "base_model_revision": r.model.revision,
         "base_model_loading": {"dtype": r.model.dtype, "gguf_file": r.model.gguf_file,
@@ -231,7 +248,8 @@ def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
     from sora_cli.adapters import adapter_layers
 
     return {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
-                   "active_rank": m.active_rank()} for name, m in adapter_layers(model)}
+                   "active_rank": m.active_rank(), "base_zeros": int(m.weight.numel() - torch.count_nonzero(m.weight))}
+            for name, m in adapter_layers(model)}
 
 
 # ---------------------------------------------------------------------------------------------

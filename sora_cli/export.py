@@ -32,8 +32,8 @@ def to_peft(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
         if m["r"] == 0:
             continue  # a rank-0 module is an error in PEFT: it is simply not a target
         b, a = method.factors(tensors, name, m)  # (d_out, r) with every scale folded in, (r, d_in)
-        weights[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        weights[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        weights[f"base_model.model.{name}.lora_A.weight"] = a.float().contiguous()  # float32, PEFT's own dtype
+        weights[f"base_model.model.{name}.lora_B.weight"] = b.float().contiguous()
         ranks[name] = m["r"]
     for key, value in head_tensors(tensors, meta).items():
         weights[f"base_model.model.{key}"] = value.contiguous()

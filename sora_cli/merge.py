@@ -1,7 +1,7 @@
 """Merge: fold the adapter into the base weights (METHODS.md "Merge"). Pure, over state dicts.
 
     W' = W0 + ΔW     ΔW from the method's rule (SoRA: s · B diag(g) A), in float32 (float64 for a float64 base),
-                     cast back to the base's dtype
+                     cast back to the base's dtype; a sparsity-keeping adapter (LoRS): W' = (W0 + ΔW) ⊙ (W0 ≠ 0)
 
 and how many base weights that changed, counted after the cast: a small update can round away (bfloat16).
 """
@@ -27,21 +27,28 @@ def head_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
     return {k: v for k, v in tensors.items() if inside(k, heads)}
 
 
-def merge_weight(w0: torch.Tensor, delta: torch.Tensor,
-                 saved: torch.dtype | None = None) -> tuple[torch.Tensor, dict[str, int]]:
-    """W' = (W0 in float32 or wider + ΔW) cast back to W0's dtype, and what of ΔW survived, counted in `saved` (the
-    dtype the merged model is written in; default W0's), weight by weight (d_out, d_in):
+def merge_weight(w0: torch.Tensor, delta: torch.Tensor, saved: torch.dtype | None = None,
+                 keep_zeros: bool = False) -> tuple[torch.Tensor, dict[str, int]]:
+    """W' = (W0 in float32 or wider + ΔW) cast back to W0's dtype — with `keep_zeros` (a sparsity-keeping adapter)
+    W' = (W0 + ΔW) ⊙ (W0 ≠ 0) — and what of ΔW survived, counted in `saved` (the dtype the merged model is written
+    in; default W0's), weight by weight (d_out, d_in):
 
         changed = #(W' != W0)     rounded_away = #(ΔW != 0 and W' == W0)     changed + rounded_away = #(ΔW != 0)
+        zeros_before = #(W0 == 0)     zeros_after = #(W' == 0)     kept_rounded_to_zero = #(W0 != 0 and W' == 0)
 
-    e.g. in bfloat16 (8 significant bits) an update of 1e-4 on a weight of about 1 rounds away."""
+    e.g. in bfloat16 (8 significant bits) an update of 1e-4 on a weight of about 1 rounds away. With keep_zeros, ΔW
+    counts only where W0 ≠ 0, and W' has W0's zero pattern exactly unless kept_rounded_to_zero > 0."""
     wide = torch.promote_types(w0.dtype, torch.float32)  # float32, or float64 for a float64 base (exact checks)
+    base_zero = w0 == 0  # (d_out, d_in) bool
+    if keep_zeros:
+        delta = delta.masked_fill(base_zero, 0)
     merged = (w0.to(wide) + delta).to(w0.dtype)
     new, old = (merged, w0) if saved is None else (merged.to(saved), w0.to(saved))
-    same = new == old  # (d_out, d_in) bool
-    nonzero = delta != 0
+    same = new == old
+    nonzero, new_zero = delta != 0, new == 0
     counts = {"weights": w0.numel(), "nonzero_delta": int(nonzero.sum()), "changed": int((~same).sum()),
-              "rounded_away": int((nonzero & same).sum())}
+              "rounded_away": int((nonzero & same).sum()), "zeros_before": int(base_zero.sum()),
+              "zeros_after": int(new_zero.sum()), "kept_rounded_to_zero": int((new_zero & ~base_zero).sum())}
     return merged, counts
 
 
@@ -51,11 +58,12 @@ def merge_counted(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor
     merged = dict(base)
     counts: dict[str, dict[str, int]] = {}
     method = method_class(meta["method"])
+    keep = bool(meta.get("keep_sparsity"))
     for name, m in meta["modules"].items():
         if m["r"] == 0:
             continue
         w0 = base[f"{name}.weight"]
-        merged[f"{name}.weight"], counts[name] = merge_weight(w0, method.delta(tensors, name, m), saved)
+        merged[f"{name}.weight"], counts[name] = merge_weight(w0, method.delta(tensors, name, m), saved, keep)
     for key, value in head_tensors(tensors, meta).items():
         merged[key] = value.to(base[key].dtype) if key in base else value
     return merged, counts
@@ -68,7 +76,8 @@ def merge(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
 
 
 def totals(counts: dict[str, dict[str, int]]) -> dict[str, int]:
-    keys = ("weights", "nonzero_delta", "changed", "rounded_away")
+    keys = ("weights", "nonzero_delta", "changed", "rounded_away", "zeros_before", "zeros_after",
+            "kept_rounded_to_zero")
     return {k: sum(c[k] for c in counts.values()) for k in keys}
 
 
@@ -96,8 +105,12 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     model.load_state_dict(merged)
     if saved is not None:
         model.to(saved)
+    total = totals(counts)
     report = {"checkpoint": str(ckpt), "method": meta["method"], "modules_merged": len(counts),
-              "dtype": _saved_dtype(model, counts), "total": totals(counts), "modules": counts}
+              "dtype": _saved_dtype(model, counts), "keep_sparsity": bool(meta.get("keep_sparsity")),
+              # the merged weights' zeros are exactly the base's (a sparsity-keeping merge promises it)
+              "zero_pattern_kept": total["zeros_after"] == total["zeros_before"] and not total["kept_rounded_to_zero"],
+              "total": total, "modules": counts}
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -140,6 +140,6 @@ def load_adapted(directory: Path, base: str | None = None) -> tuple[nn.Module, A
     tensors, meta = load_adapter(directory)
     method = method_class(meta["method"], str(directory))
     model, tokenizer = load_base(directory, meta, base)
-    attach(model, method, meta["modules"], tensors, str(directory))
+    attach(model, method, meta["modules"], tensors, str(directory), keep_sparsity=meta.get("keep_sparsity", False))
     model.eval()
     return model, tokenizer, meta

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sora_cli.adapters import method_class
+from sora_cli.adapters.lors import KEEP_SPARSITY_EXPORT
 from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
 from sora_cli.errors import InputError, SoraError
 from sora_cli.models import resolve_model_path
@@ -78,7 +79,7 @@ def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None 
     if peft is not None and _overlap(peft, out):
         raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
     pruned, pruned_meta = prune(tensors, meta, eps)
-    reason = method_class(meta["method"]).peft_export
+    reason = KEEP_SPARSITY_EXPORT if meta.get("keep_sparsity") else method_class(meta["method"]).peft_export
     if peft is not None and reason:
         raise InputError(f"--peft: {reason}; use sora merge for a plain model instead")
     if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):

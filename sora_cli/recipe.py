@@ -49,12 +49,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    method: Literal["sora", "lora", "roselora"] = "sora"
+    method: Literal["sora", "lora", "roselora", "lors"] = "sora"
     r: int = field(default=8, metadata=_check("positive"))
     alpha: float = field(default=8.0, metadata=_check("positive"))  # s = alpha / r (PEFT's default alpha)
     dropout: float = field(default=0.0, metadata=_check("probability"))
     target_modules: str | tuple[str, ...] = "all-linear"
     modules_to_save: tuple[str, ...] | None = None  # None: the task head (classifier / score)
+    use_rslora: bool = False  # s = alpha / √r (rank-stabilised, PEFT's name; the LoRS reference), every method
+    # Train on W_eff = (W0 + s·B·A) ⊙ (W0 ≠ 0), so a sparse base's zeros stay zero, through training and merge
+    # (README "LoRS"). Any method (SoRA: its gates inside the mask); method lors always; None = false
+    keep_sparsity: bool | None = None
+    grad: Literal["approx", "exact"] | None = None  # keep_sparsity's adapter gradients; None: approx (the reference)
     # SoRA only (None = the method's default; an error for other methods)
     gate_init: Literal["normal", "ones"] | None = None
     sparse_lambda: float | None = field(default=None, metadata=_check("non_negative"))
@@ -68,6 +73,9 @@ class AdapterConfig:
     importance_beta: float | None = field(default=None, metadata=_check("probability"))  # EMA β of |p ⊙ ∇p|
     mask_rule: Literal["budget", "reference"] | None = None
     clamp: float | None = field(default=None, metadata=_check("positive"))  # clip A, B to ±clamp when masking
+    # LoRS only: A from the top-r right singular vectors of the averaged base-weight gradient (LoRA-GA), or kaiming
+    init: Literal["zeros", "gradient"] | None = None  # zeros: B = 0 and A kaiming, as LoRA (the default)
+    init_samples: int | None = field(default=None, metadata=_check("positive"))  # training examples it averages
 
 
 SORA_DEFAULTS: dict[str, Any] = {
@@ -83,10 +91,13 @@ ROSELORA_DEFAULTS: dict[str, Any] = {  # clamp's default is None (off)
     "importance_beta": 0.8,
     "mask_rule": "budget",
 }
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sora": SORA_DEFAULTS, "roselora": ROSELORA_DEFAULTS}
+LORS_DEFAULTS: dict[str, Any] = {"init": "zeros", "init_samples": 128}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sora": SORA_DEFAULTS, "roselora": ROSELORA_DEFAULTS,
+                                              "lors": {**LORS_DEFAULTS, "keep_sparsity": True}}
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {  # settings that only one method reads
     "sora": (*SORA_DEFAULTS, "gate_lr"),
     "roselora": (*ROSELORA_DEFAULTS, "clamp"),
+    "lors": tuple(LORS_DEFAULTS),
 }
 
 
@@ -432,9 +443,12 @@ def _did_you_mean(key: str, known: typing.Iterable[str]) -> str:
 
 
 def with_method_defaults(a: AdapterConfig) -> AdapterConfig:
-    """The adapter config with every unset setting of its method at its default (METHOD_DEFAULTS, the one source)."""
+    """The adapter config with every unset setting of its method at its default (METHOD_DEFAULTS, the one source),
+    and keep_sparsity's own: off, else with the approx gradient."""
     defaults = METHOD_DEFAULTS.get(a.method, {})
-    return dataclasses.replace(a, **{k: v for k, v in defaults.items() if getattr(a, k) is None})
+    a = dataclasses.replace(a, **{k: v for k, v in defaults.items() if getattr(a, k) is None})
+    keep = bool(a.keep_sparsity)
+    return dataclasses.replace(a, keep_sparsity=keep, grad=(a.grad or "approx") if keep else a.grad)
 
 
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
@@ -461,9 +475,13 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
         for name in names if method != a.method else ():
             if getattr(a, name) is not None:
                 problems.append(f"adapter.{name}: only applies to method {method}, not {a.method}; remove it")
+    if a.method == "lors" and a.keep_sparsity is False:
+        problems.append("adapter.keep_sparsity: method lors always keeps the base's zeros; remove the setting, or "
+                        "use method lora for an update that may fill them")
     a = with_method_defaults(a)
     if a.method == "roselora":
         _check_sparsify_window(a, problems)
+    _check_keep_sparsity(a, problems)
     if isinstance(a.target_modules, tuple) and not a.target_modules:
         problems.append("adapter.target_modules: empty list; give module-name suffixes, a regex, or all-linear")
     if isinstance(a.target_modules, str) and a.target_modules != "all-linear":
@@ -473,6 +491,15 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
             problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
                             "give a list of module-name suffixes, a regex, or all-linear")
     return a
+
+
+def _check_keep_sparsity(a: AdapterConfig, problems: list[str]) -> None:
+    """grad belongs to keep_sparsity, whose folded update has no separate adapter path for dropout."""
+    if not a.keep_sparsity and a.grad is not None:
+        problems.append("adapter.grad: only applies with adapter.keep_sparsity: true (or method lors); remove it")
+    if a.keep_sparsity and a.dropout:
+        problems.append(f"adapter.dropout: {a.dropout} cannot apply with keep_sparsity, which folds B·A into the "
+                        "masked weight (W0 + s·B·A) ⊙ M, leaving no separate adapter input to drop; set it to 0")
 
 
 def _check_sparsify_window(a: AdapterConfig, problems: list[str]) -> None:

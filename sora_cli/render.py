@@ -111,17 +111,17 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     """Per-module table, then by module type and by layer, then the summary."""
     rows = report["modules"]
     rows = sorted(rows, key=lambda r: (-r["rank"], r["module"]) if sort == "rank" else r["module"])
-    gated = report["gated"]
+    gated, sparse = report["gated"], report["sparse_base"] or report["keep_sparsity"]
     title = f"{report['method']} adapter, step {report['step']}" + (" (pruned)" if report["pruned"] else "")
     table = Table(title=title, title_justify="left")
     table.add_column("module", no_wrap=True, min_width=max((len(r["module"]) for r in rows), default=6))
     for col in ["r_max", "rank"] + (["|g|₁", "min |g|", "median |g|", "max |g|"] if gated else []) + [
-            "params", "after prune"]:
+            "params", "after prune"] + (["base sparsity"] if sparse else []):
         table.add_column(col, justify="right")
     for r in rows:
         gates = [_num(r["gate_l1"]), _num(r["gate_min"]), _num(r["gate_median"]), _num(r["gate_max"])] if gated else []
         table.add_row(r["module"], str(r["r_max"]), str(r["rank"]), *gates, f"{r['params']:,d}",
-                      f"{r['params_pruned']:,d}")
+                      f"{r['params_pruned']:,d}", *([_percent(r["base_sparsity"])] if sparse else []))
     console.print(table)
     if "support" in report:  # sparse factors (RoseLoRA): which base weights the update touches
         console.print(support_table(report["support"], [r["module"] for r in rows]))
@@ -133,6 +133,10 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     console.print(f"surviving rank {s['rank']} / {s['r_max']} ({s['rank_kept_percent']:.1f}%) in "
                   f"{s['modules_alive']} of {s['modules']} modules; adapter parameters {s['params']:,d} now, "
                   f"{s['params_pruned']:,d} after pruning{of_base}", markup=False, soft_wrap=True)
+    if sparse:
+        kept = ("the adapter keeps its zeros (keep_sparsity)" if report["keep_sparsity"] else
+                "the adapter does not keep its zeros: a merge fills them (train with keep_sparsity or method lors)")
+        note(f"base sparsity of the adapted weights {_percent(s['base_sparsity'])}; {kept}")
 
 
 def _percent(value: float | None) -> str:
@@ -194,6 +198,30 @@ def merge_summary(report: dict[str, Any], details: str) -> None:
     if t["rounded_away"]:
         note(f"hint: those updates are below the {report['dtype']} spacing of their weights, so the merged model "
              "lacks them; the unmerged adapter keeps them (sora eval CKPT, or sora prune CKPT --peft DIR)")
+    if t["zeros_before"] or report["keep_sparsity"]:
+        console.print(sparsity_table(report["modules"]))
+        kept = "kept exactly" if report["zero_pattern_kept"] else "NOT kept"
+        note(f"base sparsity {_percent(t['zeros_before'] / t['weights'])} -> merged "
+             f"{_percent(t['zeros_after'] / t['weights'])}: the base's zero pattern is {kept}"
+             + (f"; {t['kept_rounded_to_zero']:,d} kept weights rounded to zero in {report['dtype']}"
+                if t["kept_rounded_to_zero"] else ""))
+
+
+def sparsity_table(modules: dict[str, dict[str, int]]) -> Table:
+    """Zeros of the adapted weights before and after the merge, by module type (q_proj, ...: every layer's)."""
+    groups: dict[str, dict[str, int]] = {}
+    for name, c in modules.items():
+        g = groups.setdefault(name.rsplit(".", 1)[-1], {"weights": 0, "zeros_before": 0, "zeros_after": 0, "n": 0})
+        for key in ("weights", "zeros_before", "zeros_after"):
+            g[key] += c[key]
+        g["n"] += 1
+    table = Table(title="sparsity of the merged weights", title_justify="left")
+    for column in ("module", "layers", "before", "after"):
+        table.add_column(column, justify="left" if column == "module" else "right")
+    for kind, g in groups.items():
+        table.add_row(kind, str(g["n"]), _percent(g["zeros_before"] / g["weights"]),
+                      _percent(g["zeros_after"] / g["weights"]))
+    return table
 
 
 def schedule_plan(stages: list[Any], step_seconds: float) -> None:
@@ -246,3 +274,25 @@ def edit_summary(summary: dict[str, Any], out: str) -> None:
         note(f"hint: {summary['rounded_away_per_edit']:,.2f} non-zero updates per edit (mean) round away in the base "
              "dtype; a merged model would lack them")
     note(f"per-edit results: {out}/edits.jsonl; means: {out}/summary.json")
+
+
+def sparsify_table(report: dict[str, Any]) -> None:
+    """`sora sparsify`: one row per pruned module (shape, weights, zeros, sparsity), the total row, then one line
+    with the rule and, for wanda, the calibration data."""
+    rule = f"{100 * report['sparsity']:g}% unstructured" if "sparsity" in report else f"{report['pattern']} " \
+        "(n:m keeps n of every m inputs)"
+    table = Table(title=f"sora sparsify: {report['method']}, {rule}", title_justify="left")
+    table.add_column("module", no_wrap=True)
+    for col in ("shape", "weights", "zeros", "sparsity"):
+        table.add_column(col, justify="right")
+    rows = [dict(m, module=name) for name, m in report["modules"].items()] + [dict(report["total"], module="total")]
+    for i, r in enumerate(rows):
+        shape = " × ".join(str(d) for d in r["shape"]) if "shape" in r else ""
+        table.add_row(r["module"], shape, f"{r['weights']:,d}", f"{r['zeros']:,d}", f"{100 * r['sparsity']:.2f}%",
+                      end_section=i == len(rows) - 2, style="bold" if i == len(rows) - 1 else None)
+    console.print(table)
+    t, c = report["total"], report["calibration"]
+    data = f"; calibrated on {c['samples']} samples ({c['tokens']:,d} tokens) of {c['data']}, seed {c['seed']}" \
+        if c else ""
+    note(f"total: {t['zeros']:,d} of {t['weights']:,d} weights zero ({100 * t['sparsity']:.2f}%) in "
+         f"{len(report['modules'])} modules{data}")

@@ -57,11 +57,13 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     report = {
         "method": meta["method"], "base_model": meta.get("base_model"), "step": meta.get("step"),
         "pruned": "pruned" in meta, "gated": any(r["gate_l1"] is not None for r in rows),
+        "keep_sparsity": bool(meta.get("keep_sparsity")),  # (W0 + ΔW) ⊙ (W0 ≠ 0): the base's zeros stay zero
+        "sparse_base": any(r["base_sparsity"] for r in rows),
         "modules": rows, "by_type": group("type"), "by_layer": group("layer"),
         "summary": {"modules": len(rows), "modules_alive": sum(1 for r in rows if r["rank"]), "r_max": r_max,
                     "r": sum(r["r"] for r in rows),
                     "rank": rank, "rank_kept_percent": 100 * rank / r_max if r_max else 0.0,
-                    "params": params, "params_pruned": pruned,
+                    "params": params, "params_pruned": pruned, "base_sparsity": _base_sparsity(meta),
                     "base_parameters": base, "percent_of_base": 100 * pruned / base if base else None},
     }
     if method.sparse_factors:  # other methods' reports keep exactly their keys
@@ -84,7 +86,17 @@ def _module_row(method: type[Method], tensors: dict[str, torch.Tensor], name: st
         "gate_median": statistics.median(alive) if alive else None,
         "gate_max": max(alive) if alive else None,
         "params": m["r"] * per_rank, "params_pruned": rank * per_rank,
+        # zeros of the base weight W0 (d_out, d_in), as recorded in training (older checkpoints: None)
+        "base_sparsity": m["base_zeros"] / (m["d_out"] * m["d_in"]) if "base_zeros" in m else None,
     }
+
+
+def _base_sparsity(meta: dict[str, Any]) -> float | None:
+    """Zeros over weights of all adapted base matrices together (None when the checkpoint does not record them)."""
+    modules = meta["modules"].values()
+    if not all("base_zeros" in m for m in modules):
+        return None
+    return _ratio(sum(m["base_zeros"] for m in modules), sum(m["d_out"] * m["d_in"] for m in modules))
 
 
 def _ratio(part: int, whole: int) -> float | None:

@@ -148,13 +148,13 @@ def test_inspect_numbers_by_hand() -> None:
     first = report["modules"][0]
     assert first == {"module": "enc.layer.0.attn.q", "type": "attn.q", "layer": 0, "r_max": 4, "r": 4, "rank": 3,
                      "gate_l1": 2.75, "gate_min": 0.25, "gate_median": 0.5, "gate_max": 2.0,
-                     "params": 4 * 17, "params_pruned": 3 * 17}
+                     "params": 4 * 17, "params_pruned": 3 * 17, "base_sparsity": None}
     assert report["modules"][1]["rank"] == 0 and report["modules"][1]["gate_median"] is None
     assert report["by_type"] == {"attn.q": {"modules": 2, "r_max": 8, "rank": 3}}
     assert report["by_layer"] == {"0": {"modules": 1, "r_max": 4, "rank": 3}, "1": {"modules": 1, "r_max": 4, "rank": 0}}
     assert report["summary"] == {"modules": 2, "modules_alive": 1, "r_max": 8, "r": 8, "rank": 3,
                                  "rank_kept_percent": 37.5, "params": 136, "params_pruned": 51,
-                                 "base_parameters": 1000, "percent_of_base": 5.1}
+                                 "base_parameters": 1000, "percent_of_base": 5.1, "base_sparsity": None}
 
 
 def test_inspect_cli(ckpt: Path, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("adapter:\n  r: -3\n", "adapter.r: must be positive, got -3"),
     ("adapter:\n  r: 2.5\n", "adapter.r: expected an integer, got 2.5"),
     ("adapter:\n  rank: 4\n", "adapter.rank: unknown field; did you mean 'r'?"),
-    ("adapter:\n  method: soar\n", "adapter.method: expected one of sora, lora, roselora, got 'soar'; did you mean 'sora'?"),
+    ("adapter:\n  method: soar\n", "adapter.method: expected one of sora, lora, roselora, lors, got 'soar'; did you mean 'sora'?"),
     ("adapter:\n  dropout: 1.5\n", "adapter.dropout: must be in [0, 1), got 1.5"),
     ("adapter:\n  method: lora\n  sparse_lambda: 0.1\n",
      "adapter.sparse_lambda: only applies to method sora, not lora; remove it"),

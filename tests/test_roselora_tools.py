@@ -144,11 +144,14 @@ def test_merge_counts_updates_rounded_away_in_bfloat16() -> None:
     step = 2.0**-7
     expected = torch.tensor([[2.0, 1, 1, 1.5, 1], [1 + step, 1, 1e-8, 1 + step, 1]], dtype=torch.bfloat16)
     assert torch.equal(merged["lin.weight"], expected)
-    assert counts == {"lin": {"weights": 10, "nonzero_delta": 8, "changed": 5, "rounded_away": 3}}
+    # the base's one zero (row 2, column 3) takes the 1e-8: a plain merge fills it
+    assert counts == {"lin": {"weights": 10, "nonzero_delta": 8, "changed": 5, "rounded_away": 3, "zeros_before": 1,
+                              "zeros_after": 0, "kept_rounded_to_zero": 0}}
     # a float32 base keeps all 8 updates; saved as bfloat16 the same 3 round away
     w32 = w0.float()
     delta = tensors["lin.lora_B"] @ tensors["lin.lora_A"]
-    assert merge_weight(w32, delta)[1] == {"weights": 10, "nonzero_delta": 8, "changed": 8, "rounded_away": 0}
+    assert merge_weight(w32, delta)[1] == {"weights": 10, "nonzero_delta": 8, "changed": 8, "rounded_away": 0,
+                                           "zeros_before": 1, "zeros_after": 0, "kept_rounded_to_zero": 0}
     assert merge_weight(w32, delta, torch.bfloat16)[1] == counts["lin"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sora_cli.adapters.lora import LoRA, LoRALinear
+from sora_cli.adapters.lors import LoRS
 from sora_cli.adapters.method import Method, adapter_layers, adapters_disabled
 from sora_cli.adapters.roselora import RoseLoRA
 from sora_cli.adapters.sora import SoRA, SoRALinear
@@ -13,7 +14,7 @@ from sora_cli.errors import CheckpointError
 if TYPE_CHECKING:
     from sora_cli.recipe import AdapterConfig, TrainConfig
 
-METHODS: dict[str, type[Method]] = {"lora": LoRA, "sora": SoRA, "roselora": RoseLoRA}
+METHODS: dict[str, type[Method]] = {"lora": LoRA, "sora": SoRA, "roselora": RoseLoRA, "lors": LoRS}
 
 
 def get_method(adapter: AdapterConfig, train: TrainConfig) -> Method:
@@ -27,5 +28,5 @@ def method_class(name: str, where: str = "adapter.json") -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "LoRA", "LoRALinear", "Method", "RoseLoRA", "SoRA", "SoRALinear", "adapter_layers",
+__all__ = ["METHODS", "LoRA", "LoRALinear", "LoRS", "Method", "RoseLoRA", "SoRA", "SoRALinear", "adapter_layers",
            "adapters_disabled", "get_method", "method_class"]

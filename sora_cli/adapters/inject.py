@@ -111,8 +111,9 @@ def inject(model: nn.Module, method: Method, task_heads: tuple[str, ...] = HEAD_
 
 
 def attach(model: nn.Module, method: type[Method], modules: dict[str, dict[str, Any]],
-           tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Rebuild a checkpoint's adapted layers (each module's own r and s, as recorded) and load its tensors.
+           tensors: dict[str, torch.Tensor], where: str, keep_sparsity: bool = False) -> None:
+    """Rebuild a checkpoint's adapted layers (each module's own r and s, as recorded; keeping the base's zeros when
+    the adapter was trained so) and load its tensors.
 
     A module recorded with r = 0 (pruned away) stays the plain base layer. Everything ends frozen.
     """
@@ -125,7 +126,7 @@ def attach(model: nn.Module, method: type[Method], modules: dict[str, dict[str, 
         if not isinstance(base, nn.Linear) or (base.in_features, base.out_features) != (m["d_in"], m["d_out"]):
             raise CheckpointError(f"{where}: module {name} of the base model is not a Linear of shape "
                                   f"{m['d_in']} -> {m['d_out']}; is this the base the adapter was trained on?")
-        layer = method.layer(base, m["r"], m["s"] * m["r"])
+        layer = method.layer(base, m["r"], m["s"] * m["r"], keep_sparsity=keep_sparsity)
         layer.scaling = m["s"]  # exactly as recorded, not re-derived from alpha / r
         setattr(parent, child, layer)
     params = dict(model.named_parameters())

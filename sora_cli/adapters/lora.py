@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2021), the in-tool baseline: h = W0 x + b + s · B A dropout(x)."""
+"""LoRA (Hu et al., 2021), the in-tool baseline: h = W0 x + b + s · B A dropout(x); the layer every method builds on,
+with the options every method shares: rank-stabilised scaling, and keeping a sparse base's zeros (LoRS)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sora_cli.adapters.masked import masked_lowrank_linear
 from sora_cli.adapters.method import Method
 
 
@@ -22,9 +24,13 @@ class LoRALinear(nn.Module):
 
     `weight` and `bias` are the base layer's own parameters under their original names,
     so a base checkpoint loads into the adapted model without key remapping.
+
+    Options every method shares: `rslora` (s = alpha / √r), and `keep_sparsity`: h = x ((W0 + B diag(s·…) A) ⊙ M)ᵀ
+    + b with M = (W0 ≠ 0), through `masked_lowrank_linear` (`exact` picks its exact adapter gradients).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 keep_sparsity: bool = False, exact: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # (d_out, d_in), frozen
@@ -33,18 +39,22 @@ class LoRALinear(nn.Module):
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
         device = base.weight.device
         self.r = r
-        self.scaling = alpha / r  # fixed at creation; pruning never changes it
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # fixed at creation; pruning never changes it
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True inside `adapters_disabled(model)`: the plain base layer
+        self.keep_sparsity, self.exact = keep_sparsity, exact
 
     def rank_scale(self) -> torch.Tensor | float:
         """What multiplies each rank of A·x before B: s for LoRA (SoRA: s · g)."""
         return self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_sparsity and not self.disabled:
+            return masked_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale_vector(),
+                                         self.exact)
         h = F.linear(x, self.weight, self.bias)  # (..., d_out)
         if self.disabled:
             return h
@@ -54,11 +64,20 @@ class LoRALinear(nn.Module):
         # h + z Bᵀ in one GEMM with accumulate: no (..., d_out) temporaries for the scale and the sum
         return torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r), self.lora_B.t()).view(h.shape)
 
+    def scale_vector(self) -> torch.Tensor:
+        """rank_scale() as an (r,) tensor: s repeated, or SoRA's s · g (with its grad)."""
+        scale = self.rank_scale()
+        if isinstance(scale, torch.Tensor):
+            return scale
+        return torch.full((self.r,), scale, dtype=self.lora_A.dtype, device=self.lora_A.device)
+
     def active_rank(self) -> int:
         return self.r
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+        kept = f", keep_sparsity=True, grad={'exact' if self.exact else 'approx'}" if self.keep_sparsity else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"scaling={self.scaling:g}{kept}")
 
 
 class LoRA(Method):
@@ -66,7 +85,7 @@ class LoRA(Method):
     layer = LoRALinear
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
-        return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout)
+        return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout, **self.layer_options())
 
     def describe(self) -> dict[str, Any]:
         return {}

@@ -8,16 +8,30 @@ functions of a checkpoint's tensors and one module's adapter.json entry.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from sora_cli.recipe import with_method_defaults
+
 if TYPE_CHECKING:
     from sora_cli.recipe import AdapterConfig, TrainConfig
 
 Tensors = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Calibration:
+    """Training examples for a method's data-driven initialisation (LoRS's gradient init), and how to score them."""
+
+    batches: list[Batch]  # on the model's device
+    loss_sum: Callable[[nn.Module, Batch], torch.Tensor]  # a batch's summed loss (the task's), with grad
+    count: Callable[[Batch], int]  # what that sums over: examples, or label tokens
+    autocast: contextlib.AbstractContextManager[Any]  # training's (bf16 when train.precision says so)
 
 
 class Method:
@@ -33,7 +47,7 @@ class Method:
     sparse_factors: ClassVar[bool] = False
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        self.adapter = adapter
+        self.adapter = with_method_defaults(adapter)  # a config built in code gets the recipe's defaults
         self.train = train
 
     # -- training hooks -------------------------------------------------------------------------------------------
@@ -41,7 +55,16 @@ class Method:
     def make_layer(self, base: nn.Linear) -> nn.Module:
         raise NotImplementedError
 
-    def setup(self, model: nn.Module, total_steps: int, calibration: list[dict[str, torch.Tensor]] | None) -> None:
+    def layer_options(self) -> dict[str, bool]:
+        """The layer options every method shares (LoRALinear's rslora, keep_sparsity, exact)."""
+        a = self.adapter
+        return {"rslora": a.use_rslora, "keep_sparsity": bool(a.keep_sparsity), "exact": a.grad == "exact"}
+
+    def calibration_samples(self) -> int:
+        """How many training examples `setup` wants as `calibration` (0: it takes none)."""
+        return 0
+
+    def setup(self, model: nn.Module, total_steps: int, calibration: Calibration | None) -> None:
         """Once, after injection and before the first step (schedules, calibration-based initialisation)."""
         return None
 
@@ -79,12 +102,13 @@ class Method:
 
     @classmethod
     def factors(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B̃, A) in float32 with ΔW = B̃ A: B̃ (d_out, r) carries every scale (s, and SoRA's gate)."""
-        return module["s"] * tensors[f"{name}.lora_B"].float(), tensors[f"{name}.lora_A"].float()
+        """(B̃, A) in float32 (float64 for a float64 adapter) with ΔW = B̃ A: B̃ (d_out, r) carries every scale (s, and
+        SoRA's gate)."""
+        return module["s"] * wide(tensors[f"{name}.lora_B"]), wide(tensors[f"{name}.lora_A"])
 
     @classmethod
     def delta(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> torch.Tensor:
-        """ΔW of one module, float32, (d_out, d_in)."""
+        """ΔW of one module, (d_out, d_in), in the factors' dtype."""
         b, a = cls.factors(tensors, name, module)
         return b @ a
 
@@ -102,6 +126,11 @@ class Method:
     def rank_params(cls, module: dict[str, Any]) -> int:
         """Adapter parameters per rank of one module."""
         return int(module["d_in"] + module["d_out"])
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 when it is float64 (exact numerics checks keep their precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:

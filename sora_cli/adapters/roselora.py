@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Method, Tensors, adapter_layers
+from sora_cli.adapters.method import Calibration, Method, Tensors, adapter_layers
 from sora_cli.errors import InputError
-from sora_cli.recipe import AdapterConfig, TrainConfig, with_method_defaults
+from sora_cli.recipe import AdapterConfig, TrainConfig
 
 
 def density_at(t: int, density: float, start: int, end: int) -> float:
@@ -67,15 +67,15 @@ class RoseLoRA(Method):
     sparse_factors = True  # `inspect` shows the support of A, B and B A
 
     def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        super().__init__(with_method_defaults(adapter), train)
+        super().__init__(adapter, train)
         self.layers: dict[str, LoRALinear] = {}
         self.importance: Tensors = {}  # "<module>.lora_A" / "<module>.lora_B" -> Ī, shaped like the tensor
         self.start = self.end = 0
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
-        return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout)
+        return LoRALinear(base, self.adapter.r, self.adapter.alpha, self.adapter.dropout, **self.layer_options())
 
-    def setup(self, model: nn.Module, total_steps: int, calibration: list[dict[str, torch.Tensor]] | None) -> None:
+    def setup(self, model: nn.Module, total_steps: int, calibration: Calibration | None) -> None:
         a = self.adapter
         assert a.sparsify_start is not None and a.sparsify_end is not None
         self.start, self.end = window(a.sparsify_start, total_steps), window(a.sparsify_end, total_steps)

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Method, Tensors, adapter_layers
+from sora_cli.adapters.method import Method, Tensors, adapter_layers, wide
 from sora_cli.optim import proximal_step
-from sora_cli.recipe import AdapterConfig, TrainConfig, with_method_defaults
 
 
 class SoRALinear(LoRALinear):
@@ -22,8 +21,9 @@ class SoRALinear(LoRALinear):
     A rank i is off exactly when g_i == 0; `prune` then removes row i of A and column i of B.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, gate_init: str = "normal"):
-        super().__init__(base, r, alpha, dropout)
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, gate_init: str = "normal",
+                 **options: bool):
+        super().__init__(base, r, alpha, dropout, **options)
         gate = torch.empty(r, dtype=self.lora_A.dtype, device=self.lora_A.device)
         if gate_init == "normal":
             nn.init.normal_(gate)  # N(0, 1), as the reference code
@@ -47,12 +47,9 @@ class SoRA(Method):
     layer = SoRALinear
     rank_dims = {"lora_A": 0, "lora_B": 1, "gate": 0}
 
-    def __init__(self, adapter: AdapterConfig, train: TrainConfig):
-        super().__init__(with_method_defaults(adapter), train)  # a config built in code gets the recipe's defaults
-
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter
-        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal")
+        return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal", **self.layer_options())
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr).
@@ -87,8 +84,8 @@ class SoRA(Method):
 
     @classmethod
     def factors(cls, tensors: Tensors, name: str, module: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = tensors[f"{name}.lora_B"].float() * tensors[f"{name}.gate"].float()  # B diag(g): (d_out, r)
-        return module["s"] * b, tensors[f"{name}.lora_A"].float()
+        b = wide(tensors[f"{name}.lora_B"]) * wide(tensors[f"{name}.gate"])  # B diag(g): (d_out, r)
+        return module["s"] * b, wide(tensors[f"{name}.lora_A"])
 
     @classmethod
     def surviving(cls, tensors: Tensors, name: str, module: dict[str, Any], eps: float) -> torch.Tensor:

@@ -18,7 +18,8 @@ def changed_weights(model: nn.Module, method: type[Method]) -> dict[str, int]:
     tensors, metas = trainable_tensors(model), module_meta(model)
     changed = rounded = total = 0
     for name, layer in adapter_layers(model):
-        _, counts = merge_weight(layer.weight, method.delta(tensors, name, metas[name]))  # W0: (d_out, d_in)
+        delta = method.delta(tensors, name, metas[name])
+        _, counts = merge_weight(layer.weight, delta, keep_zeros=layer.keep_sparsity)  # W0: (d_out, d_in)
         changed, rounded = changed + counts["changed"], rounded + counts["rounded_away"]
         total += layer.weight.numel()
     return {"changed_weights": changed, "rounded_away": rounded, "adapted_base_weights": total}
