@@ -297,5 +297,44 @@ def eval_command(
         render.eval_table(report)
 
 
+class SparsifyMethod(str, Enum):
+    magnitude = "magnitude"
+    wanda = "wanda"
+
+
+@app.command("sparsify")
+def sparsify_command(
+    source: Annotated[str, typer.Argument(help="A recipe (.yaml: its model, and its data for wanda) or a model "
+                                               "(directory, hub id, packaged:NAME).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the sparse transformers model.",
+                                         show_default=False)],
+    method: Annotated[SparsifyMethod, typer.Option("--method", help="magnitude: |W|, no data; wanda: |W|·‖X‖ on "
+                                                                    "the recipe's data.", show_default=False)],
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Unstructured: the share of weights to zero, "
+                                                                      "in (0, 1).", show_default=False)] = None,
+    pattern: Annotated[str | None, typer.Option("--pattern", help="Keep n of every m consecutive inputs of a row "
+                                                                  "(n:m), e.g. 2:4.", show_default=False)] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration examples (wanda), drawn from the recipe's "
+                                                           "training data.")] = 128,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the calibration draw (default: train.seed).",
+                                             show_default=False)] = None,
+    targets: Annotated[str, typer.Option("--targets", help="Linear modules to prune: all-linear (all but the "
+                                                           "output heads), suffixes (q_proj,v_proj) or a regex.")
+                       ] = "all-linear",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Prune a base model (magnitude or Wanda; unstructured or n:m): a sparse base for LoRS, an ordinary model dir."""
+    from sora_cli.sparsify import SPARSIFY_REPORT, sparsify
+
+    def go() -> dict[str, Any]:
+        return sparsify(source, output, method.value, sparsity=sparsity, pattern=pattern, samples=samples, seed=seed,
+                        targets=targets, force=force)
+
+    report = _run(go, debug)
+    render.sparsify_table(report)
+    render.note(f"sparse model: {output}; report: {output / SPARSIFY_REPORT}")
+
+
 def main() -> None:
     app(prog_name="sora")
