@@ -17,6 +17,7 @@ from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
 from sora_cli.errors import InputError
+from sora_cli.report import SPARSE_BASE_SHARE
 
 MERGE_REPORT = "sora_merge.json"  # beside the merged model: per-module counts of changed / rounded-away weights
 
@@ -108,6 +109,7 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     total = totals(counts)
     report = {"checkpoint": str(ckpt), "method": meta["method"], "modules_merged": len(counts),
               "dtype": _saved_dtype(model, counts), "keep_sparsity": bool(meta.get("keep_sparsity")),
+              "sparse_base": total["zeros_before"] >= SPARSE_BASE_SHARE * total["weights"],
               # the merged weights' zeros are exactly the base's (a sparsity-keeping merge promises it)
               "zero_pattern_kept": total["zeros_after"] == total["zeros_before"] and not total["kept_rounded_to_zero"],
               "total": total, "modules": counts}

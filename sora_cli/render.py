@@ -196,9 +196,10 @@ def merge_summary(report: dict[str, Any], details: str) -> None:
     note(f"changed {t['changed']:,d} of {t['weights']:,d} base weights of the adapted modules{share}, counted in "
          f"{report['dtype']}; {t['rounded_away']:,d} non-zero updates rounded away by the cast; per module: {details}")
     if t["rounded_away"]:
+        keep = "sora eval CKPT" + ("" if report["keep_sparsity"] else ", or sora prune CKPT --peft DIR")
         note(f"hint: those updates are below the {report['dtype']} spacing of their weights, so the merged model "
-             "lacks them; the unmerged adapter keeps them (sora eval CKPT, or sora prune CKPT --peft DIR)")
-    if t["zeros_before"] or report["keep_sparsity"]:
+             f"lacks them; the unmerged adapter keeps them ({keep})")
+    if report["sparse_base"] or report["keep_sparsity"]:
         console.print(sparsity_table(report["modules"]))
         kept = "kept exactly" if report["zero_pattern_kept"] else "NOT kept"
         note(f"base sparsity {_percent(t['zeros_before'] / t['weights'])} -> merged "

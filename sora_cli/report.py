@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from sora_cli.adapters.method import Method
 
 _LAYER = re.compile(r"\.(\d+)\.(.+)$")
+# A base whose adapted weights are at least this share zeros is "sparse": inspect and merge then show its sparsity
+# (a dense model dequantised from GGUF has a few exact zeros, which are not a pattern worth keeping)
+SPARSE_BASE_SHARE = 0.01
 
 
 def module_type(name: str) -> str:
@@ -58,7 +61,7 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
         "method": meta["method"], "base_model": meta.get("base_model"), "step": meta.get("step"),
         "pruned": "pruned" in meta, "gated": any(r["gate_l1"] is not None for r in rows),
         "keep_sparsity": bool(meta.get("keep_sparsity")),  # (W0 + ΔW) ⊙ (W0 ≠ 0): the base's zeros stay zero
-        "sparse_base": any(r["base_sparsity"] for r in rows),
+        "sparse_base": (_base_sparsity(meta) or 0.0) >= SPARSE_BASE_SHARE,
         "modules": rows, "by_type": group("type"), "by_layer": group("layer"),
         "summary": {"modules": len(rows), "modules_alive": sum(1 for r in rows if r["rank"]), "r_max": r_max,
                     "r": sum(r["r"] for r in rows),

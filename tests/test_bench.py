@@ -218,3 +218,40 @@ def test_editing_smoke(tmp_path: Path) -> None:
     share = data["roselora"]["changed_weights_per_edit"] / data["lora"]["changed_weights_per_edit"]
     assert rows[1][6] == f"{share:.4f}" and share < 0.1
     assert editing.main(["--from-json", str(tmp_path / "editing.json")]) == text  # the table from the JSON alone
+
+
+def test_lors_smoke(tmp_path: Path) -> None:
+    import lors
+
+    out = lors.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((out / "lors.json").read_text())
+    rows = {(r["key"], r["seq_len"]): r for r in data["speed"]["rows"]}
+    assert set(rows) == {(key, n) for key in lors.CONTESTANTS for n in (16, 32)}
+    for key, row in rows.items():
+        assert all(row[c] > 0 for c in ("saved_bytes", "ms_per_step", "peak_mib")), key
+        assert row["saved_vs_lora"] == pytest.approx(row["saved_bytes"] / rows["lora", key[1]]["saved_bytes"])
+    for n in (16, 32):  # LoRS keeps no d_out x d_in tensor for backward; naive masking keeps W_eff and the mask
+        assert rows["lors-approx", n]["saved_bytes"] < rows["naive-masked", n]["saved_bytes"]
+    assert len(data["speed"]["checks"]) == 3 * 2
+    quality = data["quality"]
+    scored = {(r["base"], r["row"]): r for r in quality["rows"]}
+    assert scored["dense", "dense"]["sparsity"] == 0
+    for base in lors.BASES:
+        sparse, lors_merged, lora_merged = (scored[base, k] for k in ("sparse", "lors", "lora"))
+        assert sparse["sparsity"] == pytest.approx(0.5)  # Wanda 50% per row, and 2:4: half of the tiny model's linears
+        assert (lors_merged["zeros"], lors_merged["weights"]) == (sparse["zeros"], sparse["weights"])
+        assert lora_merged["sparsity"] < sparse["sparsity"]
+        assert scored[base, "lora-repruned"]["zeros"] >= sparse["zeros"]
+        assert quality["runs"][base]["lors"]["merge"]["zero_pattern_kept"]
+        assert all(quality["runs"][base][kind]["seconds"] > 0 for kind in lors.TRAINED)
+    text = (out / "lors.md").read_text()
+    assert text.startswith(lors.HEADING)
+    speed_table, quality_table = table_rows(text, lors.SPEED_COLUMNS), table_rows(text, lors.QUALITY_COLUMNS)
+    assert [(r[0], r[1]) for r in speed_table] == [(lors.CONTESTANTS[k], str(n)) for n in (16, 32)
+                                                  for k in lors.CONTESTANTS]
+    assert len(quality_table) == 1 + len(lors.BASES) * (len(lors.ROWS) - 1)
+    assert all(len(r) == len(lors.SPEED_COLUMNS) and all(r) for r in speed_table)
+    assert all(len(r) == len(lors.QUALITY_COLUMNS) and all(r) for r in quality_table)
+    (out / "lors.md").unlink()
+    lors.main(["--from-json", str(out / "lors.json")])  # the tables from the JSON alone
+    assert (out / "lors.md").read_text() == text
