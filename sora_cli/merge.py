@@ -17,6 +17,7 @@ from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
 from sora_cli.errors import InputError
+from sora_cli.precision import wide_dtype
 from sora_cli.report import SPARSE_BASE_SHARE
 
 MERGE_REPORT = "sora_merge.json"  # beside the merged model: per-module counts of changed / rounded-away weights
@@ -39,7 +40,7 @@ def merge_weight(w0: torch.Tensor, delta: torch.Tensor, saved: torch.dtype | Non
 
     e.g. in bfloat16 (8 significant bits) an update of 1e-4 on a weight of about 1 rounds away. With keep_zeros, ΔW
     counts only where W0 ≠ 0, and W' has W0's zero pattern exactly unless kept_rounded_to_zero > 0."""
-    wide = torch.promote_types(w0.dtype, torch.float32)  # float32, or float64 for a float64 base (exact checks)
+    wide = wide_dtype(w0.dtype)  # float32, or float64 for a float64 base (exact checks)
     base_zero = w0 == 0  # (d_out, d_in) bool
     if keep_zeros:
         delta = delta.masked_fill(base_zero, 0)

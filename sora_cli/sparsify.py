@@ -33,6 +33,7 @@ from sora_cli import __version__
 from sora_cli.adapters.inject import inside, select_heads, select_targets
 from sora_cli.checkpoint import atomic_dir, write_json
 from sora_cli.errors import InputError, SoraError
+from sora_cli.precision import wide_dtype
 from sora_cli.recipe import Recipe, load_recipe
 
 SPARSIFY_REPORT = "sparsify.json"  # beside the sparse model: what was pruned, how, and on which data
@@ -136,7 +137,7 @@ def check_pattern(model: nn.Module, targets: list[str], rule: Rule) -> None:
 def score(weight: torch.Tensor, sq_norm: torch.Tensor | None = None) -> torch.Tensor:
     """(d_out, d_in) scores in float32 (float64 for a float64 weight): |W| (magnitude), or |W_ij| · ‖X_j‖₂ (wanda)
     with `sq_norm` (d_in,) = ‖X_j‖₂² summed over the calibration tokens."""
-    wide = torch.promote_types(weight.dtype, torch.float32)
+    wide = wide_dtype(weight.dtype)
     s = weight.detach().abs().to(wide)  # (d_out, d_in)
     return s if sq_norm is None else s * sq_norm.to(wide).sqrt()  # (d_out, d_in) · (d_in,), broadcast over rows
 
@@ -240,7 +241,7 @@ def input_norms(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.
     def hook_for(name: str) -> Any:
         def hook(module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach()  # (..., d_in)
-            wide = torch.promote_types(module.weight.dtype, torch.float32)
+            wide = wide_dtype(module.weight.dtype)
             sq = x.reshape(-1, x.shape[-1]).to(wide).pow(2).sum(0)  # (d_in,)
             norms[name] = norms[name] + sq if name in norms else sq
         return hook

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Calibration, Method, adapter_layers, wide
+from sora_cli.adapters.method import Calibration, Method, adapter_layers
 from sora_cli.errors import InputError
+from sora_cli.precision import wide
 
 KEEP_SPARSITY_EXPORT = ("the adapter keeps the base's zero pattern, (W0 + s·B·A) ⊙ M, and a standard LoRA adapter "
                         "cannot carry the mask M (PEFT would add B·A to every weight, zeros included)")

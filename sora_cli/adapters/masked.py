@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sora_cli.precision import wide_dtype
+
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast(device_type, enabled=False)
@@ -43,7 +45,7 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 def effective_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor,
                      dtype: torch.dtype) -> torch.Tensor:
     """(W0 + B diag(g) A) ⊙ (W0 ≠ 0), (d_out, d_in), summed in float32 or wider and returned in `dtype`."""
-    wide = torch.promote_types(w0.dtype, torch.float32)
+    wide = wide_dtype(w0.dtype)
     with _autocast_off(w0.device.type):
         w = torch.addmm(w0.to(wide), b.to(wide) * g.to(wide), a.to(wide))  # W0 + (B diag(g)) A: one new tensor
         w.masked_fill_(w0 == 0, 0)  # ⊙ M: the base's zeros, recomputed, never stored
@@ -64,7 +66,7 @@ def approx_grads(gh: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
 def exact_grads(gh: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∂A, ∂B, ∂g) through the mask, via the transient G_W = (Gᵀ X) ⊙ M (d_out, d_in) in float32 or wider."""
-    wide = torch.promote_types(w0.dtype, torch.float32)
+    wide = wide_dtype(w0.dtype)
     with _autocast_off(w0.device.type):
         gw = gh.t().to(wide) @ x.to(wide)  # (d_out, d_in)
         gw.masked_fill_(w0 == 0, 0)
@@ -100,7 +102,7 @@ class MaskedLowRankLinear(torch.autograd.Function):
         if need_bias:
             grad_bias = gh.sum(0).to(ctx.bias_dtype)
         if need_w0:  # unmasked, for the gradient initialisation only (W0 is frozen in training)
-            wide = torch.promote_types(w0.dtype, torch.float32)
+            wide = wide_dtype(w0.dtype)
             grad_w0 = (gh.t().to(wide) @ xs.to(wide)).to(w0.dtype)
         if need_a or need_b or need_g:
             grads = exact_grads(gh, xs, w0, a, b, g) if ctx.exact else approx_grads(gh, xs, a, b, g)

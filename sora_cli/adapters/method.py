@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from sora_cli.precision import wide
 from sora_cli.recipe import with_method_defaults
 
 if TYPE_CHECKING:
@@ -126,11 +127,6 @@ class Method:
     def rank_params(cls, module: dict[str, Any]) -> int:
         """Adapter parameters per rank of one module."""
         return int(module["d_in"] + module["d_out"])
-
-
-def wide(t: torch.Tensor) -> torch.Tensor:
-    """t in float32, or float64 when it is float64 (exact numerics checks keep their precision)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Any]]:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Method, Tensors, adapter_layers, wide
+from sora_cli.adapters.method import Method, Tensors, adapter_layers
 from sora_cli.optim import proximal_step
+from sora_cli.precision import wide
 
 
 class SoRALinear(LoRALinear):
