@@ -53,7 +53,7 @@ def test_short_run_golden_losses_and_sparsity(make_recipe) -> None:
     for name, m in meta["modules"].items():  # each module's recorded rank is its saved gate's non-zero count
         assert m["active_rank"] == int(torch.count_nonzero(tensors[f"{name}.gate"]))
     assert {k: v for k, v in meta["modules"]["bert.pooler.dense"].items() if k != "active_rank"} == {
-        "r": 4, "s": 2.0, "d_in": 32, "d_out": 32}
+        "r": 4, "s": 2.0, "d_in": 32, "d_out": 32, "base_zeros": 0}
     assert set(meta["metrics"]) == {"dev", "test"} and meta["metrics"]["test"]["accuracy"] >= 0.9  # it learns
     assert load_recipe(run / "recipe.yaml") == recipe  # the resolved recipe, readable again
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep_last 2
