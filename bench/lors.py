@@ -63,7 +63,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from speed import interleaved, ratio  # noqa: E402
+from speed import interleaved_steps, ratio  # noqa: E402
 
 from sora_cli.adapters import LoRA, LoRALinear, get_method  # noqa: E402
 from sora_cli.adapters.inject import inject, select_targets  # noqa: E402
@@ -239,18 +239,7 @@ def measure_speed(contestants: dict[str, Contestant], task: Task, batches: list[
                   repeats: int) -> tuple[dict[str, int], dict[str, list[float]]]:
     """Saved bytes (one forward of the first batch) and seconds per step over interleaved repeats, per contestant."""
     saved = {key: saved_for_backward(c.model, task, batches[0]) for key, c in contestants.items()}
-    run = {}
-    for key, c in contestants.items():
-
-        def one_pass(step: Callable[[dict[str, torch.Tensor]], Any] = c.step) -> float:
-            t0 = time.perf_counter()
-            for batch in batches:
-                step(batch)
-            return (time.perf_counter() - t0) / len(batches)
-
-        one_pass()  # warm-up: allocator, AdamW state
-        run[key] = one_pass
-    return saved, interleaved(run, repeats)
+    return saved, interleaved_steps({key: c.step for key, c in contestants.items()}, batches, repeats)
 
 
 def peak_memory(args: argparse.Namespace, work: Path, sparse: Path) -> dict[str, dict[str, float]]:

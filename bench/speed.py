@@ -70,6 +70,23 @@ def interleaved(run: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def interleaved_steps(steps: dict[str, Any], batches: list[Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each steps[key](batch) over all `batches`, after one warm-up pass (allocator, AdamW
+    state), in `interleaved` repeats."""
+    run = {}
+    for key, step in steps.items():
+
+        def one_pass(step: Any = step) -> float:
+            t0 = time.perf_counter()
+            for batch in batches:
+                step(batch)
+            return (time.perf_counter() - t0) / len(batches)
+
+        one_pass()
+        run[key] = one_pass
+    return interleaved(run, repeats)
+
+
 def ratio(times: dict[str, list[float]], key: str, ref: str) -> float:
     return statistics.median(a / b for a, b in zip(times[key], times[ref]))
 

@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from speed import interleaved, ratio  # noqa: E402
+from speed import interleaved_steps, ratio  # noqa: E402
 
 from sora_cli.adapters import get_method  # noqa: E402
 from sora_cli.adapters.inject import inject, select_targets  # noqa: E402
@@ -131,19 +130,7 @@ def contestant(key: str, r: Recipe, base: nn.Module, targets: list[str]) -> Any:
 
 def time_steps(keys: list[str], r: Recipe, base: nn.Module, targets: list[str], batches: list[dict[str, Any]],
                repeats: int) -> dict[str, list[float]]:
-    run = {}
-    for key in keys:
-        step = contestant(key, r, base, targets)
-
-        def one_pass(step: Any = step) -> float:
-            t0 = time.perf_counter()
-            for batch in batches:
-                step(batch)
-            return (time.perf_counter() - t0) / len(batches)
-
-        one_pass()  # warm-up: allocator, AdamW state
-        run[key] = one_pass
-    return interleaved(run, repeats)
+    return interleaved_steps({key: contestant(key, r, base, targets) for key in keys}, batches, repeats)
 
 
 def peak_memory(keys: list[str], args: argparse.Namespace) -> dict[str, float]:
