@@ -248,7 +248,7 @@ def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
     from sora_cli.adapters import adapter_layers
 
     return {name: {"r": m.r, "s": m.scaling, "d_in": m.in_features, "d_out": m.out_features,
-                   "active_rank": m.active_rank(), "base_zeros": int(m.weight.numel() - torch.count_nonzero(m.weight))}
+                   "active_rank": m.active_rank(), "base_zeros": m.base_zeros}
             for name, m in adapter_layers(model)}
 
 

@@ -46,6 +46,7 @@ class LoRALinear(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True inside `adapters_disabled(model)`: the plain base layer
         self.keep_sparsity, self.exact = keep_sparsity, exact
+        self.base_zeros = int(base.weight.numel() - torch.count_nonzero(base.weight))  # W0 is frozen: counted once
 
     def rank_scale(self) -> torch.Tensor | float:
         """What multiplies each rank of A·x before B: s for LoRA (SoRA: s · g)."""

@@ -82,4 +82,4 @@ class LoRS(Method):
 
     def describe(self) -> dict[str, Any]:
         a = self.adapter
-        return {"grad": a.grad, "init": a.init, "init_samples": a.init_samples, "use_rslora": a.use_rslora}
+        return {"grad": a.grad, "init": a.init, "init_samples": a.init_samples}  # use_rslora: adapter.json's own
