@@ -16,7 +16,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,29 +180,54 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def rng_to_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def process_rng() -> dict[str, torch.Tensor]:
+    """This process's torch generator (and its CUDA device's, once CUDA is in use): what a torchrun rank other than 0
+    saves of its RNG, so that its dropout continues exactly on --resume."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rng_to_files(ranks: Sequence[dict[str, torch.Tensor]] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Rank 0's (the only process's) generators as `rng.*`; those of ranks 1.. (`ranks[1:]`) as `rng.rank<k>.*`."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
+    for k, state in enumerate(ranks[1:], start=1):
+        tensors.update({f"rng.rank{k}.{name}": value for name, value in state.items()})
     version, internal, gauss = random.getstate()
-    return tensors, {"python": [version, list(internal), gauss]}
+    return tensors, {"python": [version, list(internal), gauss], "ranks": max(len(ranks), 1)}
 
 
-def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def rng_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int = 0) -> bool:
+    """Restore this process's generators; False when the checkpoint has none for `rank` (it was saved by fewer
+    processes), which leaves them as they are."""
+    if rank > 0:
+        mine = {k.removeprefix(f"rng.rank{rank}."): v for k, v in tensors.items() if k.startswith(f"rng.rank{rank}.")}
+        if "torch" not in mine:
+            return False
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+        return True
     torch.set_rng_state(tensors["rng.torch"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
+    return True
 
 
 def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, counters: dict[str, Any],
-                        method_state: dict[str, torch.Tensor] | None = None) -> None:
-    """Optimizer, RNGs, the loop's counters and the method's running statistics (`method.<name>` tensors)."""
+                        method_state: dict[str, torch.Tensor] | None = None,
+                        ranks: Sequence[dict[str, torch.Tensor]] = ()) -> None:
+    """Optimizer, RNGs (every torchrun rank's: `ranks`, gathered by rank 0), the loop's counters and the method's
+    running statistics (`method.<name>` tensors)."""
     opt_tensors, opt_meta = optimizer_to_files(optimizer)
-    rng_tensors, rng_meta = rng_to_files()
+    rng_tensors, rng_meta = rng_to_files(ranks)
     method = {f"method.{k}": v for k, v in (method_state or {}).items()}
     save_file({k: v.contiguous().cpu() for k, v in {**opt_tensors, **rng_tensors, **method}.items()},
               directory / STATE_TENSORS)

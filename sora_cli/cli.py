@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sora_cli import __version__, render
-from sora_cli.errors import SoraError
+from sora_cli.errors import SharedError, SoraError
 
 app = typer.Typer(
     name="sora",
@@ -28,22 +28,50 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 
 
 def _run(fn: Callable[[], T], debug: bool) -> T:
-    """Call `fn`; turn failures into one red line and an exit code (2: bad input, 1: failed run)."""
+    """Call `fn`; turn failures into one red line and an exit code (2: bad input, 1: failed run). Under torchrun,
+    rank 0 prints what every rank shares; another rank prints only a failure of its own, naming itself."""
+    from sora_cli import dist
+
     try:
         return fn()
     except SoraError as e:
-        if debug:
-            traceback.print_exc()
-        render.error(str(e))
+        _report(str(e), e, debug, quiet=isinstance(e, SharedError) or not dist.current().size > 1)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        render.error("interrupted; continue the run with --resume")
+        if dist.rank() == 0:
+            render.error("interrupted; continue the run with --resume")
         raise typer.Exit(130) from None
     except Exception as e:  # a bug or an environment failure: short by default, everything with --debug
-        if debug:
-            traceback.print_exc()
-        render.error(f"{type(e).__name__}: {e} (run again with --debug for the traceback)")
+        if dist.peer_failure(e):  # another process stopped first and printed why
+            _report("another process of this torchrun launch stopped (its error is above); continue the run with "
+                    "--resume", e, debug, quiet=True)
+        else:
+            _report(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", e, debug, quiet=False)
         raise typer.Exit(1) from None
+    finally:
+        dist.stop()
+
+
+def _report(message: str, e: BaseException, debug: bool, quiet: bool) -> None:
+    """Print one failure. `quiet`: on ranks other than 0 the failure is rank 0's to report (it is shared, or every
+    rank read the same input before the processes joined)."""
+    from sora_cli import dist
+
+    if dist.rank() != 0:
+        if quiet:
+            return
+        message = f"rank {dist.rank()}: {message}"
+    if debug:
+        traceback.print_exc()
+    render.error(message)
+
+
+def _join(device: str) -> None:
+    """Join the other processes of a torchrun launch (nothing without one); only rank 0 draws and prints."""
+    from sora_cli import dist
+
+    if not dist.start(device).main:
+        render.console.quiet = True
 
 
 def _version(value: bool) -> None:
@@ -81,6 +109,7 @@ def train(
         loaded = load_recipe(recipe, overrides or [])
         if output_dir is not None:  # a path, taken as given (never read as YAML)
             loaded = dataclasses.replace(loaded, train=dataclasses.replace(loaded.train, output_dir=str(output_dir)))
+        _join(loaded.train.device)
         if loaded.edit is not None:  # knowledge editing: its own protocol over the same engine
             from sora_cli.editing.run import run_edits
 
@@ -152,6 +181,7 @@ def schedule_command(
     def go() -> None:
         if plot is not None:
             schedule.check_plot(plot)
+        _join(loaded.train.device)
         for record in schedule.run(loaded, out, from_ckpt=from_ckpt, resume=resume, overwrite=overwrite):
             records.append(record)
             render.schedule_table(records)
@@ -328,6 +358,7 @@ def sparsify_command(
     from sora_cli.sparsify import SPARSIFY_REPORT, sparsify
 
     def go() -> dict[str, Any]:
+        _join("cpu")  # pruning runs on the CPU: under torchrun the processes share Wanda's calibration over gloo
         return sparsify(source, output, method.value, sparsity=sparsity, pattern=pattern, samples=samples, seed=seed,
                         targets=targets, force=force)
 

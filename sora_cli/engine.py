@@ -25,8 +25,16 @@ from sora_cli import __version__, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
-from sora_cli.checkpoint import atomic_dir, load_adapter, remove_old_checkpoints, save_adapter, save_training_state
+from sora_cli.checkpoint import (
+    atomic_dir,
+    load_adapter,
+    process_rng,
+    remove_old_checkpoints,
+    save_adapter,
+    save_training_state,
+)
 from sora_cli.data import TrainOrder
+from sora_cli.dist import SINGLE, World, agree, current, on_main
 from sora_cli.errors import InputError
 from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import build_optimizer, lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
@@ -35,14 +43,14 @@ from sora_cli.rundir import (
     METRICS,
     MetricsLog,
     check_run_dir,
+    find_resumable,
     load_trainable,
+    read_start,
+    restore,
     start_fresh,
     start_from,
     trainable_tensors,
     truncate_metrics,
-)
-from sora_cli.rundir import (
-    resume as resume_run,
 )
 from sora_cli.tasks import EncodedSplits, EvalContext, Task, get_task
 
@@ -102,30 +110,39 @@ class Run:
     metric: str
     ctx: EvalContext
     facts: dict[str, Any]  # fingerprints and the base model's size, for adapter.json
+    world: World = SINGLE  # the torchrun processes (one: no other)
 
     def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """The device batches of optimizer step `step` (one per micro-batch), and their example count."""
+        """The device batches of optimizer step `step`: this rank's slice of each global micro-batch (all of it in one
+        process; a rank whose slice is empty gets no batch), and the step's example count over every rank."""
         accum = self.recipe.train.grad_accum
         indices = [self.order.indices(step * accum + micro)[1] for micro in range(accum)]
         pad = self.tokenizer.pad_token_id
-        batches = [{k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, i, pad).items()}
-                   for i in indices]
+        batches = [{k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, mine, pad).items()}
+                   for mine in map(self.world.part, indices) if mine]
         return batches, sum(len(i) for i in indices)
 
     def evaluate(self, data: Any) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.task.evaluate(self.model, data, self.ctx)
+            return self.task.evaluate(self.model, data, self.ctx, self.world)
         finally:
             self.model.train(was_training)
 
     def save(self, directory: Path, step: int, metrics: dict[str, Any], state: TrainState | None = None) -> None:
-        """An adapter checkpoint (with the training state when `state` is given), written atomically."""
+        """An adapter checkpoint (with the training state when `state` is given), written atomically by rank 0.
+        Under torchrun every rank calls it: it checks that all ranks hold the same adapter and method state, and
+        gathers their RNG states into the training state."""
+        tensors, method_state = trainable_tensors(self.model), self.method.state_dict()
+        self.world.check_same({**tensors, **{f"method.{k}": v for k, v in method_state.items()}}, str(directory))
+        ranks = self.world.gather(process_rng()) if state is not None and self.world.size > 1 else []
+        if not self.world.main:
+            return
         with atomic_dir(directory) as tmp:
-            save_adapter(tmp, trainable_tensors(self.model), adapter_meta(self, step, metrics))
+            save_adapter(tmp, tensors, adapter_meta(self, step, metrics))
             if state is not None:
-                save_training_state(tmp, self.optimizer, dataclasses.asdict(state), self.method.state_dict())
+                save_training_state(tmp, self.optimizer, dataclasses.asdict(state), method_state, ranks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +155,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of torchrun rank `rank` > 0 from the start of training: its own dropout draws (rank 0 keeps
+    the one-process stream, so one process is exactly what it always was)."""
+    return seed * 1_000_003 + rank
+
+
+def pick_device(name: str, world: World = SINGLE) -> torch.device:
+    if world.size > 1:
+        return world.device  # cuda:LOCAL_RANK, or the CPU (dist.start checked train.device)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -146,10 +171,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
+def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, world: World = SINGLE) -> Run:
     """Data, model, adapters, optimizer: everything but the run directory (a failure here writes nothing)."""
     cfg = recipe.train
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, world)
+    if cfg.batch_size < world.size and recipe.edit is None:  # an edit's ranks may hold no request: editing/run.py
+        raise InputError(f"train.batch_size: {cfg.batch_size} is the global batch, split across the {world.size} "
+                         f"processes; give at least {world.size}, or launch fewer processes")
     if "tensorboard" in cfg.report_to and importlib.util.find_spec("tensorboard") is None:
         raise InputError("train.report_to: tensorboard needs the tensorboard package: pip install tensorboard "
                          '(or pip install -e ".[tensorboard]")')
@@ -171,24 +199,36 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None) -> Run:
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
     ctx = eval_context(recipe, device, tokenizer)
-    method.setup(model, total, calibration(task, data.train, tokenizer, method.calibration_samples(), cfg, ctx))
+    method.setup(model, total, calibration(task, data.train, tokenizer, method.calibration_samples(), cfg, ctx,
+                                           world))
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
-               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts)
+               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, world)
+
+
+def synchronise(run: Run) -> None:
+    """Under torchrun: every rank starts from rank 0's trainable tensors (as DDP does), and ranks 1.. draw their own
+    dropout masks from here on. Nothing in one process."""
+    if run.world.size == 1:
+        return
+    run.world.broadcast_(run.params)
+    if not run.world.main:
+        torch.manual_seed(rank_seed(run.recipe.train.seed, run.world.rank))
 
 
 def calibration(task: Task, train: Any, tokenizer: Any, samples: int, cfg: TrainConfig,
-                ctx: EvalContext) -> Calibration | None:
+                ctx: EvalContext, world: World = SINGLE) -> Calibration | None:
     """`samples` training examples drawn by train.seed (its own generator: training's draws are untouched), in
-    batches of train.batch_size, for a method's data-driven initialisation; None when the method wants none."""
+    batches of train.batch_size (this rank's slice of each, under torchrun), for a method's data-driven
+    initialisation; None when the method wants none."""
     if samples <= 0:
         return None
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:samples].tolist()
     pad = tokenizer.pad_token_id
-    batches = [{k: v.to(ctx.device) for k, v in task.collate(train, chosen[i: i + cfg.batch_size], pad).items()}
-               for i in range(0, len(chosen), cfg.batch_size)]
-    return Calibration(batches, task.loss_sum, task.count, ctx.autocast)
+    parts = [world.part(chosen[i: i + cfg.batch_size]) for i in range(0, len(chosen), cfg.batch_size)]
+    batches = [{k: v.to(ctx.device) for k, v in task.collate(train, mine, pad).items()} for mine in parts if mine]
+    return Calibration(batches, task.loss_sum, task.count, ctx.autocast, world)
 
 
 def check_length(model: nn.Module, max_length: int) -> None:
@@ -258,23 +298,30 @@ def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.optim.Optimizer,
                batches: list[dict[str, torch.Tensor]], params: list[nn.Parameter], max_grad_norm: float | None,
-               autocast: contextlib.AbstractContextManager[Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """One optimizer step over `batches` (the micro-batches of gradient accumulation):
+               autocast: contextlib.AbstractContextManager[Any], step: int,
+               world: World = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step over `batches` (the micro-batches of gradient accumulation; under torchrun, this rank's
+    slices of them):
 
-        loss = Σ_micro-batches task loss sum / the step's count (examples or label tokens) + method.extra_loss
-        backward per micro-batch;  method.after_backward;  clip;  optimizer.step();  method.after_step;  zero_grad
+        loss = Σ_ranks Σ_micro-batches task loss sum / the step's count over all ranks + method.extra_loss
+        backward per micro-batch;  all-reduce the gradients (torchrun);  extra_loss backward;  method.after_backward;
+        clip;  optimizer.step();  method.after_step;  zero_grad
 
     Dividing every micro-batch's sum by the whole step's count (not each by its own) keeps the loss unbiased when
-    micro-batches differ in size or in label tokens. Returns the loss as a float64 device tensor (no host sync) and
-    the method's numbers. bench/ times this very function for every contestant, PEFT's included.
+    micro-batches, or ranks, differ in size or in label tokens. The gradients are summed over the ranks once per
+    optimizer step (not per micro-batch), before the method's hooks, so SoRA's proximal step and RoseLoRA's masks
+    see the whole batch's gradient on every rank; extra_loss, the same on every rank, is added after the sum.
+    Returns the loss as a float64 device tensor (no host sync) and the method's numbers. bench/ times this very
+    function for every contestant, PEFT's included.
     """
-    count = max(sum(task.count(b) for b in batches), 1)
+    count = max(world.total(sum(task.count(b) for b in batches)), 1)
     loss = torch.zeros((), dtype=torch.float64, device=params[0].device)  # logged: never rounded to float32
     for batch in batches:
         with autocast:
             part = task.loss_sum(model, batch) / count
         part.backward()
         loss += part.detach()
+    loss = world.sum_gradients(params, loss)
     with autocast:
         extra = method.extra_loss(model)
     if extra is not None:
@@ -303,19 +350,24 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     seeded sample of the training examples at the end ("memorization")."""
     t0 = time.perf_counter()
     out = Path(recipe.train.output_dir or "runs/run")
-    has_run = check_run_dir(out, recipe, resume, overwrite)
-    run = prepare(recipe, out, total_steps)
-    state, resumed_from = open_run(run, has_run, overwrite, init_from)
+    world = current()
+    has_run = on_main(check_run_dir, out, recipe, resume, overwrite, world=world)
+    run = agree(prepare, recipe, out, total_steps, world, world=world)
+    synchronise(run)
+    state, resumed_from = agree(open_run, run, has_run, overwrite, init_from, world=world)
     trainable, all_params = count_parameters(run.model)
-    if (state.step >= run.total or state.stopped) and (out / "final" / "adapter.json").is_file():
-        return finished(out, state, trainable, t0)
-    if resumed_from is not None:
+    if state.step >= run.total or state.stopped:
+        done = on_main(finished, out, state, trainable, t0, world=world)
+        if done is not None:
+            return done
+    if resumed_from is not None and world.main:
         truncate_metrics(out / METRICS, state.step)
     render.note(render.trainable_line(trainable, all_params))
     render.note(f"{run.method.name} on {len(run.injection.targets)} modules, r={recipe.adapter.r}; "
                 f"{len(run.data.train):,d} train / {len(run.data.dev or []):,d} dev / "
                 f"{len(run.data.test or []):,d} test examples; {run.total} steps on {run.ctx.device.type}")
-    log = MetricsLog(out / METRICS, out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
+    log = MetricsLog(out / METRICS if world.main else None,
+                     out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
     try:
         loop(run, state, log, lr_scale)
         result = finish(run, state, log, memorization_samples)
@@ -326,19 +378,23 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
 
 
 def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None) -> tuple[TrainState, int | None]:
-    """Resume the run in `run.out` (model, optimizer, RNGs, counters, method state), or start it fresh."""
-    state = TrainState()
-    fingerprints = {k: run.facts[k] for k in ("base_fingerprint", "data_fingerprint")}
-    resumed = resume_run(run.out, run.model, run.optimizer, fingerprints) if has_run else None
-    if resumed is not None:
-        step, counters, method_state = resumed
-        state = TrainState(**counters)
+    """Resume the run in `run.out` (model, optimizer, RNGs, counters, method state), or start it fresh. Rank 0 reads
+    the checkpoint and shares it; a checkpoint saved by fewer processes has no RNG state for the extra ranks, which
+    start their own streams at the resumed step."""
+    world, fingerprints = run.world, {k: run.facts[k] for k in ("base_fingerprint", "data_fingerprint")}
+    point = on_main(find_resumable, run.out, fingerprints, world=world) if has_run else None
+    if point is not None:
+        counters, method_state, had_rng = restore(point, run.model, run.optimizer, world.rank)
+        if not had_rng:
+            torch.manual_seed(rank_seed(run.recipe.train.seed + point.step, world.rank))
         run.method.load_state_dict(method_state)
-        return state, step
+        return TrainState(**counters), point.step
     if init_from is not None:
-        start_from(init_from, run.model, run.optimizer, run.facts["base_fingerprint"])
-    start_fresh(run.out, run.recipe, has_run, overwrite)
-    return state, None
+        start_from(on_main(read_start, init_from, run.facts["base_fingerprint"], world=world), run.model,
+                   run.optimizer)
+    if world.main:
+        start_fresh(run.out, run.recipe, has_run, overwrite)
+    return TrainState(), None
 
 
 def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -> None:
@@ -352,7 +408,7 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
                    lr_factor(state.step, run.total, run.warmup, cfg.lr_scheduler))
             batches, examples = run.micro_batches(state.step)
             loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
-                                     cfg.max_grad_norm, run.ctx.autocast, state.step)
+                                     cfg.max_grad_norm, run.ctx.autocast, state.step, run.world)
             state.step += 1
             window_loss += loss
             state.window_steps += 1
@@ -369,7 +425,8 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
                 state.window_loss += float(window_loss)  # the open window's loss is saved with the state
                 window_loss.zero_()
                 run.save(run.out / "checkpoints" / f"step-{step}", step, {"dev": state.last_dev}, state)
-                remove_old_checkpoints(run.out, cfg.keep_last)
+                if run.world.main:
+                    remove_old_checkpoints(run.out, cfg.keep_last)
             if state.stopped:
                 progress.log(f"early stop at step {step}: no dev {run.metric} gain in {cfg.patience} evaluations")
 
@@ -391,7 +448,8 @@ def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.Tr
 
 
 def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.TrainProgress) -> None:
-    """Score dev; keep best/ by the task's metric (in its direction); count evaluations without a gain."""
+    """Score dev; keep best/ by the task's metric (in its direction); count evaluations without a gain. Every rank
+    scores the same gathered rows, but rank 0's decision is the one all ranks follow (none can stop alone)."""
     cfg = run.recipe.train
     state.last_dev = dev = run.evaluate(run.data.dev)
     log.emit({"event": "eval", "split": "dev", "step": state.step, **dev})
@@ -399,12 +457,13 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
     value = dev[run.metric]
     better = state.best_metric is None or (value > state.best_metric if run.task.greater_is_better(run.metric)
                                            else value < state.best_metric)
+    better = run.world.share(better)
     if better:
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         run.save(run.out / "best", state.step, {"dev": dev})
     else:
         state.bad_evals += 1
-        state.stopped = bool(cfg.patience and state.bad_evals >= cfg.patience)
+        state.stopped = run.world.share(bool(cfg.patience and state.bad_evals >= cfg.patience))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +492,9 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     extra = {k: v for k, v in (("test", result.test), ("base_test", result.base_test),
                                 ("train_sample", result.train_sample)) if v}
     run.save(run.out / "final", step, {"dev": result.dev, **extra})
-    if state.best_step is not None and state.best_step != step and (run.out / "best").is_dir():
-        best_tensors, best_meta = load_adapter(run.out / "best")
+    best = on_main(read_best, run.out, world=run.world) if state.best_step not in (None, step) else None
+    if best is not None:
+        best_tensors, best_meta = best
         result.best_dev = best_meta["metrics"].get("dev", {})
         if data.test is not None:
             load_trainable(run.model, best_tensors, run.out / "best")
@@ -443,16 +503,22 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     return result
 
 
+def read_best(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    return load_adapter(out / "best") if (out / "best").is_dir() else None
+
+
 def memorization_sample(n_train: int, size: int, split_seed: int) -> list[int]:
     """The training examples that "memorization" scores: seeded by the data split, not by train.seed, so
     every stage of a schedule (each with its own train.seed) scores the same examples."""
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))[:size].tolist()
 
 
-def finished(out: Path, state: TrainState, trainable: int, t0: float) -> RunResult:
-    """The result of a run that is already complete, from its final/ checkpoint."""
+def finished(out: Path, state: TrainState, trainable: int, t0: float) -> RunResult | None:
+    """The result of a run that is already complete, from its final/ checkpoint (None: it has none yet)."""
     from sora_cli.adapters import method_class
 
+    if not (out / "final" / "adapter.json").is_file():
+        return None
     tensors, meta = load_adapter(out / "final")
     metrics = meta["metrics"]
     return RunResult(out, state.step, dev=metrics.get("dev", {}), test=metrics.get("test", {}),

@@ -32,3 +32,12 @@ class CheckpointError(SoraError):
     """A checkpoint or run directory that is missing, incomplete or inconsistent."""
 
     exit_code = 2
+
+
+class SharedError(SoraError):
+    """A failure on one process of a torchrun launch, carried to every other (dist.on_main, dist.agree): each stops
+    with the same exit code, and only rank 0 prints it."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

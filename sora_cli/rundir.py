@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,15 +90,18 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per event, flushed as written (a killed run keeps what it logged); with
     `tensorboard`, the same numbers as TensorBoard scalars (tag `<event or split>/<name>`, at the event's step)."""
 
-    def __init__(self, path: Path, tensorboard: Path | None = None):
-        self._file: IO[str] = open(path, "a")
+    def __init__(self, path: Path | None, tensorboard: Path | None = None):
+        """`path` None: a log that writes nothing (a torchrun rank other than 0)."""
+        self._file: IO[str] | None = open(path, "a") if path is not None else None
         self._board: Any = None
-        if tensorboard is not None:
+        if tensorboard is not None and path is not None:
             from torch.utils.tensorboard import SummaryWriter  # checked by the engine before anything is written
 
             self._board = SummaryWriter(str(tensorboard))
 
     def emit(self, event: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(event) + "\n")
         self._file.flush()
         if self._board is not None:
@@ -109,7 +113,8 @@ class MetricsLog:
             self._board.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._board is not None:
             self._board.close()
 
@@ -135,10 +140,20 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: Pa
             params[name].copy_(value)
 
 
-def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-           fingerprints: dict[str, str]) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]] | None:
-    """Load the newest readable step checkpoint (falling back to older ones) into the model, optimizer and RNGs;
-    return (its step, the saved counters, the saved method state), or None when there is none."""
+@dataclass
+class Resumable:
+    """A readable step checkpoint, as rank 0 read it (under torchrun it is shared with every rank)."""
+
+    step: int
+    where: Path
+    tensors: dict[str, torch.Tensor]  # the adapter
+    state_tensors: dict[str, torch.Tensor]  # optimizer moments, RNG states, method statistics
+    state: dict[str, Any]  # training_state.json
+
+
+def find_resumable(out: Path, fingerprints: dict[str, str]) -> Resumable | None:
+    """The newest readable step checkpoint of the run in `out` (falling back to older ones), or None when there is
+    none. Finishes or rolls back a write that a kill interrupted, so call it on one process only."""
     recover(out)
     recover(out / "checkpoints")
     damaged: list[str] = []
@@ -155,25 +170,38 @@ def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 what = "base model's adapted weights" if key == "base_fingerprint" else "training data"
                 raise CheckpointError(f"{ckpt}: the {what} changed since this run started; resume with the "
                                       "same model and data, or start a new run")
-        load_trainable(model, tensors, ckpt)
-        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
-        rng_from_files(state_tensors, state["rng"])
         render.note(f"resuming {out} from step {step_no} ({ckpt.name})")
-        method_state = {k.removeprefix("method."): v for k, v in state_tensors.items() if k.startswith("method.")}
-        return step_no, state["counters"], method_state
+        return Resumable(step_no, ckpt, tensors, state_tensors, state)
     if damaged:  # never start over on top of checkpoints the user may still want
         raise CheckpointError(f"{out}: no readable checkpoint to resume from ({damaged[0]}); "
                               "start over with --overwrite")
     return None
 
 
-def start_from(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> None:
-    """A new run that continues another's adapter; with a step checkpoint, its optimizer state too."""
+def restore(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer,
+            rank: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """Load a checkpoint into the model, optimizer and this rank's RNGs; return the saved counters, the method's
+    saved state, and whether this rank's RNGs were in it (not when it was saved by fewer processes)."""
+    load_trainable(model, point.tensors, point.where)
+    optimizer_from_files(optimizer, point.state_tensors, point.state["optimizer"])
+    had_rng = rng_from_files(point.state_tensors, point.state["rng"], rank)
+    method_state = {k.removeprefix("method."): v for k, v in point.state_tensors.items() if k.startswith("method.")}
+    return point.state["counters"], method_state, had_rng
+
+
+def read_start(directory: Path, fingerprint: str) -> Resumable:
+    """A checkpoint that a new run continues (the scheduler's next stage): its adapter, and with a step checkpoint
+    its optimizer state too."""
     tensors, meta = load_adapter(directory)
     if meta.get("base_fingerprint") != fingerprint:
         raise CheckpointError(f"{directory}: was trained on another base model (fingerprint differs); "
                               "start from a checkpoint of this recipe's model")
-    load_trainable(model, tensors, directory)
-    if (directory / "training_state.json").is_file():
-        state_tensors, state = load_training_state(directory)
-        optimizer_from_files(optimizer, state_tensors, state["optimizer"])
+    state_tensors, state = load_training_state(directory) if (directory / "training_state.json").is_file() \
+        else ({}, {})
+    return Resumable(int(meta.get("step", 0)), directory, tensors, state_tensors, state)
+
+
+def start_from(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    load_trainable(model, point.tensors, point.where)
+    if point.state:
+        optimizer_from_files(optimizer, point.state_tensors, point.state["optimizer"])

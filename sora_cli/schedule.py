@@ -26,6 +26,7 @@ import numpy as np
 
 from sora_cli import render
 from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, write_text_atomic
+from sora_cli.dist import current, on_main
 from sora_cli.errors import InputError
 from sora_cli.optim import lr_factor, schedule_length, warmup_length
 from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe
@@ -129,13 +130,35 @@ def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
 
 def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: bool = False,
         overwrite: bool = False) -> Iterator[dict[str, Any]]:
-    """Run (or resume) every stage; yield each stage's record as it completes."""
+    """Run (or resume) every stage; yield each stage's record as it completes. Under torchrun every rank trains each
+    stage; rank 0 alone reads and writes the schedule directory and shares what it read."""
     from sora_cli.engine import train
+
+    world = current()
+    cfg = _schedule(recipe)
+    stages, done = on_main(open_schedule, recipe, out, from_ckpt, resume, overwrite, world=world)
+    records: list[dict[str, Any]] = []
+    previous: Path | None = from_ckpt
+    for stage in stages:
+        sub = stage_recipe(recipe, out, stage)
+        run_dir = Path(sub.train.output_dir or "")
+        if on_main(stage_done, out, stage, len(done), world=world):
+            record = done[stage.k]
+        else:
+            result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
+                           lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples)
+            record = on_main(keep_stage, recipe, out, stage, result, from_ckpt, records, world=world)
+        records.append(record)
+        previous = on_main(next_start, run_dir, stage, from_ckpt, world=world)
+        yield record
+
+
+def open_schedule(recipe: Recipe, out: Path, from_ckpt: Path | None, resume: bool,
+                  overwrite: bool) -> tuple[list[Stage], list[dict[str, Any]]]:
+    """Check everything, then create (or reopen) the schedule directory; the stages and the records done so far."""
     from sora_cli.rundir import check_run_dir
 
-    cfg = _schedule(recipe)
     check_run_dir(out, recipe, resume, overwrite)
-    source = None
     if from_ckpt is not None:  # a clear error now, before anything is written or deleted
         _, source = load_adapter(from_ckpt)
         if out.resolve() in from_ckpt.resolve().parents:
@@ -155,31 +178,33 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
     if not (out / "recipe.yaml").is_file():
         write_text_atomic(out / "recipe.yaml", dump_recipe(recipe, f"sora schedule {out / 'recipe.yaml'} --resume"))
         write_text_atomic(state_file, json.dumps(given) + "\n")
-    done = _read_records(out / "schedule.jsonl")
-    records: list[dict[str, Any]] = []
-    previous: Path | None = from_ckpt
-    for stage in stages:
-        sub = stage_recipe(recipe, out, stage)
-        run_dir = Path(sub.train.output_dir or "")
-        if stage.k < len(done) and (out / "stages" / str(stage.k) / "adapter.json").is_file():
-            record = done[stage.k]
-        else:
-            result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
-                           lr_scale=stage.lr_scale,
-                           memorization_samples=cfg.memorization_samples)
-            # --from: stage 0 is the given checkpoint itself (its own λ and metadata)
-            kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / "final"
-            with atomic_dir(out / "stages" / str(stage.k)) as tmp:
-                for name in ("adapter.safetensors", "adapter.json"):
-                    shutil.copy2(kept / name, tmp / name)
-            lam = (source or {}).get("method_config", {}).get("sparse_lambda", stage.lam) if kept == from_ckpt \
-                else stage.lam
-            record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
-            _write_records(out, records + [record])
-        records.append(record)
-        checkpoints = step_checkpoints(run_dir)
-        previous = checkpoints[-1][1] if checkpoints else (from_ckpt if stage.steps == 0 else run_dir / "final")
-        yield record
+    return stages, _read_records(out / "schedule.jsonl")
+
+
+def keep_stage(recipe: Recipe, out: Path, stage: Stage, result: Any, from_ckpt: Path | None,
+               records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Copy a finished stage's adapter to stages/<k>/ and append its record to schedule.jsonl and .csv."""
+    # --from: stage 0 is the given checkpoint itself (its own λ and metadata)
+    kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / "final"
+    with atomic_dir(out / "stages" / str(stage.k)) as tmp:
+        for name in ("adapter.safetensors", "adapter.json"):
+            shutil.copy2(kept / name, tmp / name)
+    lam = stage.lam
+    if kept == from_ckpt:
+        lam = load_adapter(kept)[1].get("method_config", {}).get("sparse_lambda", stage.lam)
+    record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
+    _write_records(out, records + [record])
+    return record
+
+
+def stage_done(out: Path, stage: Stage, recorded: int) -> bool:
+    return stage.k < recorded and (out / "stages" / str(stage.k) / "adapter.json").is_file()
+
+
+def next_start(run_dir: Path, stage: Stage, from_ckpt: Path | None) -> Path | None:
+    """What the next stage continues: this stage's last step checkpoint (adapter and optimizer state)."""
+    checkpoints = step_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else (from_ckpt if stage.steps == 0 else run_dir / "final")
 
 
 def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from torch import nn
 from sora_cli import __version__
 from sora_cli.adapters.inject import inside, select_heads, select_targets
 from sora_cli.checkpoint import atomic_dir, write_json
+from sora_cli.dist import SINGLE, World, current, on_main
 from sora_cli.errors import InputError, SoraError
 from sora_cli.precision import wide_dtype
 from sora_cli.recipe import Recipe, load_recipe
@@ -254,7 +255,17 @@ def input_norms(model: nn.Module, names: list[str]) -> Iterator[dict[str, torch.
             h.remove()
 
 
-def _prune_scored(model: nn.Module, names: list[str], rule: Rule, norms: dict[str, torch.Tensor]) -> None:
+def _prune_scored(model: nn.Module, names: list[str], rule: Rule, norms: dict[str, torch.Tensor],
+                  world: World = SINGLE) -> None:
+    """Prune each named Linear by its Wanda scores. Under torchrun each rank calibrated on its share of the samples:
+    the input norms are summed over the ranks first, so every rank prunes alike."""
+    if world.size > 1:
+        seen = set().union(*world.gather(set(norms)))
+        for name in names:
+            if name in seen and name not in norms:  # this rank's samples never reached it
+                w = weight_of(model, name)
+                norms[name] = torch.zeros(w.shape[1], dtype=wide_dtype(w.dtype), device=w.device)
+        world.sum_([norms[n] for n in names if n in norms])
     for name in names:
         if name not in norms:
             raise SoraError(f"wanda: {name} saw no input during calibration, so it cannot be scored; leave it out "
@@ -276,20 +287,22 @@ def _with_hidden(inputs: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
 
 
 def prune_block(model: nn.Module, block: nn.Module, names: list[str], inputs: list[BlockInputs],
-                rule: Rule) -> list[BlockInputs]:
+                rule: Rule, world: World = SINGLE) -> list[BlockInputs]:
     """Score all of the block's target Linears from one pass over every sample, prune them, run the pruned block
     again and return its outputs as the next block's inputs."""
     with input_norms(model, names) as norms:
         for args, kwargs in inputs:
             block(*args, **kwargs)
-    _prune_scored(model, names, rule, norms)
+    _prune_scored(model, names, rule, norms, world)
     return [_with_hidden((args, kwargs), _hidden(block(*args, **kwargs))) for args, kwargs in inputs]
 
 
-def wanda_prune(model: nn.Module, targets: list[str], batches: list[Batch], rule: Rule) -> None:
+def wanda_prune(model: nn.Module, targets: list[str], batches: list[Batch], rule: Rule,
+                world: World = SINGLE) -> None:
     """Prune `targets` in place by Wanda scores over the calibration `batches` (each a model's keyword inputs):
     block by block, each block's pruned outputs feeding the next; targets outside every block (BERT's pooler) at the
-    end, from one full forward per sample through the pruned blocks."""
+    end, from one full forward per sample through the pruned blocks. Under torchrun `batches` are this rank's share;
+    the norms are summed over the ranks before each pruning."""
     model.eval()
     done: set[str] = set()
     with torch.no_grad():
@@ -299,14 +312,14 @@ def wanda_prune(model: nn.Module, targets: list[str], batches: list[Batch], rule
             inputs = capture_block_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
                 names = [t for t in targets if inside(t, [f"{prefix}.{i}"])]
-                inputs = prune_block(model, block, names, inputs, rule)
+                inputs = prune_block(model, block, names, inputs, rule, world)
                 done.update(names)
         rest = [t for t in targets if t not in done]
         if rest:
             with input_norms(model, rest) as norms:
                 for batch in batches:
                     model(**batch)
-            _prune_scored(model, rest, rule, norms)
+            _prune_scored(model, rest, rule, norms, world)
 
 
 def magnitude_prune(model: nn.Module, targets: list[str], rule: Rule) -> None:
@@ -446,16 +459,21 @@ def sparsify(source: str, output: Path, method: str, sparsity: float | None = No
              samples: int = 128, seed: int | None = None, targets: str = "all-linear",
              force: bool = False) -> dict[str, Any]:
     """`sora sparsify`: prune the target Linears of `source` (a recipe or a model) and write the sparse model with
-    its tokenizer and `sparsify.json` to `output`, atomically. Returns that report."""
+    its tokenizer and `sparsify.json` to `output`, atomically. Returns that report. Under torchrun the ranks share
+    Wanda's calibration samples (every world.size-th each) and rank 0 writes."""
+    world = current()
     rule = make_rule(method, sparsity, pattern)
     target_modules = parse_targets(targets)
     if samples < 1:
         raise InputError(f"--samples: must be a positive integer, got {samples}")
+    if samples < world.size:
+        raise InputError(f"--samples: {samples} is fewer than the {world.size} processes sharing them; give at "
+                         f"least {world.size}")
     if rule.method == "wanda" and not is_recipe(source):
         raise InputError(f"--method wanda: needs calibration data, and {source!r} is a model; pass a recipe whose "
                          "data section gives it (e.g. recipes/quickstart-causal.yaml), or use --method magnitude")
     recipe = load_recipe(source) if is_recipe(source) else None
-    check_output(output, _protected(source, recipe), force)
+    on_main(check_output, output, _protected(source, recipe), force, world=world)
     src = load_recipe_source(recipe) if recipe else load_model_source(source)
     names = targets_of(src.model, target_modules, src.heads)
     check_pattern(src.model, names, rule)
@@ -463,13 +481,15 @@ def sparsify(source: str, output: Path, method: str, sparsity: float | None = No
     if rule.method == "wanda":
         assert recipe is not None  # wanda without a recipe was refused above
         batches, calibration = calibration_batches(src, samples, recipe.train.seed if seed is None else seed)
-        wanda_prune(src.model, names, batches, rule)
+        wanda_prune(src.model, names, batches[world.rank::world.size], rule, world)
     else:
         magnitude_prune(src.model, names, rule)
     modules, total = sparsity_report(src.model, names)
     report = {"sora_version": __version__, "source": source, "base_model": src.base_model, "method": rule.method,
               **rule.meta(), "targets": names, "calibration": calibration, "modules": modules, "total": total}
     model: Any = src.model  # a transformers PreTrainedModel
+    if not world.main:
+        return report
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         src.tokenizer.save_pretrained(tmp)

@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import ddp  # noqa: E402
 import publish  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
@@ -172,6 +173,24 @@ def test_publish_refuses_a_readme_without_markers(tmp_path: Path, quality_out: P
     with pytest.raises(SystemExit, match="needs exactly one pair of results markers"):
         publish.main([str(quality_out), "--readme", str(readme)])
     assert readme.read_text() == "# x\n"
+
+
+def test_ddp_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
+    """bench/ddp.py launches torchrun with 1 and 2 processes; speed-ups are over the same contestant's 1-process
+    median, the ratio to PEFT + DDP per repeat at the same process count."""
+    out = ddp.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((out / "ddp.json").read_text())
+    assert [r["processes"] for r in data["runs"]] == [1, 2] and data["runs"][1]["threads"] == 1
+    one = {row["contestant"]: row for row in data["speed"] if row["processes"] == 1}
+    for row in data["speed"]:
+        run = data["runs"][row["processes"] - 1]
+        assert row["ms_per_step"] == pytest.approx(1000 * statistics.median(run["times"][row["contestant"]]))
+        assert row["speedup"] == pytest.approx(one[row["contestant"]]["ms_per_step"] / row["ms_per_step"])
+        assert row["efficiency"] == pytest.approx(row["speedup"] / row["processes"])
+        assert row["examples_per_s"] == pytest.approx(16 / (row["ms_per_step"] / 1000))
+    table = table_rows((out / "ddp.md").read_text(), ddp.COLUMNS)
+    assert [r[0] for r in table] == list(ddp.CONTESTANTS.values()) * 2
+    assert all(len(r) == len(ddp.COLUMNS) and all(r) for r in table)
 
 
 def test_causal_speed_smoke_writes_every_row_and_column(tmp_path: Path) -> None:

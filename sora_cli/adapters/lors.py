@@ -26,8 +26,10 @@ KEEP_SPARSITY_EXPORT = ("the adapter keeps the base's zero pattern, (W0 + s·B·
 def weight_gradients(model: nn.Module, layers: dict[str, LoRALinear],
                      calibration: Calibration) -> dict[str, torch.Tensor]:
     """∂L/∂W0 of every layer, (d_out, d_in), unmasked, L the mean loss over every calibration example (or label
-    token): each batch's summed loss is divided by the count over all batches, as a training step divides."""
-    total = max(sum(calibration.count(b) for b in calibration.batches), 1)
+    token): each batch's summed loss is divided by the count over all batches (of every rank, under torchrun, whose
+    gradients are then summed), as a training step divides."""
+    world = calibration.world
+    total = max(world.total(sum(calibration.count(b) for b in calibration.batches)), 1)
     weights = [m.weight for m in layers.values()]
     for w in weights:
         w.requires_grad_(True)
@@ -36,7 +38,9 @@ def weight_gradients(model: nn.Module, layers: dict[str, LoRALinear],
             with calibration.autocast:
                 loss = calibration.loss_sum(model, batch) / total
             loss.backward()
-        return {name: wide(m.weight.grad.detach()) for name, m in layers.items()}  # type: ignore[union-attr]
+        grads = [m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight) for m in layers.values()]
+        world.sum_(grads)
+        return {name: wide(g.detach()) for name, g in zip(layers, grads)}
     finally:
         for w in weights:
             w.requires_grad_(False)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from sora_cli.dist import SINGLE, World
 from sora_cli.precision import wide
 from sora_cli.recipe import with_method_defaults
 
@@ -33,6 +34,7 @@ class Calibration:
     loss_sum: Callable[[nn.Module, Batch], torch.Tensor]  # a batch's summed loss (the task's), with grad
     count: Callable[[Batch], int]  # what that sums over: examples, or label tokens
     autocast: contextlib.AbstractContextManager[Any]  # training's (bf16 when train.precision says so)
+    world: World = SINGLE  # under torchrun: `batches` are this rank's slices; sums go over every rank
 
 
 class Method:

@@ -30,10 +30,11 @@ import torch
 from sora_cli import render
 from sora_cli.adapters import adapters_disabled
 from sora_cli.checkpoint import write_text_atomic
+from sora_cli.dist import SINGLE, World, agree, current, on_main
 from sora_cli.editing.changed import changed_weights
 from sora_cli.editing.metrics import PROTOCOL, agreement, mean, predict, token_accuracy
 from sora_cli.editing.requests import EditRequest
-from sora_cli.engine import Run, prepare, train_step
+from sora_cli.engine import Run, prepare, synchronise, train_step
 from sora_cli.errors import InputError
 from sora_cli.optim import build_optimizer, lr_factor, set_lr, warmup_length
 from sora_cli.recipe import EditConfig, Recipe
@@ -98,7 +99,8 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 
 def predictions(s: Session, indices: list[int]) -> list[list[list[int]]]:
-    """Per request in `indices`: the model's argmax at every target position of every probe (one batched pass)."""
+    """Per request in `indices`: the model's argmax at every target position of every probe (one batched pass, in
+    this process)."""
     run = s.run
     flat = [pair for i in indices for pair in s.probes[i].pairs()]
     with evaluating(run.model), run.ctx.autocast:
@@ -123,17 +125,25 @@ def scores(p: Probes, preds: list[list[int]], base: list[list[int]]) -> dict[str
     }
 
 
+def shared_predictions(s: Session, indices: list[int]) -> list[list[list[int]]]:
+    """`predictions`, each torchrun rank scoring a share of the requests; every rank gets all of them."""
+    return s.run.world.map(indices, lambda mine: predictions(s, mine))
+
+
 def open_session(recipe: Recipe) -> Session:
     """Load the model and requests, inject the adapter, score the unedited model (nothing written yet)."""
     edit = recipe.edit or EditConfig()
-    run = prepare(recipe, Path(recipe.train.output_dir or "runs/edit"))
+    world = current()
+    run = agree(prepare, recipe, Path(recipe.train.output_dir or "runs/edit"), None, world, world=world)
+    synchronise(run)
     task = run.task
     assert isinstance(task, EditTask)
     s = Session(run, edit, task.requests, [probes_of(run.tokenizer, r) for r in task.requests])
+    every = list(range(len(s.requests)))
     with adapters_disabled(run.model):
-        s.base = predictions(s, list(range(len(s.requests))))
+        s.base = shared_predictions(s, every)
         if edit.exact_match:
-            s.base_match = [generated_match(s, i) for i in range(len(s.requests))]
+            s.base_match = world.map(every, lambda mine: [generated_match(s, i) for i in mine])
     s.initial = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     return s
 
@@ -145,8 +155,9 @@ def reset_adapter(s: Session) -> None:
                 p.copy_(s.initial[name])
 
 
-def apply_edit(s: Session, indices: list[int], seed: int) -> dict[str, Any]:
-    """Train the current adapter on the requests `indices` (a fresh optimizer and method state); its trace."""
+def apply_edit(s: Session, indices: list[int], seed: int, world: World = SINGLE) -> dict[str, Any]:
+    """Train the current adapter on the requests `indices` (a fresh optimizer and method state); its trace. With a
+    torchrun `world`, its ranks train the one adapter together, each on its slice of every batch of requests."""
     run, cfg = s.run, s.run.recipe.train
     torch.manual_seed(seed)  # dropout's draws: the same for an edit whatever ran before it
     chunks = [indices[i: i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
@@ -160,10 +171,11 @@ def apply_edit(s: Session, indices: list[int], seed: int) -> dict[str, Any]:
         losses = []
         for chunk in chunks:
             set_lr(run.optimizer, lr_factor(step, total, warmup, cfg.lr_scheduler))
-            batch = {k: v.to(run.ctx.device) for k, v in
-                     collate(run.data.train, chunk, run.tokenizer.pad_token_id).items()}
-            loss, _ = train_step(run.model, run.task, run.method, run.optimizer, [batch], run.params,
-                                 cfg.max_grad_norm, run.ctx.autocast, step)
+            mine = world.part(chunk)
+            batches = [{k: v.to(run.ctx.device) for k, v in
+                        collate(run.data.train, mine, run.tokenizer.pad_token_id).items()}] if mine else []
+            loss, _ = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
+                                 cfg.max_grad_norm, run.ctx.autocast, step, world)
             losses.append(float(loss))
             step += 1
         if s.edit.stop_loss is not None and done > s.edit.stop_after and sum(losses) / len(losses) < s.edit.stop_loss:
@@ -201,20 +213,22 @@ def run_edits(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) 
     t0 = time.perf_counter()
     out = Path(recipe.train.output_dir or "runs/edit")
     edit = recipe.edit or EditConfig()
-    has_run = check_run_dir(out, recipe, resume, overwrite)
+    world = current()
+    has_run = on_main(check_run_dir, out, recipe, resume, overwrite, world=world)
     if has_run and edit.mode != "single":
         raise InputError(f"--resume: a {edit.mode}-mode edit run cannot continue part-way (its adapter holds every "
                          "edit so far); start it again with --overwrite")
     s = open_session(recipe)
-    done = read_done(out / "edits.jsonl") if has_run else {}
-    if not has_run:
+    done = on_main(read_done, out / "edits.jsonl", world=world) if has_run else {}
+    if not has_run and world.main:
         start_fresh(out, recipe, has_run, overwrite)
     render.note(f"{s.run.method.name} edits {len(s.requests)} requests ({edit.mode}) on "
                 f"{len(s.run.injection.targets)} modules, r={recipe.adapter.r}; {recipe.train.max_steps} passes each")
-    with (out / "edits.jsonl").open("a") as log:
+    with (out / "edits.jsonl").open("a") if world.main else contextlib.nullcontext() as log:
         records = edit_all(s, done, log)
     summary = summarize(s, records)
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if world.main:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if edit.mode != "single":
         s.run.save(out / "final", sum(r["steps"] for r in records), {"edit": summary["post"]})
     return EditResult(out, edit.mode, summary, time.perf_counter() - t0)
@@ -235,39 +249,56 @@ def read_done(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict[str, Any]]:
-    """Every request edited as the mode says; each record written to `log` as soon as it is final."""
-    n, seed = len(s.requests), s.run.recipe.train.seed
+    """Every request edited as the mode says; each record written to `log` (None: not rank 0) once it is final."""
+    n, seed, world = len(s.requests), s.run.recipe.train.seed, s.run.world
+    if s.edit.mode == "single":
+        return edit_each(s, done, log)
     if s.edit.mode == "batch":
-        trace = apply_edit(s, list(range(n)), seed)
+        trace = apply_edit(s, list(range(n)), seed, world)
         trace["seconds"] = trace["seconds"] / n  # one adapter for all: its time shared out per edit
-        every = predictions(s, list(range(n)))
+        every = shared_predictions(s, list(range(n)))
         trace.update(changed_weights(s.run.model, type(s.run.method)))  # one adapter: counted once
-        records = [record(s, i, every[i], trace) for i in range(n)]
+        records = world.map(list(range(n)), lambda mine: [record(s, i, every[i], trace) for i in mine])
     else:
         records = []
-        with render.TrainProgress(n, start=len(done), label="edit") as progress:
+        with render.TrainProgress(n, label="edit") as progress:
             for i in range(n):
-                if i in done:
-                    records.append(done[i])
-                    continue
-                if s.edit.mode == "single":
-                    reset_adapter(s)
-                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model, type(s.run.method))}
+                trace = {**apply_edit(s, [i], seed + i, world), **changed_weights(s.run.model, type(s.run.method))}
                 (preds,) = predictions(s, [i])
                 records.append(record(s, i, preds, trace))
-                if s.edit.mode == "single":
-                    log.write(json.dumps(records[-1]) + "\n")
-                    log.flush()
-                else:
-                    records[-1]["just_after"] = records[-1].pop("post")
+                records[-1]["just_after"] = records[-1].pop("post")
                 progress.update(i + 1, trace["loss"])
-        if s.edit.mode == "sequential":  # everything scored once more at the end: what later edits undid
-            preds_all = predictions(s, list(range(n)))
-            for i, r in enumerate(records):
-                r["post"] = scores(s.probes[i], preds_all[i], s.base[i])
-    if s.edit.mode != "single":
+        preds_all = shared_predictions(s, list(range(n)))  # scored once more at the end: what later edits undid
+        for i, r in enumerate(records):
+            r["post"] = scores(s.probes[i], preds_all[i], s.base[i])
+    if log is not None:
         log.write("".join(json.dumps(r) + "\n" for r in records))
     return records
+
+
+def edit_each(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict[str, Any]]:
+    """Single mode: each request on a fresh adapter. Under torchrun the ranks edit different requests at once (an
+    edit's numbers depend on nothing else), rank k the k-th of each round; rank 0 logs each round in order."""
+    world, seed = s.run.world, s.run.recipe.train.seed
+    records = dict(done)
+    pending = [i for i in range(len(s.requests)) if i not in done]
+    with render.TrainProgress(len(s.requests), start=len(done), label="edit") as progress:
+        for start in range(0, len(pending), world.size):
+            turn = pending[start: start + world.size]
+            item = None
+            if world.rank < len(turn):
+                i = turn[world.rank]
+                reset_adapter(s)
+                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model, type(s.run.method))}
+                (preds,) = predictions(s, [i])
+                item = record(s, i, preds, trace)
+            for finished in [r for r in world.gather(item) if r is not None]:
+                records[finished["index"]] = finished
+                if log is not None:
+                    log.write(json.dumps(finished) + "\n")
+                    log.flush()
+                progress.update(len(records), finished["loss"])
+    return [records[i] for i in sorted(records)]
 
 
 def per_edit(counts: list[int], mode: str) -> float | None:

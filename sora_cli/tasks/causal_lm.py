@@ -22,6 +22,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +32,7 @@ from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
 from sora_cli.tasks.formats import IGNORE_INDEX, Encoded, FormatFields, detect_format, encode_record
-from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
+from sora_cli.tasks.task import EncodedSplits, EvalContext, Rows, Task
 
 Records = list[dict[str, Any]]
 METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy")
@@ -225,9 +226,13 @@ class CausalLMTask(Task):
     # -- evaluation
 
     @torch.inference_mode()
-    def evaluate(self, model: Any, data: CausalData, ctx: EvalContext) -> dict[str, float]:
-        loss = correct = tokens = exact = chosen = 0.0
-        pad = ctx.tokenizer.pad_token_id
+    def predict(self, model: Any, data: CausalData, ctx: EvalContext) -> Rows:
+        """Per example, in the data's order: the response's summed token loss (float64), its tokens and the tokens
+        predicted right (teacher-forced); with exact_match, whether the greedy answer matched; with choices, whether
+        the likeliest choice is the reference."""
+        n, pad = len(data), ctx.tokenizer.pad_token_id
+        rows = {"loss": np.zeros(n), "correct": np.zeros(n), "tokens": np.zeros(n), "exact": np.zeros(n),
+                "chosen": np.zeros(n)}
         single = self._single_token_choices(ctx.tokenizer)
         for indices in eval_order(data.lengths, ctx.batch_size):
             batch = {k: v.to(ctx.device) for k, v in collate(data, indices, pad).items()}
@@ -236,25 +241,31 @@ class CausalLMTask(Task):
                 hidden = model.base_model(input_ids=batch["input_ids"],
                                           attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
                 logits, targets = labelled_logits(model, hidden, batch["labels"])  # (N, V), (N,)
-            loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
-            correct += float((logits.argmax(-1) == targets).sum())
-            tokens += len(targets)
+            owner = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0].cpu()  # (N,): each target's row
+            at = torch.tensor(indices)[owner].numpy()
+            np.add.at(rows["loss"], at, F.cross_entropy(logits.float(), targets, reduction="none").double().cpu())
+            np.add.at(rows["correct"], at, (logits.argmax(-1) == targets).double().cpu())
+            np.add.at(rows["tokens"], at, 1.0)
             if self.generates:
-                exact += sum(self._generate(model, examples, ctx))
+                rows["exact"][indices] = self._generate(model, examples, ctx)
             if single is not None:  # one-token answers: their likelihoods are the next-token logits after the prompt
                 ends = torch.tensor([len(e.prompt_ids) - 1 for e in examples], device=hidden.device)
                 with ctx.autocast:
                     first = lm_head(model, hidden[torch.arange(len(examples), device=hidden.device), ends])  # (B, V)
                 picks = first.float()[:, single].argmax(-1).tolist()
-                chosen += sum(self.choice_names()[k] == e.reference for k, e in zip(picks, examples))
+                rows["chosen"][indices] = [self.choice_names()[k] == e.reference for k, e in zip(picks, examples)]
             elif self.data.choices:
-                chosen += sum(self._choose(model, examples, ctx))
-        metrics = {"loss": loss / max(tokens, 1), "token_accuracy": correct / max(tokens, 1)}
+                rows["chosen"][indices] = self._choose(model, examples, ctx)
+        return rows
+
+    def score(self, rows: Rows) -> dict[str, float]:
+        tokens, n = max(float(rows["tokens"].sum()), 1.0), len(rows["tokens"])
+        metrics = {"loss": float(rows["loss"].sum()) / tokens, "token_accuracy": float(rows["correct"].sum()) / tokens}
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
         if self.generates:
-            metrics["exact_match"] = exact / max(len(data), 1)
+            metrics["exact_match"] = float(rows["exact"].sum()) / max(n, 1)
         if self.data.choices:
-            metrics["choice_accuracy"] = chosen / len(data)
+            metrics["choice_accuracy"] = float(rows["chosen"].sum()) / n
         return metrics
 
     def _generate(self, model: Any, examples: list[Encoded], ctx: EvalContext) -> list[bool]:

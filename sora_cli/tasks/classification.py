@@ -19,7 +19,7 @@ from torch import nn
 from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
-from sora_cli.tasks.task import EncodedSplits, EvalContext, Task
+from sora_cli.tasks.task import EncodedSplits, EvalContext, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -309,16 +309,21 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits, batch["labels"], reduction="sum")
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: Encoded, ctx: EvalContext) -> dict[str, float]:
-        logits, labels = [], []
-        for indices in eval_order(data.lengths, ctx.batch_size):
+    def predict(self, model: nn.Module, data: Encoded, ctx: EvalContext) -> Rows:
+        """logits (N, C) (regression: (N, 1)) in float32 and labels (N,), in the data's order."""
+        order = eval_order(data.lengths, ctx.batch_size)
+        logits = []
+        for indices in order:
             batch = {k: v.to(ctx.device) for k, v in collate(data, indices, ctx.tokenizer.pad_token_id).items()}
-            gold = batch.pop("labels")
+            batch.pop("labels")
             with ctx.autocast:
-                out = model(**batch).logits
-            logits.append(out.float().cpu())
-            labels.append(gold.cpu())
-        return compute_metrics(self.task_type, torch.cat(logits).numpy(), torch.cat(labels).numpy())
+                logits.append(model(**batch).logits.float().cpu())
+        out = torch.empty((len(data), logits[0].shape[-1]), dtype=torch.float32)
+        out[torch.tensor([i for indices in order for i in indices])] = torch.cat(logits)
+        return {"logits": out.numpy(), "labels": data.labels.cpu().numpy()}
+
+    def score(self, rows: Rows) -> dict[str, float]:
+        return compute_metrics(self.task_type, rows["logits"], rows["labels"])
 
     def metric(self, metric_for_best: str | None) -> str:
         metric = selection_metric(metric_for_best, self.data.task, self.task_type)

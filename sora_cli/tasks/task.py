@@ -11,10 +11,14 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from sora_cli.dist import SINGLE, World
 from sora_cli.recipe import DataConfig
+
+Rows = dict[str, np.ndarray]  # an evaluation's per-example outputs: name -> (examples, ...), in the data's order
 
 
 @dataclass
@@ -84,8 +88,24 @@ class Task:
         """The summed (not averaged) loss of a batch, as a 0-d tensor with grad."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, data: Any, ctx: EvalContext) -> dict[str, float]:
+    def predict(self, model: nn.Module, data: Any, ctx: EvalContext) -> Rows:
+        """What scoring needs of each example (logits and labels, or summed token losses and hits)."""
         raise NotImplementedError
+
+    def score(self, rows: Rows) -> dict[str, float]:
+        """The metrics of a whole split from its examples' rows."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, data: Any, ctx: EvalContext, world: World = SINGLE) -> dict[str, float]:
+        """The task's metrics on `data`. Under torchrun each rank predicts every world.size-th example of the
+        length-sorted order (so all ranks pad alike and finish together); the rows are gathered and every rank
+        scores the whole split, so all of them hold the same metrics."""
+        if world.size == 1:
+            return self.score(self.predict(model, data, ctx))
+        by_length = sorted(range(len(data)), key=lambda i: data.lengths[i])
+        mine = by_length[world.rank::world.size]
+        parts = world.gather((mine, self.predict(model, self.subset(data, mine), ctx) if mine else None))
+        return self.score(assemble(parts, len(data)))
 
     def metric(self, metric_for_best: str | None) -> str:
         """The model-selection metric: train.metric_for_best, else the task's own."""
@@ -102,3 +122,13 @@ class Task:
     @classmethod
     def from_meta(cls, block: dict[str, Any], data: DataConfig) -> Task:
         raise NotImplementedError
+
+
+def assemble(parts: list[tuple[list[int], Rows | None]], n: int) -> Rows:
+    """One split's rows from each rank's (example positions, rows of those examples)."""
+    filled = [(at, rows) for at, rows in parts if rows is not None]
+    out = {key: np.empty((n, *value.shape[1:]), dtype=value.dtype) for key, value in filled[0][1].items()}
+    for at, rows in filled:
+        for key, value in rows.items():
+            out[key][at] = value
+    return out

@@ -1,0 +1,199 @@
+"""Data-parallel training under torchrun: throughput of 1 and N processes, and parity of N processes with one.
+
+    python bench/ddp.py                         # CPU (gloo): 1 process x all threads vs 2 processes x 1 thread
+    python bench/ddp.py --device cuda --nprocs 1 8    # a GPU machine: 1 GPU vs 8 (NCCL)
+    python bench/ddp.py --smoke                 # CI: tiny random BERT, a few steps
+
+Part `speed`: `torchrun --nproc_per_node=N bench/ddp.py --worker` for each N. Every process builds the quickstart's
+MiniLM and three contestants on it, and times one optimizer step of each over the same global batches (each rank
+its slice), interleaved as bench/speed.py does:
+- sora LoRA and sora SoRA r_max=8: `engine.train_step` with the torchrun world, i.e. one coalesced all-reduce of
+  the adapter gradients per step after backward;
+- PEFT LoRA in torch's DistributedDataParallel (bucketed all-reduce overlapped with backward), what a PEFT user
+  launching with torchrun gets; in one process, plain PEFT LoRA.
+The global batch is the recipe's (16) at every N, so N processes share the same work: examples/s, speed-up over one
+process, scaling efficiency (speed-up / N) and the step time relative to PEFT + DDP at the same N.
+
+Part `parity`: `sora train recipes/quickstart-causal.yaml` (SmolLM2 has no dropout, so 1 and 2 processes compute the
+same step up to float reordering) for --parity-steps steps with 1 and with 2 processes: the largest difference of
+the logged losses and of the final adapter tensors. Writes ddp.json and ddp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from speed import interleaved_steps  # noqa: E402
+
+from sora_cli.data import TrainOrder  # noqa: E402
+from sora_cli.dist import SINGLE  # noqa: E402
+from sora_cli.engine import train_step  # noqa: E402
+from sora_cli.tasks.classification import collate  # noqa: E402
+
+CONTESTANTS = {"sora-lora": "sora LoRA r=8", "sora-r8": "sora SoRA r_max=8", "peft-lora": "PEFT LoRA r=8 + DDP"}
+COLUMNS = ["contestant", "processes × threads", "ms / step", "examples / s", "speed-up", "scaling efficiency",
+           "step / PEFT+DDP"]
+PARITY_RECIPE = common.REPO / "recipes" / "quickstart-causal.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one process of a torchrun launch
+
+
+def worker(args: argparse.Namespace) -> None:
+    from sora_cli import dist
+
+    world = dist.start(args.device)
+    device = world.device if world.size > 1 else torch.device(args.device)
+    s = common.settings(args.smoke, steps=args.steps)
+    setup = common.load_setup(s, args.smoke, Path(args.work), device=str(device))
+    order = TrainOrder(len(setup.train), s.batch_size, 0)
+    batches = [{k: v.to(device) for k, v in collate(setup.train, world.part(order.indices(k)[1]), setup.pad_id)
+                .items()} for k in range(args.steps)]
+    steps = {key: stepper(key, setup, s, world) for key in CONTESTANTS}
+    times = interleaved_steps(steps, batches, args.repeats)
+    if world.main:
+        Path(args.result).write_text(json.dumps({
+            "processes": world.size, "threads": torch.get_num_threads(), "global_batch": s.batch_size,
+            "device": device.type, "times": times}))
+    dist.stop()
+
+
+def stepper(key: str, setup: common.Setup, s: common.Settings, world: Any) -> Any:
+    """step(batch): one optimizer step of the contestant on this rank's slice of a global batch."""
+    c = common.build(key, setup, s, 0)
+    model, own = c.model, world
+    if key.startswith("peft") and world.size > 1:  # DDP averages the gradients itself, during backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(c.model, device_ids=[world.device] if world.device.type == "cuda" else None)
+        own = SINGLE
+    params, max_norm, counter = c.params, s.recipe.train.max_grad_norm or 0.0, iter(range(10**9))
+    model.train()
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        train_step(model, setup.task, c.hooks, c.optimizer, [batch], params, max_norm, contextlib.nullcontext(),
+                   next(counter), own)
+        common.sync(setup.device)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def launch(nproc: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    result = work / f"speed-{nproc}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "--worker", "--result", str(result), "--work", str(work),
+           "--device", args.device, "--steps", str(args.steps), "--repeats", str(args.repeats),
+           *(["--smoke"] if args.smoke else [])]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
+    return json.loads(result.read_text())
+
+
+def speed_rows(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[dict[str, Any]]]:
+    one = runs[0]
+    rows, data = [], []
+    for run in runs:
+        for key, label in CONTESTANTS.items():
+            ms = 1000 * statistics.median(run["times"][key])
+            base = 1000 * statistics.median(one["times"][key])
+            speedup = base / ms
+            vs_peft = statistics.median(a / b for a, b in zip(run["times"][key], run["times"]["peft-lora"]))
+            row = {"contestant": key, "processes": run["processes"], "threads": run["threads"], "ms_per_step": ms,
+                   "examples_per_s": run["global_batch"] / (ms / 1000), "speedup": speedup,
+                   "efficiency": speedup / run["processes"], "step_vs_peft_ddp": vs_peft}
+            data.append(row)
+            rows.append([label, f"{run['processes']} × {run['threads']}", f"{ms:.1f}", f"{row['examples_per_s']:.1f}",
+                         f"{speedup:.2f}", f"{row['efficiency']:.2f}", f"{vs_peft:.3f}"])
+    return rows, data
+
+
+def parity(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """`sora train` of the causal quickstart with 1 and 2 processes: the largest loss and tensor differences."""
+    from safetensors.torch import load_file
+
+    over = [f"train.max_steps={args.parity_steps}", "train.log_every=1", "train.eval_every=null",
+            "data.max_eval_samples=8", "train.save_every=null"]
+    runs = {}
+    for n in (1, 2):
+        out = work / f"parity-{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+               "sora_cli", "train", str(PARITY_RECIPE), "-o", str(out), "--overwrite", *over]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if e["event"] == "train"]
+        runs[n] = (losses, load_file(out / "final" / "adapter.safetensors"))
+    (l1, t1), (l2, t2) = runs[1], runs[2]
+    return {"recipe": str(PARITY_RECIPE.relative_to(common.REPO)), "steps": args.parity_steps,
+            "max_loss_diff": max(abs(a - b) for a, b in zip(l1, l2)),
+            "max_rel_loss_diff": max(abs(a - b) / abs(a) for a, b in zip(l1, l2)),
+            "max_tensor_diff": max(float((t1[k].double() - t2[k].double()).abs().max()) for k in t1),
+            "max_tensor_abs": max(float(t1[k].double().abs().max()) for k in t1), "losses": {"1": l1, "2": l2}}
+
+
+def markdown(facts: dict[str, Any], rows: list[list[str]], par: dict[str, Any] | None, args: argparse.Namespace) -> str:
+    where = facts.get("gpu") or f"{facts['cpu']}, {facts['cores']} cores"
+    text = [f"### Data parallel (torchrun): {where}\n",
+            f"`{' '.join(['python bench/ddp.py', *args.argv])}` (commit {facts['commit']}). "
+            f"{'A tiny random BERT (smoke)' if args.smoke else 'MiniLM quickstart'}, global batch 16, "
+            f"{args.steps} steps × {args.repeats} interleaved repeats; the "
+            "speed-up is over the same contestant in one process.\n", common.markdown_table(COLUMNS, rows), ""]
+    if par is not None:
+        text.append(f"Parity, `sora train {par['recipe']}` for {par['steps']} steps, 1 vs 2 processes: the losses "
+                    f"differ by at most {par['max_loss_diff']:.2e} (relative {par['max_rel_loss_diff']:.2e}), the "
+                    f"final adapter tensors by at most {par['max_tensor_diff']:.2e} (largest entry "
+                    f"{par['max_tensor_abs']:.3g}).\n")
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["speed", "parity", "all"], default="all")
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--parity-steps", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (2 if args.smoke else 8)
+    args.repeats = args.repeats or (2 if args.smoke else 5)
+    if args.worker:
+        worker(args)
+        return None
+    args.argv = argv if argv is not None else sys.argv[1:]
+    facts = common.machine(torch.device(args.device))
+    out = common.results_dir(args.out, facts, args.smoke)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        runs = [launch(n, args, work) for n in args.nprocs] if args.part in ("speed", "all") else []
+        par = parity(args, work) if args.part in ("parity", "all") and not args.smoke else None
+    rows, data = speed_rows(runs) if runs else ([], [])
+    common.write_json(out / "ddp.json", {"machine": facts, "speed": data, "runs": runs, "parity": par})
+    (out / "ddp.md").write_text(markdown(facts, rows, par, args))
+    return out
+
+
+if __name__ == "__main__":
+    main()
