@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sora_cli import __version__, render
-from sora_cli.errors import SharedError, SoraError
+from sora_cli.errors import SoraError
 
 app = typer.Typer(
     name="sora",
@@ -28,14 +28,16 @@ DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceb
 
 
 def _run(fn: Callable[[], T], debug: bool) -> T:
-    """Call `fn`; turn failures into one red line and an exit code (2: bad input, 1: failed run). Under torchrun,
-    rank 0 prints what every rank shares; another rank prints only a failure of its own, naming itself."""
+    """Call `fn`; turn failures into one red line and an exit code (2: bad input, 1: failed run). Under torchrun
+    rank 0 prints the errors about the input, which every process meets alike (one met by another process alone
+    reaches rank 0 through dist.agree and names that rank); another rank prints only a failure of its own (a bug,
+    an out-of-memory), naming itself."""
     from sora_cli import dist
 
     try:
         return fn()
-    except SoraError as e:
-        _report(str(e), e, debug, quiet=isinstance(e, SharedError) or not dist.current().size > 1)
+    except SoraError as e:  # every process read the same input: rank 0 alone says what was wrong with it
+        _report(str(e), e, debug, quiet=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if dist.rank() == 0:
@@ -53,8 +55,7 @@ def _run(fn: Callable[[], T], debug: bool) -> T:
 
 
 def _report(message: str, e: BaseException, debug: bool, quiet: bool) -> None:
-    """Print one failure. `quiet`: on ranks other than 0 the failure is rank 0's to report (it is shared, or every
-    rank read the same input before the processes joined)."""
+    """Print one failure. `quiet`: on ranks other than 0 the failure is rank 0's to report."""
     from sora_cli import dist
 
     if dist.rank() != 0:
