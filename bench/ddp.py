@@ -14,9 +14,10 @@ its slice), interleaved as bench/speed.py does:
 The global batch is the recipe's (16) at every N, so N processes share the same work: examples/s, speed-up over one
 process, scaling efficiency (speed-up / N) and the step time relative to PEFT + DDP at the same N.
 
-Part `parity`: `sora train recipes/quickstart-causal.yaml` (SmolLM2 has no dropout, so 1 and 2 processes compute the
-same step up to float reordering) for --parity-steps steps with 1 and with 2 processes: the largest difference of
-the logged losses and of the final adapter tensors. Writes ddp.json and ddp.md.
+Part `parity`: `sora train recipes/quickstart-causal.yaml` (SmolLM2 has no dropout) for --parity-steps steps with
+2 processes, against 1 process and against 1 process that cuts each batch into the same 2 micro-batches
+(grad_accum 2): the largest difference of the logged losses and of the final adapter tensors. Writes ddp.json and
+ddp.md.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from speed import interleaved_steps  # noqa: E402
 from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.dist import SINGLE  # noqa: E402
 from sora_cli.engine import train_step  # noqa: E402
+from sora_cli.recipe import load_recipe  # noqa: E402
 from sora_cli.tasks.classification import collate  # noqa: E402
 
 CONTESTANTS = {"sora-lora": "sora LoRA r=8", "sora-r8": "sora SoRA r_max=8", "peft-lora": "PEFT LoRA r=8 + DDP"}
@@ -126,33 +128,34 @@ def speed_rows(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[dict[s
 
 
 def parity(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """`sora train` of the causal quickstart with 1 process (2 threads), 2 processes (1 thread each), and 1 process
-    with 1 thread: the largest loss and tensor differences of 2 processes from 1, beside those of 1 thread from 2
-    threads in one process, the float-reordering floor that any change in how sums are split reaches."""
+    """`sora train` of the causal quickstart for a few steps: with 1 process, with 2 processes, and with 1 process
+    cutting each batch into the 2 micro-batches the 2 processes take (train.batch_size halved, train.grad_accum 2,
+    one thread as each of the 2 processes has). The largest loss and adapter differences of 2 processes from each."""
     from safetensors.torch import load_file
 
+    batch = load_recipe(PARITY_RECIPE).train.batch_size
     over = [f"train.max_steps={args.parity_steps}", "train.log_every=1", "train.eval_every=null",
             "data.max_eval_samples=8", "train.save_every=null"]
+    split = [f"train.batch_size={batch // 2}", "train.grad_accum=2"]
     runs = {}
-    for name, n, threads in (("1x2", 1, None), ("2x1", 2, None), ("1x1", 1, "1")):
+    for name, n, extra, threads in (("one", 1, [], None), ("two", 2, [], None), ("split", 1, split, "1")):
         out = work / f"parity-{name}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-               "sora_cli", "train", str(PARITY_RECIPE), "-o", str(out), "--overwrite", *over]
+               "sora_cli", "train", str(PARITY_RECIPE), "-o", str(out), "--overwrite", *over, *extra]
         env = {**os.environ, **({"OMP_NUM_THREADS": threads} if threads else {})}
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
         losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                   if e["event"] == "train"]
         runs[name] = (losses, load_file(out / "final" / "adapter.safetensors"))
 
-    def gap(a: str, b: str) -> dict[str, float]:
-        (la, ta), (lb, tb) = runs[a], runs[b]
-        return {"max_loss_diff": max(abs(x - y) for x, y in zip(la, lb)),
-                "max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(la, lb)),
+    def gap(name: str) -> dict[str, float]:
+        (la, ta), (lb, tb) = runs[name], runs["two"]
+        return {"max_rel_loss_diff": max(abs(x - y) / abs(x) for x, y in zip(la, lb)),
                 "max_tensor_diff": max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)}
 
-    return {"recipe": str(PARITY_RECIPE.relative_to(common.REPO)), "steps": args.parity_steps,
-            "two_processes": gap("1x2", "2x1"), "one_thread": gap("1x2", "1x1"),
-            "max_tensor_abs": max(float(t.double().abs().max()) for t in runs["1x2"][1].values()),
+    return {"recipe": str(PARITY_RECIPE.relative_to(common.REPO)), "steps": args.parity_steps, "batch": batch,
+            "vs_one": gap("one"), "vs_split": gap("split"),
+            "max_tensor_abs": max(float(t.double().abs().max()) for t in runs["one"][1].values()),
             "losses": {name: losses for name, (losses, _) in runs.items()}}
 
 
@@ -164,12 +167,14 @@ def markdown(facts: dict[str, Any], rows: list[list[str]], par: dict[str, Any] |
             f"{args.steps} steps × {args.repeats} interleaved repeats; the "
             "speed-up is over the same contestant in one process.\n", common.markdown_table(COLUMNS, rows), ""]
     if par is not None:
-        two, floor = par["two_processes"], par["one_thread"]
-        text.append(f"Parity, `sora train {par['recipe']}` for {par['steps']} steps (SmolLM2 has no dropout): 2 "
-                    f"processes against 1 differ by at most {two['max_rel_loss_diff']:.1e} (relative) in the logged "
-                    f"losses and {two['max_tensor_diff']:.1e} in the final adapter tensors (largest entry "
-                    f"{par['max_tensor_abs']:.3g}); the same process with 1 thread instead of 2, the float-reordering "
-                    f"floor, differs by {floor['max_rel_loss_diff']:.1e} and {floor['max_tensor_diff']:.1e}.\n")
+        one, split = par["vs_one"], par["vs_split"]
+        text.append(f"Parity, `sora train {par['recipe']}` for {par['steps']} steps (SmolLM2 has no dropout), 2 "
+                    f"processes on the global batch of {par['batch']}: against 1 process, the logged losses differ "
+                    f"by at most {one['max_rel_loss_diff']:.1e} (relative) and the final adapter tensors by "
+                    f"{one['max_tensor_diff']:.1e} (largest entry {par['max_tensor_abs']:.3g}): each process pads its "
+                    f"half of the batch to its own length, so the sums run in another order. Against 1 process "
+                    f"cutting the batch the same way (batch_size {par['batch'] // 2}, grad_accum 2, one thread): "
+                    f"{split['max_rel_loss_diff']:.1e} and {split['max_tensor_diff']:.1e}.\n")
     return "\n".join(text)
 
 

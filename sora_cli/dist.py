@@ -219,7 +219,7 @@ def on_main(fn: Callable[..., T], *args: Any, world: World | None = None) -> T:
         try:
             outcome = (True, fn(*args))
         except Exception as e:
-            error, outcome = e, (False, (str(e), getattr(e, "exit_code", 1)))
+            error, outcome = e, (False, summary(e))
     outcome = w.share(outcome)
     if error is not None:
         raise error
@@ -241,11 +241,18 @@ def agree(fn: Callable[..., T], *args: Any, world: World | None = None) -> T:
         result = fn(*args)
     except Exception as e:
         error = e
-    failures = w.gather(None if error is None else (str(error), getattr(error, "exit_code", 1)))
+    failures = w.gather(None if error is None else summary(error))
     first = next(((r, f) for r, f in enumerate(failures) if f is not None), None)
     if first is None:
         return result
-    rank, (message, code) = first
-    if w.main and rank == 0 and error is not None:
+    who, (message, code) = first
+    if w.main and who == 0 and error is not None:
         raise error
-    raise SharedError(message if rank == 0 else f"rank {rank}: {message}", code)
+    raise SharedError(message if who == 0 else f"rank {who}: {message}", code)
+
+
+def summary(e: BaseException) -> tuple[str, int]:
+    """(the line the CLI prints, the exit code) of a failure, to carry it to the other processes."""
+    if isinstance(e, SoraError):
+        return str(e), e.exit_code
+    return f"{type(e).__name__}: {e}", 1

@@ -230,6 +230,23 @@ def test_sora_on_two_processes_matches_one(tmp_path: Path, bert_dir: Path, tiny_
     assert not torch.equal(state["rng.rank1.torch"], state["rng.torch"])  # rank 1 draws its own stream
 
 
+def test_two_processes_equal_one_with_the_same_micro_batches_bit_for_bit(tmp_path: Path, bert_dir: Path,
+                                                                         tiny_csv: Path) -> None:
+    """What differs from one process is only how the batch is cut: 2 processes on a global batch of 16 are one
+    process on 2 accumulated micro-batches of 8 (the same examples, padded alike; the two gradient halves summed,
+    which commutes), so with one thread each the adapter, the gates and every logged loss are equal bit for bit."""
+    recipe = bert_recipe(tmp_path / "r.yaml", bert_dir, tiny_csv, train={"batch_size": 16, "grad_accum": 1})
+    one = tmp_path / "one"
+    ok(subprocess.run([sys.executable, "-m", "sora_cli", "train", str(recipe), "-o", str(one), "train.batch_size=8",
+                       "train.grad_accum=2"], capture_output=True, text=True,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    two = tmp_path / "two"
+    ok(torchrun(["train", str(recipe), "-o", str(two)]))
+    ta, tb = tensors(one / "final"), tensors(two / "final")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert [e["loss"] for e in events(one, "train")] == [e["loss"] for e in events(two, "train")]
+
+
 @pytest.mark.parametrize("method", ["lora", "roselora", "lors"])
 def test_causal_methods_on_two_processes_match_one(method: str, tmp_path: Path, llama_dir: Path,
                                                    uneven_file: Path) -> None:
