@@ -3,6 +3,7 @@
     python bench/ddp.py                         # CPU (gloo): 1 process x all threads vs 2 processes x 1 thread
     python bench/ddp.py --device cuda --nprocs 1 8    # a GPU machine: 1 GPU vs 8 (NCCL)
     python bench/ddp.py --smoke                 # CI: tiny random BERT, a few steps
+    python bench/ddp.py --from-json bench/results/<folder>/ddp.json   # rewrite ddp.md only
 
 Part `speed`: `torchrun --nproc_per_node=N bench/ddp.py --worker` for each N. Every process builds the quickstart's
 MiniLM and three contestants on it, and times one optimizer step of each over the same global batches (each rank
@@ -159,13 +160,23 @@ def parity(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "losses": {name: losses for name, (losses, _) in runs.items()}}
 
 
-def markdown(facts: dict[str, Any], rows: list[list[str]], par: dict[str, Any] | None, args: argparse.Namespace) -> str:
+def markdown(data: dict[str, Any]) -> str:
+    """ddp.md from ddp.json (what a run wrote, or --from-json)."""
+    facts, par, how = data["machine"], data["parity"], data["settings"]
     where = facts.get("gpu") or f"{facts['cpu']}, {facts['cores']} cores"
     text = [f"### Data parallel (torchrun): {where}\n",
-            f"`{' '.join(['python bench/ddp.py', *args.argv])}` (commit {facts['commit']}). "
-            f"{'A tiny random BERT (smoke)' if args.smoke else 'MiniLM quickstart'}, global batch 16, "
-            f"{args.steps} steps × {args.repeats} interleaved repeats; the "
-            "speed-up is over the same contestant in one process.\n", common.markdown_table(COLUMNS, rows), ""]
+            f"`{' '.join(['python bench/ddp.py', *how['argv']])}` (commit {facts['commit']}). "
+            f"{'A tiny random BERT (smoke)' if how['smoke'] else 'MiniLM quickstart'}, global batch 16, "
+            f"{how['steps']} steps × {how['repeats']} interleaved repeats; the "
+            "speed-up is over the same contestant in one process.\n",
+            common.markdown_table(COLUMNS, speed_rows(data["runs"])[0]) if data["runs"] else "", ""]
+    if facts["device"] == "cpu" and data["runs"]:
+        most = max(run["processes"] for run in data["runs"])
+        spread = max((max(t) - min(t)) / statistics.median(t) for run in data["runs"] for t in run["times"].values())
+        text.append(f"On a CPU the processes share the machine's {facts['cores']} cores: {most} processes × 1 thread "
+                    f"have no more compute than 1 process × {data['runs'][0]['threads']} threads, so a speed-up "
+                    "here only measures how well each uses the cores (the repeats of one contestant spread by up to "
+                    f"{100 * spread:.0f}%); scaling needs more devices (`--device cuda --nprocs 1 N`).\n")
     if par is not None:
         one, split = par["vs_one"], par["vs_split"]
         text.append(f"Parity, `sora train {par['recipe']}` for {par['steps']} steps (SmolLM2 has no dropout), 2 "
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-json", type=Path, help="rewrite ddp.md beside this ddp.json; run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -197,6 +209,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.worker:
         worker(args)
         return None
+    if args.from_json is not None:  # rewrite ddp.md beside it; run nothing
+        (args.from_json.parent / "ddp.md").write_text(markdown(json.loads(args.from_json.read_text())))
+        return args.from_json.parent
     args.argv = argv if argv is not None else sys.argv[1:]
     facts = common.machine(torch.device(args.device))
     out = common.results_dir(args.out, facts, args.smoke)
@@ -204,9 +219,11 @@ def main(argv: list[str] | None = None) -> Path | None:
         work = Path(tmp)
         runs = [launch(n, args, work) for n in args.nprocs] if args.part in ("speed", "all") else []
         par = parity(args, work) if args.part in ("parity", "all") and not args.smoke else None
-    rows, data = speed_rows(runs) if runs else ([], [])
-    common.write_json(out / "ddp.json", {"machine": facts, "speed": data, "runs": runs, "parity": par})
-    (out / "ddp.md").write_text(markdown(facts, rows, par, args))
+    data = {"machine": facts, "settings": {"argv": args.argv, "smoke": args.smoke, "steps": args.steps,
+                                           "repeats": args.repeats}, "speed": speed_rows(runs)[1] if runs else [],
+            "runs": runs, "parity": par}
+    common.write_json(out / "ddp.json", data)
+    (out / "ddp.md").write_text(markdown(data))
     return out
 
 
