@@ -158,7 +158,7 @@ def schedule_command(
     debug: DebugOption = False,
 ) -> None:
     """The sparsifying scheduler: stages of rising λ, each recording memorization and generalization."""
-    from sora_cli import schedule
+    from sora_cli import dist, schedule
     from sora_cli.recipe import load_recipe
 
     def load() -> Any:
@@ -186,7 +186,7 @@ def schedule_command(
         for record in schedule.run(loaded, out, from_ckpt=from_ckpt, resume=resume, overwrite=overwrite):
             records.append(record)
             render.schedule_table(records)
-        if plot is not None:
+        if plot is not None and dist.current().main:  # before _run leaves the process group
             schedule.plot(records, plot)
 
     _run(go, debug)

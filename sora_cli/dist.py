@@ -157,8 +157,11 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def peer_failure(e: BaseException) -> bool:
-    """Whether `e` is a collective failing because another process stopped (gloo raises a plain RuntimeError)."""
+    """Whether `e` is a collective failing because another process of a torchrun launch stopped (gloo raises a
+    plain RuntimeError)."""
     text = str(e)
+    if not launched():
+        return False
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
         k in text for k in ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL")))
 

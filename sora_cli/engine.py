@@ -172,7 +172,19 @@ def pick_device(name: str, world: World = SINGLE) -> torch.device:
 
 
 def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, world: World = SINGLE) -> Run:
-    """Data, model, adapters, optimizer: everything but the run directory (a failure here writes nothing)."""
+    """Data, model, adapters, optimizer, the method's setup: everything but the run directory (a failure here writes
+    nothing). Under torchrun the ranks load under dist.agree (a failure on any stops all of them there), then the
+    method's setup runs, with its collectives (LoRS's gradient init sums over the ranks)."""
+    run = agree(load, recipe, out, total_steps, world, world=world)
+    cfg = recipe.train
+    run.method.setup(run.model, run.total, calibration(run.task, run.data.train, run.tokenizer,
+                                                       run.method.calibration_samples(), cfg, run.ctx, world))
+    return run
+
+
+def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Run:
+    """Everything `prepare` does but the method's setup, with no collective (so dist.agree may wrap it). The
+    optimizer holds the parameters themselves, which setup initialises in place."""
     cfg = recipe.train
     device = pick_device(cfg.device, world)
     if cfg.batch_size < world.size and recipe.edit is None:  # an edit's ranks may hold no request: editing/run.py
@@ -199,8 +211,6 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, world: Wo
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
     ctx = eval_context(recipe, device, tokenizer)
-    method.setup(model, total, calibration(task, data.train, tokenizer, method.calibration_samples(), cfg, ctx,
-                                           world))
     optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
@@ -352,7 +362,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     out = Path(recipe.train.output_dir or "runs/run")
     world = current()
     has_run = on_main(check_run_dir, out, recipe, resume, overwrite, world=world)
-    run = agree(prepare, recipe, out, total_steps, world, world=world)
+    run = prepare(recipe, out, total_steps, world)
     synchronise(run)
     state, resumed_from = agree(open_run, run, has_run, overwrite, init_from, world=world)
     trainable, all_params = count_parameters(run.model)

@@ -481,6 +481,9 @@ def sparsify(source: str, output: Path, method: str, sparsity: float | None = No
     if rule.method == "wanda":
         assert recipe is not None  # wanda without a recipe was refused above
         batches, calibration = calibration_batches(src, samples, recipe.train.seed if seed is None else seed)
+        if len(batches) < world.size:
+            raise InputError(f"--samples: the recipe's data has only {len(batches)} examples to share among "
+                             f"{world.size} processes; launch at most {len(batches)}")
         wanda_prune(src.model, names, batches[world.rank::world.size], rule, world)
     else:
         magnitude_prune(src.model, names, rule)

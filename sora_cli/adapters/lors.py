@@ -39,7 +39,8 @@ def weight_gradients(model: nn.Module, layers: dict[str, LoRALinear],
                 loss = calibration.loss_sum(model, batch) / total
             loss.backward()
         grads = [m.weight.grad if m.weight.grad is not None else torch.zeros_like(m.weight) for m in layers.values()]
-        world.sum_(grads)
+        for g in grads:  # one weight at a time: no second copy of every gradient at once
+            world.sum_([g])
         return {name: wide(g.detach()) for name, g in zip(layers, grads)}
     finally:
         for w in weights:

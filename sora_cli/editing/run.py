@@ -30,11 +30,11 @@ import torch
 from sora_cli import render
 from sora_cli.adapters import adapters_disabled
 from sora_cli.checkpoint import write_text_atomic
-from sora_cli.dist import SINGLE, World, agree, current, on_main
+from sora_cli.dist import SINGLE, World, current, on_main
 from sora_cli.editing.changed import changed_weights
 from sora_cli.editing.metrics import PROTOCOL, agreement, mean, predict, token_accuracy
 from sora_cli.editing.requests import EditRequest
-from sora_cli.engine import Run, prepare, synchronise, train_step
+from sora_cli.engine import Run, prepare, rank_seed, synchronise, train_step
 from sora_cli.errors import InputError
 from sora_cli.optim import build_optimizer, lr_factor, set_lr, warmup_length
 from sora_cli.recipe import EditConfig, Recipe
@@ -134,7 +134,7 @@ def open_session(recipe: Recipe) -> Session:
     """Load the model and requests, inject the adapter, score the unedited model (nothing written yet)."""
     edit = recipe.edit or EditConfig()
     world = current()
-    run = agree(prepare, recipe, Path(recipe.train.output_dir or "runs/edit"), None, world, world=world)
+    run = prepare(recipe, Path(recipe.train.output_dir or "runs/edit"), None, world)
     synchronise(run)
     task = run.task
     assert isinstance(task, EditTask)
@@ -159,7 +159,8 @@ def apply_edit(s: Session, indices: list[int], seed: int, world: World = SINGLE)
     """Train the current adapter on the requests `indices` (a fresh optimizer and method state); its trace. With a
     torchrun `world`, its ranks train the one adapter together, each on its slice of every batch of requests."""
     run, cfg = s.run, s.run.recipe.train
-    torch.manual_seed(seed)  # dropout's draws: the same for an edit whatever ran before it
+    # dropout's draws: the same for an edit whatever ran before it (and each torchrun rank its own)
+    torch.manual_seed(seed if world.main else rank_seed(seed, world.rank))
     chunks = [indices[i: i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
     passes = cfg.max_steps or 1
     total = passes * len(chunks)

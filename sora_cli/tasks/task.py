@@ -102,7 +102,8 @@ class Task:
         scores the whole split, so all of them hold the same metrics."""
         if world.size == 1:
             return self.score(self.predict(model, data, ctx))
-        by_length = sorted(range(len(data)), key=lambda i: data.lengths[i])
+        lengths = data.lengths  # a property that builds the list: read it once
+        by_length = sorted(range(len(data)), key=lambda i: lengths[i])
         mine = by_length[world.rank::world.size]
         parts = world.gather((mine, self.predict(model, self.subset(data, mine), ctx) if mine else None))
         return self.score(assemble(parts, len(data)))
