@@ -37,7 +37,7 @@ from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, agree, current, on_main
 from sora_cli.errors import InputError
 from sora_cli.models import base_fingerprint, load_model
-from sora_cli.optim import build_optimizer, lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
+from sora_cli.optim import lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
 from sora_cli.recipe import Recipe, TrainConfig
 from sora_cli.rundir import (
     METRICS,
@@ -211,7 +211,7 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Ru
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
     ctx = eval_context(recipe, device, tokenizer)
-    optimizer = build_optimizer(model, method.param_groups(model), cfg.lr, cfg.weight_decay)
+    optimizer = method.optimizer(model)
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
                warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, world)

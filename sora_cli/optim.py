@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sora_cli.reference_adamw import ReferenceAdamW
+
 
 @torch.no_grad()
 def soft_threshold_(v: torch.Tensor, tau: float) -> torch.Tensor:
@@ -77,9 +79,10 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
-def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: float,
-                    weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with groups: main (weight decay), main without decay (biases, norms), then the method's own."""
+def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: float, weight_decay: float,
+                    reference: bool = False) -> torch.optim.Optimizer:
+    """AdamW with groups: main (weight decay), main without decay (biases, norms), then the method's own.
+    `reference`: the SoRA reference code's AdamW arithmetic instead of torch's (reference_adamw.py)."""
     owned = {id(p) for g in extra_groups for p in g["params"]}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -92,6 +95,8 @@ def build_optimizer(model: nn.Module, extra_groups: list[dict[str, Any]], lr: fl
         *extra_groups,
     ]
     groups = [g for g in groups if g["params"]]
+    if reference:
+        return ReferenceAdamW(groups, lr=lr)
     # The fused kernel: one pass over all tensors of a group instead of ~10 small ops per tensor per step.
     fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sora_cli.dist import SINGLE, World
+from sora_cli.optim import build_optimizer
 from sora_cli.precision import wide
 from sora_cli.recipe import with_method_defaults
 
@@ -74,6 +75,10 @@ class Method:
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Extra optimizer groups for parameters the method owns (kept out of the main AdamW groups)."""
         return []
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer of a fresh run (or of each edit): AdamW over the main groups and `param_groups`."""
+        return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None

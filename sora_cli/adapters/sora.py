@@ -10,8 +10,9 @@ from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method, Tensors, adapter_layers
-from sora_cli.optim import proximal_step
+from sora_cli.optim import build_optimizer, proximal_step
 from sora_cli.precision import wide
+from sora_cli.reference_adamw import REFERENCE_GATE_EPS
 
 
 class SoRALinear(LoRALinear):
@@ -53,9 +54,20 @@ class SoRA(Method):
         return SoRALinear(base, a.r, a.alpha, a.dropout, gate_init=a.gate_init or "normal", **self.layer_options())
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr).
+        # The gates' own AdamW: no weight decay, same LR schedule, gate_lr (default: the main lr); under `threshold:
+        # reference`, the reference's SparseAdamW (its ε, its divide-then-multiply update).
         lr = self.adapter.gate_lr or self.train.lr
-        return [{"params": gates(model), "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "gate"}]
+        group = {"params": gates(model), "weight_decay": 0.0, "lr": lr, "base_lr": lr, "name": "gate"}
+        return [{**group, "eps": REFERENCE_GATE_EPS, "gate": True} if self.reference else group]
+
+    @property
+    def reference(self) -> bool:
+        """`threshold: reference`: the reference code's whole step (METHODS.md), not only its threshold."""
+        return self.adapter.threshold == "reference"
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay,
+                               reference=self.reference)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         # Optional l1_loss_weight · Σ|g| / numel(g) (the reference GLUE scripts); the proximal step is the real L1.

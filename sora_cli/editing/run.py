@@ -36,7 +36,7 @@ from sora_cli.editing.metrics import PROTOCOL, agreement, mean, predict, token_a
 from sora_cli.editing.requests import EditRequest
 from sora_cli.engine import Run, prepare, rank_seed, synchronise, train_step
 from sora_cli.errors import InputError
-from sora_cli.optim import build_optimizer, lr_factor, set_lr, warmup_length
+from sora_cli.optim import lr_factor, set_lr, warmup_length
 from sora_cli.recipe import EditConfig, Recipe
 from sora_cli.rundir import check_run_dir, start_fresh
 from sora_cli.tasks.causal_lm import collate, left_padded, normalize_answer, stop_ids
@@ -164,7 +164,7 @@ def apply_edit(s: Session, indices: list[int], seed: int, world: World = SINGLE)
     chunks = [indices[i: i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
     passes = cfg.max_steps or 1
     total = passes * len(chunks)
-    run.optimizer = build_optimizer(run.model, run.method.param_groups(run.model), cfg.lr, cfg.weight_decay)
+    run.optimizer = run.method.optimizer(run.model)
     run.method.setup(run.model, total, None)
     warmup, step, started = warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), 0, time.perf_counter()
     run.model.train()
