@@ -37,7 +37,15 @@ from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, agree, current, on_main
 from sora_cli.errors import InputError
 from sora_cli.models import base_fingerprint, load_model
-from sora_cli.optim import lr_factor, schedule_length, set_lr, trainable_parameters, warmup_length
+from sora_cli.optim import (
+    lr_factor,
+    reference_factor,
+    reference_lengths,
+    schedule_length,
+    set_lr,
+    trainable_parameters,
+    warmup_length,
+)
 from sora_cli.recipe import Recipe, TrainConfig
 from sora_cli.rundir import (
     METRICS,
@@ -121,6 +129,16 @@ class Run:
         batches = [{k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, mine, pad).items()}
                    for mine in map(self.world.part, indices) if mine]
         return batches, sum(len(i) for i in indices)
+
+    def lr_factor(self, step: int) -> float | dict[str, float]:
+        """The LR factor of optimizer step `step`: the recipe's schedule, or (a method that asks for it, with a linear
+        schedule) the reference code's, whose main and gate optimizers round their warm-ups differently."""
+        cfg = self.recipe.train
+        if not (self.method.reference_schedule and cfg.lr_scheduler == "linear"):
+            return lr_factor(step, self.total, self.warmup, cfg.lr_scheduler)
+        n, main, gate = reference_lengths(cfg.epochs, cfg.max_steps, cfg.warmup_steps, cfg.warmup_ratio,
+                                          len(self.data.train), cfg.batch_size)
+        return {"*": reference_factor(step, n, main), "gate": reference_factor(step, n, gate)}
 
     def evaluate(self, data: Any) -> dict[str, float]:
         was_training = self.model.training
@@ -414,8 +432,7 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
     with render.TrainProgress(run.total, start=state.step) as progress:
         while state.step < run.total and not state.stopped:
             started = time.perf_counter()
-            set_lr(run.optimizer, lr_scale if lr_scale is not None else
-                   lr_factor(state.step, run.total, run.warmup, cfg.lr_scheduler))
+            set_lr(run.optimizer, lr_scale if lr_scale is not None else run.lr_factor(state.step))
             batches, examples = run.micro_batches(state.step)
             loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
                                      cfg.max_grad_norm, run.ctx.autocast, state.step, run.world)

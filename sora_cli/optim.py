@@ -70,9 +70,30 @@ def warmup_length(warmup_steps: int | None, warmup_ratio: float, total: int) -> 
     return warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * total)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+def reference_lengths(epochs: float | None, max_steps: int | None, warmup_steps: int | None, warmup_ratio: float,
+                      n_train: int, batch_size: int) -> tuple[int, int, int]:
+    """(n, the main optimizer's warm-up, the gates' warm-up) as the SoRA reference computes them: n =
+    int(epochs · examples / batch) (max_steps when given), the main warm-up ceil(ratio · n) (transformers'
+    `get_warmup_steps`), the gates' int(epochs · examples / batch · ratio), from the unrounded product. `batch_size` is
+    the micro-batch, as the reference's count of steps takes it (gradient accumulation not divided out)."""
+    exact = float(max_steps) if max_steps else (epochs or 3.0) * (n_train / batch_size)
+    n = int(exact)
+    main = warmup_steps if warmup_steps else math.ceil(n * warmup_ratio)
+    return n, main, int(exact * warmup_ratio)
+
+
+def reference_factor(step: int, total: int, warmup: int) -> float:
+    """transformers' linear schedule with warm-up, in its own arithmetic: t/w, then max(0, (n − t)/(n − w))."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float | dict[str, float]) -> None:
+    """Each group's LR: base_lr × factor, or × factor[its name] (factor["*"] for the groups not named)."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        f = factor.get(group.get("name", "*"), factor["*"]) if isinstance(factor, dict) else factor
+        group["lr"] = group["base_lr"] * f
 
 
 # Device types with a fused AdamW kernel in torch >= 2.4 (torch keeps its own list private).

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from sora_cli.engine import prepare, train, train_step
+from sora_cli.optim import reference_factor, reference_lengths, set_lr
 from sora_cli.recipe import load_recipe
 from sora_cli.reference_adamw import REFERENCE_EPS, REFERENCE_GATE_EPS, ReferenceAdamW
 
@@ -87,8 +88,13 @@ def test_epsilon_is_added_before_the_bias_correction() -> None:
     assert float(p.detach()) == pytest.approx(-1e-9 / (1e-9 + 1e-8), rel=1e-5)  # 29× the reference step
 
 
-def reference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], state: dict[int, list], lr: float,
-                   wd: float, lam: float, l1: float, max_norm: float) -> None:
+def reference_lr(base: float, step: int, n: int, warmup: int) -> float:
+    """transformers' linear schedule as the reference steps it: t/w in warm-up, then max(0, (n − t)/(n − w))."""
+    return base * (step / warmup if step < warmup else max(0.0, (n - step) / (n - warmup)))
+
+
+def reference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], state: dict[int, list],
+                   lrs: tuple[float, float], wd: float, lam: float, l1: float, max_norm: float) -> None:
     """The reference's training step written out plainly: loss (mean cross-entropy + l1·Σ|g|/numel), backward,
     clip everything, AdamW on every non-gate tensor (decay on matrices), the gates' SparseAdamW, the threshold."""
     import torch.nn.functional as F
@@ -111,6 +117,7 @@ def reference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], state
             m.mul_(B1).add_(p.grad, alpha=1 - B1)
             v.mul_(B2).addcmul_(p.grad, p.grad, value=1 - B2)
             denom = v.sqrt().add_(REFERENCE_GATE_EPS if is_gate else REFERENCE_EPS)
+            lr = lrs[1] if is_gate else lrs[0]
             c = lr * math.sqrt(1 - B2 ** t) / (1 - B1 ** t)
             if is_gate:
                 p.add_(torch.div(m, denom) * (-c))
@@ -125,10 +132,13 @@ def reference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], state
 
 
 def test_a_reference_run_follows_the_reference_equations_bit_for_bit(make_recipe) -> None:
-    lam, l1, lr, wd = 2e-2, 10.0, 1e-2, 0.1
-    recipe = load_recipe(make_recipe(adapter={"threshold": "reference", "sparse_lambda": lam, "l1_loss_weight": l1},
-                                     train={"lr": lr, "weight_decay": wd, "max_grad_norm": 0.1,
-                                            "lr_scheduler": "constant", "warmup_ratio": 0.0}))
+    """8 steps, warm-up ratio 0.3: the main optimizer warms up for ceil(2.4) = 3 steps, the gates for int(2.4) = 2,
+    each at its own LR; every trainable tensor equals the re-implementation's after every step."""
+    lam, l1, lr, gate_lr, wd = 2e-2, 10.0, 1e-2, 2e-2, 0.1
+    recipe = load_recipe(make_recipe(adapter={"threshold": "reference", "sparse_lambda": lam, "l1_loss_weight": l1,
+                                              "gate_lr": gate_lr},
+                                     train={"lr": lr, "weight_decay": wd, "max_grad_norm": 0.1, "max_steps": 8,
+                                            "lr_scheduler": "linear", "warmup_ratio": 0.3}))
     run = prepare(recipe, Path(recipe.train.output_dir or ""))
     assert isinstance(run.optimizer, ReferenceAdamW)
     twin = copy.deepcopy(run.model)
@@ -138,14 +148,27 @@ def test_a_reference_run_follows_the_reference_equations_bit_for_bit(make_recipe
     zero_seen = 0
     for step in range(8):
         (batch,), _ = run.micro_batches(step)
+        set_lr(run.optimizer, run.lr_factor(step))  # what the engine's loop does before each step
         train_step(run.model, run.task, run.method, run.optimizer, [batch], run.params, 0.1, run.ctx.autocast, step)
-        reference_step(twin, batch, state, lr, wd, lam, l1, 0.1)
+        lrs = (reference_lr(lr, step, 8, 3), reference_lr(gate_lr, step, 8, 2))
+        reference_step(twin, batch, state, lrs, wd, lam, l1, 0.1)
         ours = dict(run.model.named_parameters())
         for name, p in twin.named_parameters():
             if p.requires_grad:
                 assert torch.equal(ours[name], p), (step, name)
         zero_seen = sum(int((p == 0).sum()) for n, p in twin.named_parameters() if n.endswith(".gate"))
     assert zero_seen > 0  # the threshold did switch gates off: the comparison covers it
+
+
+def test_reference_lengths_follow_the_reference_scripts() -> None:
+    """n = int(epochs·examples/batch); main warm-up ceil(ratio·n); gates int(epochs·examples/batch·ratio)."""
+    # RTE as the reference runs it: 2,490 examples, batch 32, 50 epochs, ratio 0.06: 3890.625 steps
+    assert reference_lengths(50.0, None, None, 0.06, 2490, 32) == (3890, 234, 233)
+    assert reference_factor(0, 3890, 234) == 0.0 and reference_factor(117, 3890, 234) == 0.5
+    assert reference_factor(3890, 3890, 234) == 0.0 and reference_factor(4000, 3890, 234) == 0.0
+    assert reference_factor(1000, 3890, 234) == (3890 - 1000) / (3890 - 234)
+    # the formula itself, not an equal one: (n − t)/(n − w) and 1 − (t − w)/(n − w) round apart here
+    assert reference_factor(16, 17, 3) == 1 / 14 != 1 - 13 / 14
 
 
 def test_default_modes_keep_torch_adamw_and_a_reference_run_resumes_exactly(make_recipe) -> None:

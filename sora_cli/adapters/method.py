@@ -76,6 +76,11 @@ class Method:
         """Extra optimizer groups for parameters the method owns (kept out of the main AdamW groups)."""
         return []
 
+    @property
+    def reference_schedule(self) -> bool:
+        """Whether the linear LR schedule is the reference code's (its formula, its warm-up rounding per optimizer)."""
+        return False
+
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer of a fresh run (or of each edit): AdamW over the main groups and `param_groups`."""
         return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay)

@@ -65,6 +65,10 @@ class SoRA(Method):
         """`threshold: reference`: the reference code's whole step (METHODS.md), not only its threshold."""
         return self.adapter.threshold == "reference"
 
+    @property
+    def reference_schedule(self) -> bool:
+        return self.reference
+
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay,
                                reference=self.reference)
