@@ -369,10 +369,11 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
 
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init_from: Path | None = None,
-          total_steps: int | None = None, lr_scale: float | None = None,
+          init_weights: Path | None = None, total_steps: int | None = None, lr_scale: float | None = None,
           memorization_samples: int | None = None) -> RunResult:
     """Train as the recipe says. The sparsifying scheduler drives the same loop through the keywords:
-    `init_from` starts a fresh run from a checkpoint's adapter (and optimizer state, if it has one);
+    `init_from` starts a fresh run from a checkpoint's adapter (and optimizer state, if it has one), `init_weights`
+    with another checkpoint's adapter instead (schedule.from_best);
     `total_steps` overrides the recipe's length (0: evaluate only); `lr_scale` replaces the LR schedule by
     a constant factor (the reference code's decayed schedule); `memorization_samples` also scores a fixed
     seeded sample of the training examples at the end ("memorization")."""
@@ -382,7 +383,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     has_run = on_main(check_run_dir, out, recipe, resume, overwrite, world=world)
     run = prepare(recipe, out, total_steps, world)
     synchronise(run)
-    state, resumed_from = agree(open_run, run, has_run, overwrite, init_from, world=world)
+    state, resumed_from = agree(open_run, run, has_run, overwrite, init_from, init_weights, world=world)
     trainable, all_params = count_parameters(run.model)
     if state.step >= run.total or state.stopped:
         done = on_main(finished, out, state, trainable, t0, world=world)
@@ -405,7 +406,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     return result
 
 
-def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None) -> tuple[TrainState, int | None]:
+def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None,
+             init_weights: Path | None = None) -> tuple[TrainState, int | None]:
     """Resume the run in `run.out` (model, optimizer, RNGs, counters, method state), or start it fresh. Rank 0 reads
     the checkpoint and shares it; a checkpoint saved by fewer processes has no RNG state for the extra ranks, which
     start their own streams at the resumed step."""
@@ -418,8 +420,8 @@ def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None) -
         run.method.load_state_dict(method_state)
         return TrainState(**counters), point.step
     if init_from is not None:
-        start_from(on_main(read_start, init_from, run.facts["base_fingerprint"], world=world), run.model,
-                   run.optimizer)
+        start_from(on_main(read_start, init_from, run.facts["base_fingerprint"], init_weights, world=world),
+                   run.model, run.optimizer)
     if world.main:
         start_fresh(run.out, run.recipe, has_run, overwrite)
     return TrainState(), None

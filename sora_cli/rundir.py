@@ -189,16 +189,17 @@ def restore(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer
     return point.state["counters"], method_state, had_rng
 
 
-def read_start(directory: Path, fingerprint: str) -> Resumable:
+def read_start(directory: Path, fingerprint: str, weights: Path | None = None) -> Resumable:
     """A checkpoint that a new run continues (the scheduler's next stage): its adapter, and with a step checkpoint
-    its optimizer state too."""
-    tensors, meta = load_adapter(directory)
+    its optimizer state too; `weights`: the adapter from that checkpoint instead (the state still from `directory`)."""
+    source = weights or directory
+    tensors, meta = load_adapter(source)
     if meta.get("base_fingerprint") != fingerprint:
-        raise CheckpointError(f"{directory}: was trained on another base model (fingerprint differs); "
+        raise CheckpointError(f"{source}: was trained on another base model (fingerprint differs); "
                               "start from a checkpoint of this recipe's model")
     state_tensors, state = load_training_state(directory) if (directory / "training_state.json").is_file() \
         else ({}, {})
-    return Resumable(int(meta.get("step", 0)), directory, tensors, state_tensors, state)
+    return Resumable(int(meta.get("step", 0)), source, tensors, state_tensors, state)
 
 
 def start_from(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

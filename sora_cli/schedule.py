@@ -6,7 +6,8 @@ stage, recording how memorization and generalization change as parameters disapp
     <out>/stages/<k>/   stage k's adapter: a checkpoint that inspect, prune and merge accept
 
 Stage 0 is ordinary training with λ_0 (or, with `--from`, that checkpoint as it is). Stage k > 0
-continues from stage k−1's adapter and optimizer state with λ_k for a fixed number of steps.
+continues from stage k−1's adapter and optimizer state with λ_k for a fixed number of steps; with
+`schedule.from_best` (the reference code) from stage 0's best adapter and stage k−1's optimizer state.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
         if on_main(stage_done, out, stage, len(done), world=world):
             record = done[stage.k]
         else:
-            result = train(sub, resume=True, init_from=previous, total_steps=stage.steps,
+            weights = on_main(best_of_first, out, from_ckpt, world=world) if cfg.from_best and stage.k > 0 else None
+            result = train(sub, resume=True, init_from=previous, init_weights=weights, total_steps=stage.steps,
                            lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples)
             record = on_main(keep_stage, recipe, out, stage, result, from_ckpt, records, world=world)
         records.append(record)
@@ -195,6 +197,14 @@ def keep_stage(recipe: Recipe, out: Path, stage: Stage, result: Any, from_ckpt: 
     record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
     _write_records(out, records + [record])
     return record
+
+
+def best_of_first(out: Path, from_ckpt: Path | None) -> Path:
+    """Stage 0's best adapter (schedule.from_best): its best/ by the dev metric, else its final/ (or --from's)."""
+    if from_ckpt is not None:
+        return from_ckpt
+    first = out / "runs" / "0"
+    return first / "best" if (first / "best" / "adapter.json").is_file() else first / "final"
 
 
 def stage_done(out: Path, stage: Stage, recorded: int) -> bool:

@@ -187,3 +187,31 @@ def test_a_bad_model_input_fails_before_the_schedule_directory_is_touched(make_r
     result = runner.invoke(app, ["schedule", str(sched_recipe(make_recipe)), "data.max_length=512", "-o", str(out),
                                  "--overwrite"])
     assert result.exit_code == 2 and (out / "recipe.yaml").read_text() == "an earlier schedule"
+
+
+@pytest.mark.parametrize("from_best", [True, False])
+def test_from_best_starts_every_later_stage_from_stage_0s_best(make_recipe, from_best: bool) -> None:
+    """The reference's scheduler: lr_reset false (the decayed LR, 0 here) and `threshold: reference`, so after stage
+    0 only the threshold moves the gates and A, B and the head stay where each stage started. Stage 0's best/ is
+    made to differ from its last checkpoint; from_best: true starts stages 1 and 2 from best/, false from the last
+    checkpoint (through stage 1)."""
+    from sora_cli.checkpoint import load_adapter, save_adapter
+
+    recipe = load_recipe(make_recipe(
+        f"best-{from_best}", adapter={"threshold": "reference", "sparse_lambda": 1e-3},
+        train={"max_steps": 10, "save_every": 5, "eval_every": 5},
+        schedule={"thresholds": [1e-3, 1e-2, 5e-2], "steps_per_stage": 3, "memorization_samples": 20,
+                  "lr_reset": False, "from_best": from_best}))
+    out = Path(recipe.train.output_dir or "")
+    stages = run(recipe, out)
+    next(stages)  # stage 0 done
+    best = out / "runs" / "0" / "best"
+    tensors, meta = load_adapter(best)
+    moved = {k: v * 0.5 if "lora_" in k else v for k, v in tensors.items()}
+    save_adapter(best, moved, meta)  # a best/ that no checkpoint equals
+    list(run(recipe, out, resume=True))
+    last = load_file(out / "runs" / "0" / "checkpoints" / "step-10" / "adapter.safetensors")
+    start = moved if from_best else last
+    for k in (1, 2):
+        stage = load_file(out / "stages" / str(k) / "adapter.safetensors")
+        assert all(torch.equal(stage[n], start[n]) for n in stage if not n.endswith(".gate")), (k, from_best)
