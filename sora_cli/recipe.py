@@ -461,6 +461,8 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
     if d is not None:
         _check_data(d, problems)
     t = _resolve_train(built["train"], problems, default_output) if built["train"] is not None else None
+    if a is not None and t is not None and a.threshold == "reference":
+        _check_reference(a, t, problems)
     sched = built["schedule"]
     if sched is not None:
         _check_schedule(sched, a, t, problems)
@@ -503,6 +505,17 @@ def _check_keep_sparsity(a: AdapterConfig, problems: list[str]) -> None:
     if a.keep_sparsity and a.dropout:
         problems.append(f"adapter.dropout: {a.dropout} cannot apply with keep_sparsity, which folds B·A into the "
                         "masked weight (W0 + s·B·A) ⊙ M, leaving no separate adapter input to drop; set it to 0")
+
+
+def _check_reference(a: AdapterConfig, t: TrainConfig, problems: list[str]) -> None:
+    """`threshold: reference` promises the reference code's run: refuse what that code cannot express."""
+    cannot = "the reference code (threshold: reference) cannot express it"
+    if t.lr_scheduler != "linear":
+        problems.append(f"train.lr_scheduler: {t.lr_scheduler}, but {cannot} (its schedule is linear with warm-up); "
+                        "use linear")
+    for name in ("keep_sparsity", "use_rslora"):
+        if getattr(a, name):
+            problems.append(f"adapter.{name}: true, but {cannot}; remove it, or choose threshold scaled or fixed")
 
 
 def _check_sparsify_window(a: AdapterConfig, problems: list[str]) -> None:

@@ -52,6 +52,12 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("train:\n  epochs: 2\n  max_steps: 10\n", "train.epochs: give either train.max_steps or train.epochs, not both"),
     ("adapter:\n  target_modules: '(query'\n", "adapter.target_modules: '(query' is not a valid regex"),
     ("data:\n  task_type: regression\n  num_labels: 3\n", "data.num_labels: a regression task has 1 output, got 3"),
+    ("adapter:\n  threshold: reference\ntrain:\n  lr_scheduler: cosine\n",
+     "train.lr_scheduler: cosine, but the reference code (threshold: reference) cannot express it (its schedule is "
+     "linear with warm-up); use linear"),
+    ("adapter:\n  threshold: reference\n  use_rslora: true\n",
+     "adapter.use_rslora: true, but the reference code (threshold: reference) cannot express it; remove it, or "
+     "choose threshold scaled or fixed"),
 ])
 def test_each_error_names_its_field(tmp_path: Path, extra: str, expected: str) -> None:
     found = problems(tmp_path, BASE + extra)
