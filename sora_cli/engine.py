@@ -134,7 +134,7 @@ class Run:
         """The LR factor of optimizer step `step`: the recipe's schedule, or (a method that asks for it, with a linear
         schedule) the reference code's, whose main and gate optimizers round their warm-ups differently."""
         cfg = self.recipe.train
-        if not (self.method.reference_schedule and cfg.lr_scheduler == "linear"):
+        if not (self.method.reference and cfg.lr_scheduler == "linear"):
             return lr_factor(step, self.total, self.warmup, cfg.lr_scheduler)
         n, main, gate = reference_lengths(cfg.epochs, cfg.max_steps, cfg.warmup_steps, cfg.warmup_ratio,
                                           len(self.data.train), cfg.batch_size)

@@ -182,8 +182,7 @@ def restore(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer
             rank: int = 0) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
     """Load a checkpoint into the model, optimizer and this rank's RNGs; return the saved counters, the method's
     saved state, and whether this rank's RNGs were in it (not when it was saved by fewer processes)."""
-    load_trainable(model, point.tensors, point.where)
-    optimizer_from_files(optimizer, point.state_tensors, point.state["optimizer"])
+    start_from(point, model, optimizer)
     had_rng = rng_from_files(point.state_tensors, point.state["rng"], rank)
     method_state = {k.removeprefix("method."): v for k, v in point.state_tensors.items() if k.startswith("method.")}
     return point.state["counters"], method_state, had_rng
@@ -203,6 +202,7 @@ def read_start(directory: Path, fingerprint: str, weights: Path | None = None) -
 
 
 def start_from(point: Resumable, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The checkpoint's adapter into the model and, when it has a training state, its moments into the optimizer."""
     load_trainable(model, point.tensors, point.where)
     if point.state:
         optimizer_from_files(optimizer, point.state_tensors, point.state["optimizer"])

@@ -77,13 +77,15 @@ class Method:
         return []
 
     @property
-    def reference_schedule(self) -> bool:
-        """Whether the linear LR schedule is the reference code's (its formula, its warm-up rounding per optimizer)."""
+    def reference(self) -> bool:
+        """Whether the method reproduces its reference code's step: that code's AdamW arithmetic
+        (reference_adamw.py) and, with a linear schedule, its LR schedule (formula, warm-up rounding per optimizer)."""
         return False
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer of a fresh run (or of each edit): AdamW over the main groups and `param_groups`."""
-        return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay)
+        return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay,
+                               reference=self.reference)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None

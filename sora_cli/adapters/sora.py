@@ -10,7 +10,7 @@ from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
 from sora_cli.adapters.method import Method, Tensors, adapter_layers
-from sora_cli.optim import build_optimizer, proximal_step
+from sora_cli.optim import proximal_step
 from sora_cli.precision import wide
 from sora_cli.reference_adamw import REFERENCE_GATE_EPS
 
@@ -64,14 +64,6 @@ class SoRA(Method):
     def reference(self) -> bool:
         """`threshold: reference`: the reference code's whole step (METHODS.md), not only its threshold."""
         return self.adapter.threshold == "reference"
-
-    @property
-    def reference_schedule(self) -> bool:
-        return self.reference
-
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(model, self.param_groups(model), self.train.lr, self.train.weight_decay,
-                               reference=self.reference)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         # Optional l1_loss_weight · Σ|g| / numel(g) (the reference GLUE scripts); the proximal step is the real L1.

@@ -264,11 +264,9 @@ def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict
         records = []
         with render.TrainProgress(n, label="edit") as progress:
             for i in range(n):
-                trace = {**apply_edit(s, [i], seed + i, world), **changed_weights(s.run.model, type(s.run.method))}
-                (preds,) = predictions(s, [i])
-                records.append(record(s, i, preds, trace))
+                records.append(edit_one(s, i, world))
                 records[-1]["just_after"] = records[-1].pop("post")
-                progress.update(i + 1, trace["loss"])
+                progress.update(i + 1, records[-1]["loss"])
         preds_all = shared_predictions(s, list(range(n)))  # scored once more at the end: what later edits undid
         for i, r in enumerate(records):
             r["post"] = scores(s.probes[i], preds_all[i], s.base[i])
@@ -277,10 +275,18 @@ def edit_all(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict
     return records
 
 
+def edit_one(s: Session, i: int, world: World = SINGLE) -> dict[str, Any]:
+    """Request i trained into the current adapter (seeded by train.seed + i) and scored right after: its record."""
+    trace = {**apply_edit(s, [i], s.run.recipe.train.seed + i, world),
+             **changed_weights(s.run.model, type(s.run.method))}
+    (preds,) = predictions(s, [i])
+    return record(s, i, preds, trace)
+
+
 def edit_each(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dict[str, Any]]:
     """Single mode: each request on a fresh adapter. Under torchrun the ranks edit different requests at once (an
     edit's numbers depend on nothing else), rank k the k-th of each round; rank 0 logs each round in order."""
-    world, seed = s.run.world, s.run.recipe.train.seed
+    world = s.run.world
     records = dict(done)
     pending = [i for i in range(len(s.requests)) if i not in done]
     with render.TrainProgress(len(s.requests), start=len(done), label="edit") as progress:
@@ -290,9 +296,7 @@ def edit_each(s: Session, done: dict[int, dict[str, Any]], log: Any) -> list[dic
             if world.rank < len(turn):
                 i = turn[world.rank]
                 reset_adapter(s)
-                trace = {**apply_edit(s, [i], seed + i), **changed_weights(s.run.model, type(s.run.method))}
-                (preds,) = predictions(s, [i])
-                item = record(s, i, preds, trace)
+                item = edit_one(s, i)
             for finished in [r for r in world.gather(item) if r is not None]:
                 records[finished["index"]] = finished
                 if log is not None:
