@@ -168,8 +168,8 @@ class ScheduleConfig:
     steps_per_stage: int | None = field(default=None, metadata=_check("positive"))
     epochs_per_stage: float | None = field(default=None, metadata=_check("positive"))
     lr_reset: bool = True  # false: later stages keep the decayed LR (the reference code)
-    # true: every later stage starts from stage 0's best adapter (the optimizer state goes on from the stage before),
-    # as the reference code does; false: from the previous stage's last adapter
+    # true: stage 1 starts from stage 0's best adapter (with stage 0's last optimizer state), as the reference code
+    # does; false: from stage 0's last. Later stages always continue from the stage before.
     from_best: bool = False
     memorization_samples: int = field(default=1000, metadata=_check("positive"))
 

@@ -6,8 +6,9 @@ stage, recording how memorization and generalization change as parameters disapp
     <out>/stages/<k>/   stage k's adapter: a checkpoint that inspect, prune and merge accept
 
 Stage 0 is ordinary training with λ_0 (or, with `--from`, that checkpoint as it is). Stage k > 0
-continues from stage k−1's adapter and optimizer state with λ_k for a fixed number of steps; with
-`schedule.from_best` (the reference code) from stage 0's best adapter and stage k−1's optimizer state.
+continues from stage k−1's adapter and optimizer state with λ_k for a fixed number of steps. With
+`schedule.from_best` (the reference code) stage 1 starts from stage 0's best adapter instead of its last,
+with stage 0's last optimizer state (the reference's `load_best_model_at_end` reloads the weights only).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
         if on_main(stage_done, out, stage, len(done), world=world):
             record = done[stage.k]
         else:
-            weights = on_main(best_of_first, out, from_ckpt, world=world) if cfg.from_best and stage.k > 0 else None
+            weights = on_main(best_of_first, out, from_ckpt, world=world) if cfg.from_best and stage.k == 1 else None
             result = train(sub, resume=True, init_from=previous, init_weights=weights, total_steps=stage.steps,
                            lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples)
             record = on_main(keep_stage, recipe, out, stage, result, from_ckpt, records, world=world)

@@ -190,12 +190,13 @@ def test_a_bad_model_input_fails_before_the_schedule_directory_is_touched(make_r
 
 
 @pytest.mark.parametrize("from_best", [True, False])
-def test_from_best_starts_every_later_stage_from_stage_0s_best(make_recipe, from_best: bool) -> None:
+def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(make_recipe, from_best: bool) -> None:
     """The reference's scheduler: lr_reset false (the decayed LR, 0 here) and `threshold: reference`, so after stage
     0 only the threshold moves the gates and A, B and the head stay where each stage started. Stage 0's best/ is
-    made to differ from its last checkpoint; from_best: true starts stages 1 and 2 from best/, false from the last
-    checkpoint (through stage 1)."""
+    made to differ from its last checkpoint; from_best: true starts stage 1 from best/, false from the last
+    checkpoint. Stage 2 continues from stage 1 either way: its gates are stage 1's, cut 3 more times with λ_2."""
     from sora_cli.checkpoint import load_adapter, save_adapter
+    from sora_cli.optim import proximal_step
 
     recipe = load_recipe(make_recipe(
         f"best-{from_best}", adapter={"threshold": "reference", "sparse_lambda": 1e-3},
@@ -212,6 +213,12 @@ def test_from_best_starts_every_later_stage_from_stage_0s_best(make_recipe, from
     list(run(recipe, out, resume=True))
     last = load_file(out / "runs" / "0" / "checkpoints" / "step-10" / "adapter.safetensors")
     start = moved if from_best else last
-    for k in (1, 2):
-        stage = load_file(out / "stages" / str(k) / "adapter.safetensors")
-        assert all(torch.equal(stage[n], start[n]) for n in stage if not n.endswith(".gate")), (k, from_best)
+    first, second = (load_file(out / "stages" / str(k) / "adapter.safetensors") for k in (1, 2))
+    for stage in (first, second):
+        assert all(torch.equal(stage[n], start[n]) for n in stage if not n.endswith(".gate")), from_best
+    gates = [n for n in first if n.endswith(".gate")]
+    expected = {n: first[n].clone() for n in gates}
+    for _ in range(3):
+        proximal_step(expected.values(), "reference", 5e-2, lr=0.0)
+    assert all(torch.equal(second[n], expected[n]) for n in gates), from_best
+    assert any(not torch.equal(second[n], first[n]) for n in gates)  # λ_2 did cut
