@@ -514,7 +514,8 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
                 result.base_test = run.evaluate(data.test)
             log.emit({"event": "test", "checkpoint": "base", "step": 0, **result.base_test})
     if memorization_samples:
-        sample = memorization_sample(len(data.train), memorization_samples, run.recipe.data.split_seed)
+        sample = memorization_sample(len(data.train), memorization_samples, run.recipe.data.split_seed,
+                                     datasets_shuffle=run.recipe.data.glue_split == "sora")
         result.train_sample = run.evaluate(run.task.subset(data.train, sample))
         log.emit({"event": "eval", "split": "train_sample", "step": step, "examples": len(sample),
                   "sample_sha256": hashlib.sha256(str(sample).encode()).hexdigest(), **result.train_sample})
@@ -536,9 +537,12 @@ def read_best(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | Non
     return load_adapter(out / "best") if (out / "best").is_dir() else None
 
 
-def memorization_sample(n_train: int, size: int, split_seed: int) -> list[int]:
+def memorization_sample(n_train: int, size: int, split_seed: int, datasets_shuffle: bool = False) -> list[int]:
     """The training examples that "memorization" scores: seeded by the data split, not by train.seed, so
-    every stage of a schedule (each with its own train.seed) scores the same examples."""
+    every stage of a schedule (each with its own train.seed) scores the same examples. `datasets_shuffle`: the
+    SoRA reference's sample, `Dataset.shuffle(seed).select(range(size))` (numpy's default_rng permutation)."""
+    if datasets_shuffle:
+        return np.random.default_rng(split_seed).permutation(n_train)[:size].tolist()
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))[:size].tolist()
 
 

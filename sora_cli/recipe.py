@@ -115,6 +115,8 @@ class DataConfig:
     num_labels: int | None = field(default=None, metadata=_check("positive"))
     split: tuple[float, ...] = (0.8, 0.1, 0.1)  # train/dev/test fractions when only train data is given
     split_seed: int = 0
+    # glue: GLUE's validation is dev (its test labels are hidden); sora: the SoRA paper's dev/test (data.task only)
+    glue_split: Literal["glue", "sora"] = "glue"
     max_length: int = field(default=128, metadata=_check("positive"))
     max_train_samples: int | None = field(default=None, metadata=_check("positive"))
     max_eval_samples: int | None = field(default=None, metadata=_check("positive"))
@@ -551,6 +553,9 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
         problems.append(f"data.choices: expected at least two different answers, got {list(d.choices)}")
     if d.task_type == "regression" and d.num_labels not in (None, 1):
         problems.append(f"data.num_labels: a regression task has 1 output, got {d.num_labels}")
+    if d.glue_split == "sora" and d.task is None:
+        problems.append("data.glue_split: sora is the SoRA paper's split of a GLUE task; set data.task too, or "
+                        "remove it")
     if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
                         f"got {list(d.split)}")

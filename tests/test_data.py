@@ -104,3 +104,60 @@ def test_train_order_is_stateless_and_seeded() -> None:
 
 def test_split_len() -> None:
     assert len(Split([("a",), ("b",)], [0, 1])) == 2
+
+
+def _glue_files(tmp_path: Path, fields: tuple[str, str], n_train: int, n_validation: int) -> tuple[str, str]:
+    """A GLUE-shaped pair task: row i of train is (t<i>, …), row i of validation is (v<i>, …)."""
+    import json
+
+    paths = []
+    for name, prefix, n in (("train", "t", n_train), ("validation", "v", n_validation)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({fields[0]: f"{prefix}{i}", fields[1]: "x", "label": i % 2}) + "\n"
+                                for i in range(n)))
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def test_sora_glue_split_halves_validation_for_small_tasks(tmp_path: Path) -> None:
+    """rte: dev is the first half of torch.randperm(11) seeded 42, test the rest (TsinghuaC3I/SoRA processor.py);
+    train stays whole and in order. The permutation is a golden value: a torch whose CPU randperm changed would
+    no longer cut the paper's split."""
+    train, validation = _glue_files(tmp_path, ("sentence1", "sentence2"), 20, 11)
+    s = load_splits(DataConfig(task="rte", train_file=train, validation_file=validation, glue_split="sora",
+                               split_seed=42))
+    order = [6, 8, 9, 2, 1, 10, 0, 7, 3, 5, 4]
+    assert [t[0] for t in s.dev.texts] == [f"v{i}" for i in order[:5]]
+    assert [t[0] for t in s.test.texts] == [f"v{i}" for i in order[5:]]
+    assert [t[0] for t in s.train.texts] == [f"t{i}" for i in range(20)]
+    assert s.dev.labels == [i % 2 for i in order[:5]]
+    plain = load_splits(DataConfig(task="rte", train_file=train, validation_file=validation))
+    assert (len(plain.dev), plain.test) == (11, None)  # glue_split: glue, the default
+
+
+def test_sora_glue_split_takes_dev_from_train_for_large_tasks(tmp_path: Path) -> None:
+    """qnli: dev is 1,000 training examples (the first 1,000 of the seeded permutation), train the rest in permuted
+    order, test GLUE's whole validation set."""
+    train, validation = _glue_files(tmp_path, ("question", "sentence"), 1004, 7)
+    s = load_splits(DataConfig(task="qnli", train_file=train, validation_file=validation, glue_split="sora",
+                               split_seed=42))
+    order = torch.randperm(1004, generator=torch.Generator().manual_seed(42)).tolist()
+    assert order[:6] == [630, 389, 606, 358, 30, 439]  # golden, as above
+    assert [t[0] for t in s.dev.texts] == [f"t{i}" for i in order[:1000]]
+    assert [t[0] for t in s.train.texts] == [f"t{i}" for i in order[1000:]]
+    assert [t[0] for t in s.test.texts] == [f"v{i}" for i in range(7)]
+    few, _ = _glue_files(tmp_path, ("question", "sentence"), 1000, 7)
+    with pytest.raises(InputError, match="data.glue_split: sora takes 1000 of qnli's training examples as dev, "
+                                         "but there are only 1000"):
+        load_splits(DataConfig(task="qnli", train_file=few, validation_file=validation, glue_split="sora"))
+
+
+def test_sora_memorization_sample_is_the_references_datasets_shuffle() -> None:
+    """The reference scores memorization on train_dataset.shuffle(seed=42).select(range(1000))."""
+    import datasets
+
+    from sora_cli.engine import memorization_sample
+
+    reference = datasets.Dataset.from_dict({"i": list(range(2490))}).shuffle(seed=42).select(range(1000))["i"]
+    assert memorization_sample(2490, 1000, 42, datasets_shuffle=True) == reference
+    assert memorization_sample(2490, 1000, 42) != reference  # sora's own sample otherwise

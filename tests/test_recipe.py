@@ -43,6 +43,9 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("data:\n  split: [0.5, 0.2]\n", "data.split: expected 2 or 3 positive fractions (train, dev[, test]) "
                                      "that sum to 1, got [0.5, 0.2]"),
     ("data:\n  text_fields: [a, b, c]\n", "data.text_fields: expected one field or a pair, got 3"),
+    ("data:\n  glue_split: sora\n", "data.glue_split: sora is the SoRA paper's split of a GLUE task; set data.task "
+                                   "too, or remove it"),
+    ("data:\n  task: rte\n  glue_split: paper\n", "data.glue_split: expected one of glue, sora, got 'paper'"),
     ("data:\n  task: sst3\n", "data.task: expected one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, got 'sst3'"),
     ("trian:\n  lr: 1\n", "trian: unknown section; did you mean 'train'?"),
     ("adapter:\n  lora_alpha: 0\n", "adapter.lora_alpha: must be positive, got 0.0"),

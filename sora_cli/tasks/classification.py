@@ -136,7 +136,12 @@ def load_splits(cfg: DataConfig) -> Splits:
     test = examples(raw["test"]) if "test" in raw else None
     if test is not None and task_type == "classification" and all(y == -1 for y in test.labels):
         test = None  # GLUE's hidden test labels
-    if dev is None:
+    if cfg.glue_split == "sora" and cfg.task is not None:
+        if dev is None:
+            raise InputError(f"data.glue_split: sora splits GLUE's validation data, but {where} has none; give "
+                             "data.validation_file or use glue_split: glue")
+        train, dev, test = sora_splits(cfg.task, train, dev, cfg.split_seed)
+    elif dev is None:
         train_all = train
         parts = split_indices(len(train), split_fractions(cfg.split, test is not None), cfg.split_seed)
         train, dev = train.take(parts[0]), train.take(parts[1])
@@ -145,6 +150,27 @@ def load_splits(cfg: DataConfig) -> Splits:
     label_names, num_labels = _labels(cfg, task_type, preset, train, dev, test)
     return Splits(_head(train, cfg.max_train_samples) or train, _head(dev, cfg.max_eval_samples),
                   _head(test, cfg.max_eval_samples), task_type, num_labels, label_names)
+
+
+# The SoRA paper's GLUE splits (TsinghuaC3I/SoRA, src/processor.py; its seed is 42): GLUE's test labels are hidden,
+# so its "test" numbers come from GLUE's validation data.
+SORA_HALVED = ("cola", "mrpc", "rte", "stsb", "mnli")  # validation halved: dev, test (mnli: matched)
+SORA_DEV_SIZE = 1000  # the other tasks: dev is 1,000 training examples, test is GLUE's validation
+
+
+def sora_splits(task: str, train: Split, validation: Split, seed: int) -> tuple[Split, Split, Split]:
+    """(train, dev, test) as the reference cuts them: one torch.randperm seeded by `seed`, the first part dev.
+    Large tasks keep the rest of the training set in that permuted order, as the reference's select() does."""
+    gen = torch.Generator().manual_seed(seed)
+    if task in SORA_HALVED:
+        order = torch.randperm(len(validation), generator=gen).tolist()
+        half = len(validation) // 2
+        return train, validation.take(order[:half]), validation.take(order[half:])
+    order = torch.randperm(len(train), generator=gen).tolist()
+    if len(order) <= SORA_DEV_SIZE:
+        raise InputError(f"data.glue_split: sora takes {SORA_DEV_SIZE} of {task}'s training examples as dev, but "
+                         f"there are only {len(order)}")
+    return train.take(order[SORA_DEV_SIZE:]), train.take(order[:SORA_DEV_SIZE]), validation
 
 
 def _labels(cfg: DataConfig, task_type: str, preset: TaskPreset | None, train: Split, dev: Split | None,
