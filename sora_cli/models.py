@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sora_cli.adapters import method_class
-from sora_cli.adapters.inject import attach, linear_names
+from sora_cli.adapters.inject import attach, linear_names, mark_fresh
 from sora_cli.checkpoint import load_adapter
 from sora_cli.data import packaged_file
 from sora_cli.errors import CheckpointError, InputError
@@ -84,6 +84,7 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
         raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a {mismatched[0]} of another size than this "
                          "task needs (e.g. a head for another number of labels); set model.ignore_mismatched_sizes: "
                          "true to start it fresh")
+    mark_fresh(model, list(info.get("missing_keys", [])))
     if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

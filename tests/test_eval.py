@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from sora_cli.checkpoint import load_adapter
 from sora_cli.cli import app
 from sora_cli.engine import train
+from sora_cli.errors import InputError
 from sora_cli.models import load_adapted, load_base
 from sora_cli.recipe import load_recipe
 from sora_cli.tasks import EvalContext, task_from_meta
@@ -192,3 +193,43 @@ def test_data_file_with_other_labels_is_refused(run: Path, tmp_path: Path) -> No
                                                                                   str(named))
     three = write_csv(tmp_path / "three.csv", [("good film", 0), ("bad film", 1), ("the plot", 2)])
     assert "has label 2, but the checkpoint's head has 2 labels" in failure(str(run / "final"), "--data", str(three))
+
+
+def tiny_deberta_dir(tmp_path: Path, tiny_bert_dir: Path) -> Path:
+    """A tiny DeBERTa-v2 encoder saved without a pooler, as microsoft/deberta-v3-base is: its sequence classifier's
+    pooler.dense is newly initialised at every load (the BERT fixture's word-level tokenizer)."""
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model
+
+    root = tmp_path / "tiny-deberta"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    DebertaV2Model(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_a_head_the_base_lacks_is_trained_and_restored(make_recipe: Any, tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Regression: DeBERTa's pooler was left frozen at a random init and unsaved (all-linear even adapted it), so no
+    checkpoint could be evaluated again. Now it trains with the classifier and eval scores what training recorded."""
+    base = tiny_deberta_dir(tmp_path, tiny_bert_dir)
+    data = write_csv(tmp_path / "noisy.csv", noisy_rows(200, seed=1, regression=True))
+    path = make_recipe("deberta", model={"name_or_path": str(base)},
+                       data={"train_file": str(data), "task_type": "regression"},
+                       train={"max_steps": 4, "eval_every": None, "save_every": 4})
+    recipe = load_recipe(path)
+    train(recipe)
+    tensors, meta = load_adapter(Path(recipe.train.output_dir or "") / "final")
+    assert meta["modules_to_save"] == ["pooler.dense", "classifier"]
+    assert not any(t.startswith("pooler") for t in meta["target_modules"])
+    assert report(str(Path(recipe.train.output_dir or "") / "final"))["metrics"] == meta["metrics"]["test"]
+    model = load_adapted(Path(recipe.train.output_dir or "") / "final")[0]
+    assert torch.equal(model.pooler.dense.weight, tensors["pooler.dense.weight"])
+
+    frozen = load_recipe(make_recipe("frozen", model={"name_or_path": str(base)},
+                                     data={"train_file": str(data), "task_type": "regression"}, adapter={"modules_to_save": ["classifier"]}))
+    with pytest.raises(InputError, match="adapter.modules_to_save: pooler.dense is not in the base checkpoint "
+                                        r"\(newly initialised\), so frozen it would stay random"):
+        train(frozen)
+    assert not Path(frozen.train.output_dir or "").exists()

@@ -16,6 +16,24 @@ from sora_cli.errors import CheckpointError, InputError
 HEAD_NAMES = ("classifier", "score", "lm_head")
 
 
+# Set by models.load_model: the modules whose weights the base checkpoint did not have (newly initialised by
+# transformers, e.g. DeBERTa-v3's pooler). Frozen they would stay random and unsaved, so no checkpoint could be
+# evaluated again: the default modules_to_save trains them with the task head.
+_FRESH = "_sora_fresh_modules"
+
+
+def mark_fresh(model: nn.Module, missing_keys: list[str]) -> None:
+    """Record the modules holding parameters that the checkpoint lacked (a tied copy of a loaded one excepted)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {p.data_ptr() for n, p in params.items() if n not in missing_keys}
+    fresh = {k.rpartition(".")[0] for k in missing_keys if k in params and params[k].data_ptr() not in loaded}
+    object.__setattr__(model, _FRESH, sorted(fresh))
+
+
+def fresh_modules(model: nn.Module) -> list[str]:
+    return list(getattr(model, _FRESH, []))
+
+
 @dataclass(frozen=True)
 class Injection:
     targets: list[str]  # full names of the adapted Linear modules, in model order
@@ -63,16 +81,18 @@ def select_targets(model: nn.Module, target_modules: str | tuple[str, ...], head
 def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None,
                  task_heads: tuple[str, ...] = HEAD_NAMES[:2]) -> list[str]:
     """The trained (not adapted) modules: modules_to_save, else the task's new head (none for a causal LM, whose
-    output layer is pre-trained)."""
+    output layer is pre-trained) and every module the base checkpoint did not initialise."""
     names = [n for n, _ in model.named_modules() if n]
+    fresh = fresh_modules(model)
     if modules_to_save is None:
         if not task_heads:
-            return []
-        found = [n for n in names if n.split(".")[-1] in task_heads and _params(model, n)]
+            return fresh
+        found = [n for n in names if n.split(".")[-1] in task_heads and _params(model, n)] + fresh
         if not found:
             raise InputError("adapter.modules_to_save: this model has no 'classifier' or 'score' head to train; "
                              "name its task head, e.g. modules_to_save: [classification_head]; top-level modules: "
                              + ", ".join(n for n in names if "." not in n))
+        found = sorted(set(found), key=names.index)
         return [n for n in found if not inside(n, [c for c in found if c != n])]
     chosen: list[str] = []
     for suffix in modules_to_save:
@@ -82,6 +102,11 @@ def select_heads(model: nn.Module, modules_to_save: tuple[str, ...] | None,
                              f"top-level modules are: {', '.join(n for n in names if '.' not in n)}")
         # Keep only outermost matches (a module and its children are trained as one).
         chosen += [n for n in found if not any(n.startswith(c + ".") for c in chosen)]
+    left = [n for n in fresh if not inside(n, chosen)]
+    if left:
+        raise InputError(f"adapter.modules_to_save: {left[0]} is not in the base checkpoint (newly initialised), so "
+                         "frozen it would stay random and no checkpoint could restore it; add it to modules_to_save "
+                         "(or leave modules_to_save unset)")
     return chosen
 
 
