@@ -79,6 +79,7 @@ class RunResult:
     already_complete: bool = False
     resumed_from: int | None = None
     train_sample: dict[str, float] = field(default_factory=dict)
+    best_train_sample: dict[str, float] = field(default_factory=dict)  # the memorization sample, on best/
 
 
 @dataclass
@@ -513,9 +514,9 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
             with adapters_disabled(run.model):
                 result.base_test = run.evaluate(data.test)
             log.emit({"event": "test", "checkpoint": "base", "step": 0, **result.base_test})
-    if memorization_samples:
-        sample = memorization_sample(len(data.train), memorization_samples, run.recipe.data.split_seed,
-                                     datasets_shuffle=run.recipe.data.glue_split == "sora")
+    sample = memorization_sample(len(data.train), memorization_samples, run.recipe.data.split_seed,
+                                 datasets_shuffle=run.recipe.data.glue_split == "sora") if memorization_samples else []
+    if sample:
         result.train_sample = run.evaluate(run.task.subset(data.train, sample))
         log.emit({"event": "eval", "split": "train_sample", "step": step, "examples": len(sample),
                   "sample_sha256": hashlib.sha256(str(sample).encode()).hexdigest(), **result.train_sample})
@@ -526,10 +527,13 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     if best is not None:
         best_tensors, best_meta = best
         result.best_dev = best_meta["metrics"].get("dev", {})
-        if data.test is not None:
+        if data.test is not None or sample:
             load_trainable(run.model, best_tensors, run.out / "best")
+        if data.test is not None:
             result.best_test = run.evaluate(data.test)
             log.emit({"event": "test", "checkpoint": "best", "step": state.best_step, **result.best_test})
+        if sample:  # the schedule's stage 0 with from_best records best/, which stage 1 continues
+            result.best_train_sample = run.evaluate(run.task.subset(data.train, sample))
     return result
 
 

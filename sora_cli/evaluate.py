@@ -74,7 +74,7 @@ def file_data(data: DataConfig, data_file: Path) -> DataConfig:
     if not data_file.is_file():  # named as the option the user gave, not as the recipe field it becomes
         raise InputError(f"--data: file not found: {data_file}")
     return dataclasses.replace(data, dataset=None, train_file=str(data_file), validation_file=str(data_file),
-                               test_file=None, max_train_samples=1)
+                               test_file=None, max_train_samples=1, glue_split="glue")  # not the paper's cut
 
 
 def data_source(data: DataConfig, split: str) -> str:

@@ -84,7 +84,7 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
         raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a {mismatched[0]} of another size than this "
                          "task needs (e.g. a head for another number of labels); set model.ignore_mismatched_sizes: "
                          "true to start it fresh")
-    mark_fresh(model, list(info.get("missing_keys", [])))
+    mark_fresh(model, list(info.get("missing_keys", [])) + mismatched)  # mismatched: re-initialised when allowed
     if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -54,7 +54,7 @@ class AdapterConfig:
     alpha: float = field(default=8.0, metadata=_check("positive"))  # s = alpha / r (PEFT's default alpha)
     dropout: float = field(default=0.0, metadata=_check("probability"))
     target_modules: str | tuple[str, ...] = "all-linear"
-    modules_to_save: tuple[str, ...] | None = None  # None: the task head (classifier / score)
+    modules_to_save: tuple[str, ...] | None = None  # None: the task head and what the checkpoint lacks
     use_rslora: bool = False  # s = alpha / √r (rank-stabilised, PEFT's name; the LoRS reference), every method
     # Train on W_eff = (W0 + s·B·A) ⊙ (W0 ≠ 0), so a sparse base's zeros stay zero, through training and merge
     # (README "LoRS"). Any method (SoRA: its gates inside the mask); method lors always; None = false
@@ -114,8 +114,9 @@ class DataConfig:
     label_field: str = "label"
     num_labels: int | None = field(default=None, metadata=_check("positive"))
     split: tuple[float, ...] = (0.8, 0.1, 0.1)  # train/dev/test fractions when only train data is given
-    split_seed: int = 0
-    # glue: GLUE's validation is dev (its test labels are hidden); sora: the SoRA paper's dev/test (data.task only)
+    split_seed: int = field(default=0, metadata=_check("seed"))
+    # glue: GLUE's validation is dev (its test labels are hidden); sora: the SoRA paper's dev/test (data.task only;
+    # the paper's with split_seed 42)
     glue_split: Literal["glue", "sora"] = "glue"
     max_length: int = field(default=128, metadata=_check("positive"))
     max_train_samples: int | None = field(default=None, metadata=_check("positive"))
@@ -556,6 +557,9 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
     if d.glue_split == "sora" and d.task is None:
         problems.append("data.glue_split: sora is the SoRA paper's split of a GLUE task; set data.task too, or "
                         "remove it")
+    if d.glue_split == "sora" and d.test_file is not None:
+        problems.append("data.test_file: glue_split sora cuts its own test split from GLUE's data; remove "
+                        "data.test_file, or use glue_split: glue")
     if len(d.split) not in (2, 3) or not all(x > 0 for x in d.split) or abs(sum(d.split) - 1) > 1e-6:
         problems.append("data.split: expected 2 or 3 positive fractions (train, dev[, test]) that sum to 1, "
                         f"got {list(d.split)}")

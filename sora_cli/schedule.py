@@ -150,7 +150,13 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
             weights = on_main(best_of_first, out, from_ckpt, world=world) if cfg.from_best and stage.k == 1 else None
             result = train(sub, resume=True, init_from=previous, init_weights=weights, total_steps=stage.steps,
                            lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples)
-            record = on_main(keep_stage, recipe, out, stage, result, from_ckpt, records, world=world)
+            # from_best: stage 1 continues stage 0's best/, so stage 0 keeps and records best/ (as the reference
+            # scores its stage 0 after load_best_model_at_end); no best/ apart from final/: final/ is the best
+            kept = "best" if cfg.from_best and stage.k == 0 and result.best_dev else "final"
+            if kept == "best":
+                result = dataclasses.replace(result, dev=result.best_dev, test=result.best_test,
+                                             train_sample=result.best_train_sample)
+            record = on_main(keep_stage, recipe, out, stage, result, from_ckpt, records, kept, world=world)
         records.append(record)
         previous = on_main(next_start, run_dir, stage, from_ckpt, world=world)
         yield record
@@ -185,10 +191,11 @@ def open_schedule(recipe: Recipe, out: Path, from_ckpt: Path | None, resume: boo
 
 
 def keep_stage(recipe: Recipe, out: Path, stage: Stage, result: Any, from_ckpt: Path | None,
-               records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Copy a finished stage's adapter to stages/<k>/ and append its record to schedule.jsonl and .csv."""
+               records: list[dict[str, Any]], adapter: str = "final") -> dict[str, Any]:
+    """Copy a finished stage's adapter (its run's final/ or best/) to stages/<k>/ and append its record to
+    schedule.jsonl and .csv."""
     # --from: stage 0 is the given checkpoint itself (its own λ and metadata)
-    kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / "final"
+    kept = from_ckpt if stage.steps == 0 and from_ckpt is not None else result.output_dir / adapter
     with atomic_dir(out / "stages" / str(stage.k)) as tmp:
         for name in ("adapter.safetensors", "adapter.json"):
             shutil.copy2(kept / name, tmp / name)

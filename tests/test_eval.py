@@ -228,8 +228,30 @@ def test_a_head_the_base_lacks_is_trained_and_restored(make_recipe: Any, tmp_pat
     assert torch.equal(model.pooler.dense.weight, tensors["pooler.dense.weight"])
 
     frozen = load_recipe(make_recipe("frozen", model={"name_or_path": str(base)},
-                                     data={"train_file": str(data), "task_type": "regression"}, adapter={"modules_to_save": ["classifier"]}))
-    with pytest.raises(InputError, match="adapter.modules_to_save: pooler.dense is not in the base checkpoint "
-                                        r"\(newly initialised\), so frozen it would stay random"):
+                                     data={"train_file": str(data), "task_type": "regression"},
+                                     adapter={"modules_to_save": ["classifier"]}))
+    with pytest.raises(InputError, match=r"adapter.modules_to_save: pooler.dense is not in the base checkpoint "
+                                         r"\(newly initialised\), so frozen it would stay random"):
         train(frozen)
     assert not Path(frozen.train.output_dir or "").exists()
+
+
+def test_data_file_is_scored_whole_under_the_papers_split(make_recipe: Any, tmp_path: Path) -> None:
+    """A run with data.glue_split: sora (rte: GLUE's validation halved into dev and test) scores every record of
+    --data, not the half that the paper's cut would keep."""
+    def write(name: str, rows: list[tuple[str, Any]]) -> Path:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"sentence1": t, "sentence2": "so it was", "label": y}) + "\n"
+                                for t, y in rows))
+        return path
+
+    train_file, validation = write("train", noisy_rows(200, seed=1)), write("validation", noisy_rows(20, seed=2))
+    recipe = load_recipe(make_recipe("paper-split", data={"task": "rte", "train_file": str(train_file),
+                                                          "validation_file": str(validation),
+                                                          "glue_split": "sora", "split_seed": 42},
+                                     train={"max_steps": 3, "eval_every": None, "save_every": 3}))
+    train(recipe)
+    final = Path(recipe.train.output_dir or "") / "final"
+    assert report(str(final))["examples"] == 10  # the test half
+    extra = write("extra", noisy_rows(13, seed=5))
+    assert report(str(final), "--data", str(extra))["examples"] == 13

@@ -117,3 +117,28 @@ def test_a_model_without_a_known_head_needs_modules_to_save() -> None:
 
     with pytest.raises(InputError, match="adapter.modules_to_save: this model has no 'classifier' or 'score' head"):
         run(BertModel(tiny_bert_config(40)))
+
+
+def test_mark_fresh_finds_the_modules_a_checkpoint_lacked() -> None:
+    """transformers' missing keys become modules in model order; a tied copy of a loaded weight is not fresh; the
+    default heads then take them with the task head, and leaving one out explicitly is refused."""
+    from transformers import LlamaForCausalLM
+
+    from sora_cli.adapters.inject import fresh_modules, mark_fresh
+
+    model = bert()
+    mark_fresh(model, ["classifier.bias", "bert.pooler.dense.weight", "classifier.weight", "bert.pooler.dense.bias"])
+    assert fresh_modules(model) == ["bert.pooler.dense", "classifier"]
+    result = run(model)
+    assert result.modules_to_save == ["bert.pooler.dense", "classifier"] and "bert.pooler.dense" not in result.targets
+    with pytest.raises(InputError, match="adapter.modules_to_save: bert.pooler.dense is not in the base checkpoint"):
+        run(model, modules_to_save=("classifier",))
+    with pytest.raises(InputError, match="adapter.target_modules: 'bert.pooler.dense' is not in the base checkpoint "
+                                         r"\(newly initialised\), so it trains in full with the task head"):
+        run(model, target_modules=("dense",))
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    mark_fresh(tied, ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"])
+    assert fresh_modules(tied) == ["model.layers.0.mlp.up_proj"]

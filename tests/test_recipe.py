@@ -46,6 +46,9 @@ def problems(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list
     ("data:\n  glue_split: sora\n", "data.glue_split: sora is the SoRA paper's split of a GLUE task; set data.task "
                                    "too, or remove it"),
     ("data:\n  task: rte\n  glue_split: paper\n", "data.glue_split: expected one of glue, sora, got 'paper'"),
+    ("data:\n  split_seed: -3\n", "data.split_seed: must be in 0 .. 2**32 - 1, got -3"),
+    ("data:\n  task: rte\n  glue_split: sora\n  train_file: t.csv\n  test_file: s.csv\n",
+     "data.test_file: glue_split sora cuts its own test split from GLUE's data; remove data.test_file"),
     ("data:\n  task: sst3\n", "data.task: expected one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, got 'sst3'"),
     ("trian:\n  lr: 1\n", "trian: unknown section; did you mean 'train'?"),
     ("adapter:\n  lora_alpha: 0\n", "adapter.lora_alpha: must be positive, got 0.0"),

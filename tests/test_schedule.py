@@ -205,9 +205,14 @@ def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(m
                   "lr_reset": False, "from_best": from_best}))
     out = Path(recipe.train.output_dir or "")
     stages = run(recipe, out)
-    next(stages)  # stage 0 done
+    record = next(stages)  # stage 0 done
     best = out / "runs" / "0" / "best"
     tensors, meta = load_adapter(best)
+    final = load_adapter(out / "runs" / "0" / "final")
+    assert meta["step"] == 5 and final[1]["step"] == 10  # best/ is not final/ here
+    kept, scored = (tensors, meta) if from_best else final  # stage 0 as stage 1 continues it, scored on dev
+    assert all(torch.equal(t, kept[n]) for n, t in load_file(out / "stages" / "0" / "adapter.safetensors").items())
+    assert record["generalization"] == scored["metrics"]["dev"]["accuracy"]
     moved = {k: v * 0.5 if "lora_" in k else v for k, v in tensors.items()}
     save_adapter(best, moved, meta)  # a best/ that no checkpoint equals
     list(run(recipe, out, resume=True))

@@ -22,15 +22,19 @@ HEAD_NAMES = ("classifier", "score", "lm_head")
 _FRESH = "_sora_fresh_modules"
 
 
-def mark_fresh(model: nn.Module, missing_keys: list[str]) -> None:
-    """Record the modules holding parameters that the checkpoint lacked (a tied copy of a loaded one excepted)."""
+def mark_fresh(model: nn.Module, fresh_keys: list[str]) -> None:
+    """Record the outermost modules, in model order, holding parameters that transformers initialised instead of
+    loading (missing, or re-sized under ignore_mismatched_sizes); a tied copy of a loaded parameter is not fresh."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {p.data_ptr() for n, p in params.items() if n not in missing_keys}
-    fresh = {k.rpartition(".")[0] for k in missing_keys if k in params and params[k].data_ptr() not in loaded}
-    object.__setattr__(model, _FRESH, sorted(fresh))
+    loaded = {p.data_ptr() for n, p in params.items() if n not in fresh_keys and not p.is_meta}
+    owners = {k.rpartition(".")[0] for k in fresh_keys
+              if k in params and (params[k].is_meta or params[k].data_ptr() not in loaded)}
+    names = [n for n, _ in model.named_modules() if n in owners]  # model order; "" (a top-level parameter) dropped
+    object.__setattr__(model, _FRESH, [n for n in names if not inside(n, [m for m in names if m != n])])
 
 
 def fresh_modules(model: nn.Module) -> list[str]:
+    """The modules that mark_fresh recorded (none for a model built in code)."""
     return list(getattr(model, _FRESH, []))
 
 
@@ -120,6 +124,9 @@ def inject(model: nn.Module, method: Method, task_heads: tuple[str, ...] = HEAD_
     heads = select_heads(model, cfg.modules_to_save, task_heads)
     targets = select_targets(model, cfg.target_modules, heads)
     clash = [t for t in targets if inside(t, heads)]
+    if clash and cfg.modules_to_save is None and inside(clash[0], fresh_modules(model)):
+        raise InputError(f"adapter.target_modules: {clash[0]!r} is not in the base checkpoint (newly initialised), "
+                         "so it trains in full with the task head; leave it out of target_modules")
     if clash:
         raise InputError(f"adapter.target_modules: {clash[0]!r} is also in adapter.modules_to_save; "
                          "a module is either adapted or trained in full, not both")
