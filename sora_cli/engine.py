@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -534,6 +535,8 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
             log.emit({"event": "test", "checkpoint": "best", "step": state.best_step, **result.best_test})
         if sample:  # the schedule's stage 0 with from_best records best/, which stage 1 continues
             result.best_train_sample = run.evaluate(run.task.subset(data.train, sample))
+            log.emit({"event": "eval", "split": "train_sample", "checkpoint": "best", "step": state.best_step,
+                      **result.best_train_sample})
     return result
 
 
@@ -558,11 +561,28 @@ def finished(out: Path, state: TrainState, trainable: int, t0: float) -> RunResu
         return None
     tensors, meta = load_adapter(out / "final")
     metrics = meta["metrics"]
-    return RunResult(out, state.step, dev=metrics.get("dev", {}), test=metrics.get("test", {}),
-                     base_test=metrics.get("base_test", {}),
-                     train_sample=metrics.get("train_sample", {}), best_step=state.best_step, trainable=trainable,
-                     seconds=time.perf_counter() - t0, already_complete=True,
-                     stats=checkpoint_stats(method_class(meta["method"]), tensors, meta))
+    result = RunResult(out, state.step, dev=metrics.get("dev", {}), test=metrics.get("test", {}),
+                       base_test=metrics.get("base_test", {}),
+                       train_sample=metrics.get("train_sample", {}), best_step=state.best_step, trainable=trainable,
+                       seconds=time.perf_counter() - t0, already_complete=True,
+                       stats=checkpoint_stats(method_class(meta["method"]), tensors, meta))
+    best = read_best(out) if state.best_step not in (None, state.step) else None
+    if best is not None:  # what finish() scored on best/, from its metrics.jsonl events
+        result.best_dev = best[1]["metrics"].get("dev", {})
+        result.best_test, result.best_train_sample = best_scores(out / METRICS)
+    return result
+
+
+def best_scores(metrics: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """(test, memorization sample) of best/ as finish() logged them last; empty where it logged none."""
+    found: dict[str, dict[str, float]] = {"test": {}, "train_sample": {}}
+    meta = ("event", "split", "checkpoint", "step", "examples", "sample_sha256")
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        event = json.loads(line)
+        kind = "test" if event.get("event") == "test" else event.get("split")
+        if event.get("checkpoint") == "best" and kind in found:
+            found[kind] = {k: v for k, v in event.items() if k not in meta}
+    return found["test"], found["train_sample"]
 
 
 def checkpoint_stats(method: type[Method], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, int]:

@@ -227,3 +227,24 @@ def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(m
         proximal_step(expected.values(), "reference", 5e-2, lr=0.0)
     assert all(torch.equal(second[n], expected[n]) for n in gates), from_best
     assert any(not torch.equal(second[n], first[n]) for n in gates)  # λ_2 did cut
+
+
+def test_from_best_records_stage_0s_best_again_when_its_record_was_lost(make_recipe) -> None:
+    """A schedule killed after stage 0's run finished but before its record was written: on --resume stage 0's run is
+    complete, and its record must still describe best/ (scored by the run's last metrics.jsonl events), not final/."""
+    recipe = load_recipe(make_recipe(
+        "lost-record", adapter={"threshold": "reference", "sparse_lambda": 1e-3},
+        train={"max_steps": 10, "save_every": 5, "eval_every": 5},
+        schedule={"thresholds": [1e-3, 1e-2], "steps_per_stage": 3, "memorization_samples": 20,
+                  "lr_reset": False, "from_best": True}))
+    out = Path(recipe.train.output_dir or "")
+    records = list(run(recipe, out))
+    assert json.loads((out / "runs" / "0" / "best" / "adapter.json").read_text())["step"] == 5  # not final/
+    shutil.rmtree(out / "stages")
+    for name in ("schedule.jsonl", "schedule.csv"):
+        (out / name).unlink()
+    again = list(run(recipe, out, resume=True))
+    assert again == records
+    kept = load_file(out / "stages" / "0" / "adapter.safetensors")
+    best = load_file(out / "runs" / "0" / "best" / "adapter.safetensors")
+    assert all(torch.equal(t, best[n]) for n, t in kept.items())  # best/ (step 5) again, not final/ (step 10)
