@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from speed import interleaved_steps  # noqa: E402
+from speed import interleaved_steps, ratio, spread  # noqa: E402
 
 from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.dist import SINGLE  # noqa: E402
@@ -118,7 +118,7 @@ def speed_rows(runs: list[dict[str, Any]]) -> tuple[list[list[str]], list[dict[s
             ms = 1000 * statistics.median(run["times"][key])
             base = 1000 * statistics.median(one["times"][key])
             speedup = base / ms
-            vs_peft = statistics.median(a / b for a, b in zip(run["times"][key], run["times"]["peft-lora"]))
+            vs_peft = ratio(run["times"], key, "peft-lora")
             row = {"contestant": key, "processes": run["processes"], "threads": run["threads"], "ms_per_step": ms,
                    "examples_per_s": run["global_batch"] / (ms / 1000), "speedup": speedup,
                    "efficiency": speedup / run["processes"], "step_vs_peft_ddp": vs_peft}
@@ -172,11 +172,11 @@ def markdown(data: dict[str, Any]) -> str:
             common.markdown_table(COLUMNS, speed_rows(data["runs"])[0]) if data["runs"] else "", ""]
     if facts["device"] == "cpu" and data["runs"]:
         most = max(run["processes"] for run in data["runs"])
-        spread = max((max(t) - min(t)) / statistics.median(t) for run in data["runs"] for t in run["times"].values())
+        widest = max(spread(t) for run in data["runs"] for t in run["times"].values())
         text.append(f"On a CPU the processes share the machine's {facts['cores']} cores: {most} processes × 1 thread "
                     f"have no more compute than 1 process × {data['runs'][0]['threads']} threads, so a speed-up "
                     "here only measures how well each uses the cores (the repeats of one contestant spread by up to "
-                    f"{100 * spread:.0f}%); scaling needs more devices (`--device cuda --nprocs 1 N`).\n")
+                    f"{100 * widest:.0f}%); scaling needs more devices (`--device cuda --nprocs 1 N`).\n")
     if par is not None:
         one, split = par["vs_one"], par["vs_split"]
         text.append(f"Parity, `sora train {par['recipe']}` for {par['steps']} steps (SmolLM2 has no dropout), 2 "

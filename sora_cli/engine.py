@@ -54,6 +54,7 @@ from sora_cli.rundir import (
     check_run_dir,
     find_resumable,
     load_trainable,
+    read_events,
     read_start,
     restore,
     start_fresh,
@@ -121,6 +122,8 @@ class Run:
     ctx: EvalContext
     facts: dict[str, Any]  # fingerprints and the base model's size, for adapter.json
     world: World = SINGLE  # the torchrun processes (one: no other)
+    # (n, main warm-up, gate warm-up) of the reference's LR schedule, for a method that asks for it (linear only)
+    reference_schedule: tuple[int, int, int] | None = None
 
     def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
         """The device batches of optimizer step `step`: this rank's slice of each global micro-batch (all of it in one
@@ -135,11 +138,9 @@ class Run:
     def lr_factor(self, step: int) -> float | dict[str, float]:
         """The LR factor of optimizer step `step`: the recipe's schedule, or (a method that asks for it, with a linear
         schedule) the reference code's, whose main and gate optimizers round their warm-ups differently."""
-        cfg = self.recipe.train
-        if not (self.method.reference and cfg.lr_scheduler == "linear"):
-            return lr_factor(step, self.total, self.warmup, cfg.lr_scheduler)
-        n, main, gate = reference_lengths(cfg.epochs, cfg.max_steps, cfg.warmup_steps, cfg.warmup_ratio,
-                                          len(self.data.train), cfg.batch_size)
+        if self.reference_schedule is None:
+            return lr_factor(step, self.total, self.warmup, self.recipe.train.lr_scheduler)
+        n, main, gate = self.reference_schedule
         return {"*": reference_factor(step, n, main), "gate": reference_factor(step, n, gate)}
 
     def evaluate(self, data: Any) -> dict[str, float]:
@@ -232,9 +233,11 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Ru
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
     ctx = eval_context(recipe, device, tokenizer)
     optimizer = method.optimizer(model)
+    reference = reference_lengths(cfg.epochs, cfg.max_steps, cfg.warmup_steps, cfg.warmup_ratio, len(data.train),
+                                  cfg.batch_size) if method.reference and cfg.lr_scheduler == "linear" else None
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
-               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, world)
+               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, world, reference)
 
 
 def synchronise(run: Run) -> None:
@@ -372,13 +375,14 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
 
 def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init_from: Path | None = None,
           init_weights: Path | None = None, total_steps: int | None = None, lr_scale: float | None = None,
-          memorization_samples: int | None = None) -> RunResult:
+          memorization_samples: int | None = None, best_memorization: bool = False) -> RunResult:
     """Train as the recipe says. The sparsifying scheduler drives the same loop through the keywords:
     `init_from` starts a fresh run from a checkpoint's adapter (and optimizer state, if it has one), `init_weights`
     with another checkpoint's adapter instead (schedule.from_best);
     `total_steps` overrides the recipe's length (0: evaluate only); `lr_scale` replaces the LR schedule by
     a constant factor (the reference code's decayed schedule); `memorization_samples` also scores a fixed
-    seeded sample of the training examples at the end ("memorization")."""
+    seeded sample of the training examples at the end ("memorization"), and with `best_memorization` on best/ too
+    (the schedule's stage 0 under from_best)."""
     t0 = time.perf_counter()
     out = Path(recipe.train.output_dir or "runs/run")
     world = current()
@@ -401,7 +405,7 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
                      out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
     try:
         loop(run, state, log, lr_scale)
-        result = finish(run, state, log, memorization_samples)
+        result = finish(run, state, log, memorization_samples, best_memorization)
     finally:
         log.close()
     result.trainable, result.resumed_from, result.seconds = trainable, resumed_from, time.perf_counter() - t0
@@ -494,14 +498,15 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
         run.save(run.out / "best", state.step, {"dev": dev})
     else:
         state.bad_evals += 1
-        state.stopped = run.world.share(bool(cfg.patience and state.bad_evals >= cfg.patience))
+        state.stopped = bool(cfg.patience and state.bad_evals >= cfg.patience)  # alike on every rank, as `better`
 
 
 # ---------------------------------------------------------------------------------------------
 # Finish
 
 
-def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: int | None) -> RunResult:
+def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: int | None,
+           best_memorization: bool = False) -> RunResult:
     """Test metrics of the final (and best) adapter; the memorization sample; final/."""
     step, data = state.step, run.data
     if data.dev is not None and not state.last_dev:  # no step ran (total 0), or resumed past the last eval
@@ -524,24 +529,35 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     extra = {k: v for k, v in (("test", result.test), ("base_test", result.base_test),
                                 ("train_sample", result.train_sample)) if v}
     run.save(run.out / "final", step, {"dev": result.dev, **extra})
-    best = on_main(read_best, run.out, world=run.world) if state.best_step not in (None, step) else None
+    best = on_main(read_best_meta, run.out, world=run.world) if state.best_step not in (None, step) else None
     if best is not None:
-        best_tensors, best_meta = best
-        result.best_dev = best_meta["metrics"].get("dev", {})
-        if data.test is not None or sample:
-            load_trainable(run.model, best_tensors, run.out / "best")
-        if data.test is not None:
-            result.best_test = run.evaluate(data.test)
-            log.emit({"event": "test", "checkpoint": "best", "step": state.best_step, **result.best_test})
-        if sample:  # the schedule's stage 0 with from_best records best/, which stage 1 continues
-            result.best_train_sample = run.evaluate(run.task.subset(data.train, sample))
-            log.emit({"event": "eval", "split": "train_sample", "checkpoint": "best", "step": state.best_step,
-                      **result.best_train_sample})
+        result.best_dev = best["metrics"].get("dev", {})
+        score_best(run, state, log, result, sample if best_memorization else [])
     return result
 
 
-def read_best(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    return load_adapter(out / "best") if (out / "best").is_dir() else None
+def score_best(run: Run, state: TrainState, log: MetricsLog, result: RunResult, sample: list[int]) -> None:
+    """best/'s test metrics (and memorization on `sample`), with best/ loaded into the model: final/ is saved."""
+    data = run.data
+    if data.test is None and not sample:
+        return
+    load_trainable(run.model, on_main(read_best_tensors, run.out, world=run.world), run.out / "best")
+    if data.test is not None:
+        result.best_test = run.evaluate(data.test)
+        log.emit({"event": "test", "checkpoint": "best", "step": state.best_step, **result.best_test})
+    if sample:  # the schedule's stage 0 with from_best records best/, which stage 1 continues
+        result.best_train_sample = run.evaluate(run.task.subset(data.train, sample))
+        log.emit({"event": "eval", "split": "train_sample", "checkpoint": "best", "step": state.best_step,
+                  **result.best_train_sample})
+
+
+def read_best_meta(out: Path) -> dict[str, Any] | None:
+    path = out / "best" / "adapter.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_best_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_adapter(out / "best")[0]
 
 
 def memorization_sample(n_train: int, size: int, split_seed: int, datasets_shuffle: bool = False) -> list[int]:
@@ -566,9 +582,9 @@ def finished(out: Path, state: TrainState, trainable: int, t0: float) -> RunResu
                        train_sample=metrics.get("train_sample", {}), best_step=state.best_step, trainable=trainable,
                        seconds=time.perf_counter() - t0, already_complete=True,
                        stats=checkpoint_stats(method_class(meta["method"]), tensors, meta))
-    best = read_best(out) if state.best_step not in (None, state.step) else None
+    best = read_best_meta(out) if state.best_step not in (None, state.step) else None
     if best is not None:  # what finish() scored on best/, from its metrics.jsonl events
-        result.best_dev = best[1]["metrics"].get("dev", {})
+        result.best_dev = best["metrics"].get("dev", {})
         result.best_test, result.best_train_sample = best_scores(out / METRICS)
     return result
 
@@ -577,8 +593,7 @@ def best_scores(metrics: Path) -> tuple[dict[str, float], dict[str, float]]:
     """(test, memorization sample) of best/ as finish() logged them last; empty where it logged none."""
     found: dict[str, dict[str, float]] = {"test": {}, "train_sample": {}}
     meta = ("event", "split", "checkpoint", "step", "examples", "sample_sha256")
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        event = json.loads(line)
+    for event in read_events(metrics):
         kind = "test" if event.get("event") == "test" else event.get("split")
         if event.get("checkpoint") == "best" and kind in found:
             found[kind] = {k: v for k, v in event.items() if k not in meta}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -75,15 +76,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop events logged after the checkpoint we resume from, and test events (all are logged again)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
+    kept = [event for event in read_events(path) if event.get("step", 0) <= step and event.get("event") != "test"]
+    write_text_atomic(path, "".join(json.dumps(event) + "\n" for event in kept))
+
+
+def read_events(path: Path) -> Iterator[dict[str, Any]]:
+    """metrics.jsonl's events in order (none when it is absent), skipping a line cut by a kill."""
+    for line in path.read_text().splitlines() if path.is_file() else []:
         try:
-            event = json.loads(line)
-            if event.get("step", 0) <= step and event.get("event") != "test":
-                kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill
+            yield json.loads(line)
+        except json.JSONDecodeError:
             continue
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

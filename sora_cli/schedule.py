@@ -149,7 +149,8 @@ def run(recipe: Recipe, out: Path, *, from_ckpt: Path | None = None, resume: boo
         else:
             weights = on_main(best_of_first, out, from_ckpt, world=world) if cfg.from_best and stage.k == 1 else None
             result = train(sub, resume=True, init_from=previous, init_weights=weights, total_steps=stage.steps,
-                           lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples)
+                           lr_scale=stage.lr_scale, memorization_samples=cfg.memorization_samples,
+                           best_memorization=cfg.from_best and stage.k == 0)
             # from_best: stage 1 continues stage 0's best/, so stage 0 keeps and records best/ (as the reference
             # scores its stage 0 after load_best_model_at_end); no best/ apart from final/: final/ is the best
             kept = "best" if cfg.from_best and stage.k == 0 and result.best_dev else "final"

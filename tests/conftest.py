@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,26 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (tests/tiny_causal.py) with its word-level chat tokenizer."""
+    from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
+
+    return save_tiny_causal_model(tmp_path_factory.mktemp("tiny-llama"), tiny_causal_tokenizer())
+
+
+@pytest.fixture(scope="session")
 def tiny_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", make_sentences(400, seed=1))
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def events(run: Path, kind: str) -> list[dict[str, Any]]:
+    """A run directory's metrics.jsonl events of one kind (train, eval, test ...)."""
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def write_recipe(path: Path, recipe: dict[str, Any], sections: dict[str, dict[str, Any]]) -> Path:

@@ -24,7 +24,7 @@ from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
 from sora_cli.tasks.causal_lm import CausalLMTask, normalize_answer
 from sora_cli.tasks.classification import ClassificationTask
 
-from .conftest import write_recipe
+from .conftest import events, write_jsonl, write_recipe
 from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
 
 runner = CliRunner()
@@ -42,16 +42,6 @@ def sentiment_records(n: int, seed: int) -> list[dict[str, str]]:
         rng.shuffle(words)
         rows.append({"instruction": INSTRUCTION, "input": " ".join(words), "output": "positive" if y else "negative"})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_causal_model(tmp_path_factory.mktemp("tiny-llama"), tiny_causal_tokenizer())
 
 
 @pytest.fixture(scope="session")
@@ -211,10 +201,6 @@ def test_classification_micro_batches_of_unequal_size_give_the_big_batch_step(ti
 
 # Train losses at steps 4, 8, 12 of the tiny causal recipe, in float64 (see test_engine.GOLDEN_LOSSES for why).
 CAUSAL_GOLDEN = [4.075102427490528, 3.8105662764630805, 3.770483451514028]
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from sora_cli.tasks.classification import Encoded, Split, collate, load_splits
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
 
-from .conftest import write_csv
+from .conftest import write_csv, write_jsonl
 
 
 def test_packaged_rotten_tomatoes() -> None:
@@ -108,15 +109,11 @@ def test_split_len() -> None:
 
 def _glue_files(tmp_path: Path, fields: tuple[str, str], n_train: int, n_validation: int) -> tuple[str, str]:
     """A GLUE-shaped pair task: row i of train is (t<i>, …), row i of validation is (v<i>, …)."""
-    import json
+    def rows(prefix: str, n: int) -> list[dict[str, Any]]:
+        return [{fields[0]: f"{prefix}{i}", fields[1]: "x", "label": i % 2} for i in range(n)]
 
-    paths = []
-    for name, prefix, n in (("train", "t", n_train), ("validation", "v", n_validation)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({fields[0]: f"{prefix}{i}", fields[1]: "x", "label": i % 2}) + "\n"
-                                for i in range(n)))
-        paths.append(str(path))
-    return paths[0], paths[1]
+    return (str(write_jsonl(tmp_path / "train.jsonl", rows("t", n_train))),
+            str(write_jsonl(tmp_path / "validation.jsonl", rows("v", n_validation))))
 
 
 def test_sora_glue_split_halves_validation_for_small_tasks(tmp_path: Path) -> None:

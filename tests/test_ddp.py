@@ -28,10 +28,9 @@ from sora_cli.checkpoint import load_adapter, load_training_state
 from sora_cli.dist import World
 from sora_cli.engine import train
 from sora_cli.recipe import load_recipe
-from tests.conftest import write_recipe
-from tests.test_causal_lm import write_jsonl
+from tests.conftest import events, write_jsonl, write_recipe
 from tests.test_edit import EDITS
-from tests.tiny_causal import WORDS, save_tiny_causal_model, tiny_causal_tokenizer
+from tests.tiny_causal import WORDS
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -55,10 +54,6 @@ def assert_same_tensors(a: Path, b: Path, atol: float = 1e-6) -> None:
     assert ta.keys() == tb.keys()
     worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
     assert worst <= atol, f"{a} and {b} differ by {worst:.3g}"
-
-
-def events(run: Path, kind: str) -> list[dict[str, Any]]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def assert_same_losses(a: Path, b: Path) -> None:
@@ -85,11 +80,6 @@ def bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (out / "config.json").write_text(json.dumps(config))
     return out
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_causal_model(tmp_path_factory.mktemp("llama") / "llama", tiny_causal_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -248,17 +238,17 @@ def test_two_processes_equal_one_with_the_same_micro_batches_bit_for_bit(tmp_pat
 
 
 @pytest.mark.parametrize("method", ["lora", "roselora", "lors"])
-def test_causal_methods_on_two_processes_match_one(method: str, tmp_path: Path, llama_dir: Path,
+def test_causal_methods_on_two_processes_match_one(method: str, tmp_path: Path, tiny_llama_dir: Path,
                                                    uneven_file: Path) -> None:
     """Answers of unequal length (the ranks hold different label-token counts): the loss of every step equals one
     process's; RoseLoRA's masks and LoRS's gradient init and zero pattern come out the same."""
     adapter: dict[str, Any] = {"method": method}
-    model = llama_dir
+    model = tiny_llama_dir
     if method == "roselora":
         adapter.update(density=0.5, sparsify_start=2, sparsify_end=6)
     if method == "lors":
         model = tmp_path / "sparse"
-        ok(subprocess.run([sys.executable, "-m", "sora_cli", "sparsify", str(llama_dir), "-o", str(model),
+        ok(subprocess.run([sys.executable, "-m", "sora_cli", "sparsify", str(tiny_llama_dir), "-o", str(model),
                            "--method", "magnitude", "--sparsity", "0.5"], capture_output=True, text=True))
         adapter.update(init="gradient", init_samples=9)
     # LoRS's A = top singular vectors of the summed gradient: float32 reordering noise (1e-7) moves them by about
@@ -279,12 +269,12 @@ def test_causal_methods_on_two_processes_match_one(method: str, tmp_path: Path, 
         assert all(m["base_zeros"] > 0 for m in meta["modules"].values())
 
 
-def test_edits_on_two_processes_match_one(tmp_path: Path, llama_dir: Path) -> None:
+def test_edits_on_two_processes_match_one(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """single mode: the ranks edit different requests; edits.jsonl holds them in order, equal to one process's."""
     edits = tmp_path / "edits.json"
     edits.write_text(json.dumps(EDITS))
     recipe = write_recipe(tmp_path / "e.yaml", {
-        "model": {"name_or_path": str(llama_dir), "dtype": "float64"},
+        "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float64"},
         "adapter": {"method": "roselora", "r": 4, "alpha": 16, "density": 0.25, "sparsify_start": 2,
                     "sparsify_end": 8, "target_modules": ["q_proj", "v_proj"]},
         "data": {"train_file": str(edits), "task_type": "edit", "max_length": 32},
@@ -303,10 +293,10 @@ def test_edits_on_two_processes_match_one(tmp_path: Path, llama_dir: Path) -> No
     assert summaries[0]["post"] == summaries[1]["post"]
 
 
-def test_wanda_calibration_shared_by_two_processes(tmp_path: Path, llama_dir: Path, uneven_file: Path) -> None:
+def test_wanda_calibration_shared_by_two_processes(tmp_path: Path, tiny_llama_dir: Path, uneven_file: Path) -> None:
     """sora sparsify under torchrun: each process calibrates on half the samples; the norms are summed before each
     block is pruned, so the zero pattern is one process's."""
-    recipe = causal_recipe(tmp_path / "r.yaml", llama_dir, uneven_file)
+    recipe = causal_recipe(tmp_path / "r.yaml", tiny_llama_dir, uneven_file)
     cmd = ["sparsify", str(recipe), "--method", "wanda", "--sparsity", "0.5", "--samples", "9"]
     ok(subprocess.run([sys.executable, "-m", "sora_cli", *cmd, "-o", str(tmp_path / "one")], capture_output=True,
                       text=True))

@@ -19,6 +19,8 @@ from sora_cli.engine import train
 from sora_cli.errors import CheckpointError, InputError
 from sora_cli.recipe import load_recipe
 
+from .conftest import events
+
 # Train losses at steps 5, 10, ..., 30 of the tiny recipe (conftest.make_recipe) run in float64 on the CPU.
 # float64 (the tiny base is pre-trained in float64 too), because in float32 the CPU's kernels (AVX2 and AVX-512 round
 # differently) and 30 steps at lr 1e-2 move the losses by ~1e-3. In float64 the two agree to 2e-13 (measured here with
@@ -27,10 +29,6 @@ from sora_cli.recipe import load_recipe
 # Regenerate only for a deliberate change of the math: print them from metrics.jsonl.
 GOLDEN_LOSSES = [0.39573793787965217, 0.04404720715086057, 0.06875194964408478, 0.0032734303582451136,
                  0.0026738232703140312, 0.14760102768600333]
-
-
-def events(run: Path, kind: str) -> list[dict]:
-    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def final_tensors(run: Path, name: str = "final") -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from sora_cli.models import load_adapted, load_base
 from sora_cli.recipe import load_recipe
 from sora_cli.tasks import EvalContext, task_from_meta
 
-from .conftest import make_sentences, write_csv
+from .conftest import make_sentences, write_csv, write_jsonl
 
 runner = CliRunner()
 
@@ -240,10 +240,8 @@ def test_data_file_is_scored_whole_under_the_papers_split(make_recipe: Any, tmp_
     """A run with data.glue_split: sora (rte: GLUE's validation halved into dev and test) scores every record of
     --data, not the half that the paper's cut would keep."""
     def write(name: str, rows: list[tuple[str, Any]]) -> Path:
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"sentence1": t, "sentence2": "so it was", "label": y}) + "\n"
-                                for t, y in rows))
-        return path
+        return write_jsonl(tmp_path / f"{name}.jsonl", [{"sentence1": t, "sentence2": "so it was", "label": y}
+                                                         for t, y in rows])
 
     train_file, validation = write("train", noisy_rows(200, seed=1)), write("validation", noisy_rows(20, seed=2))
     recipe = load_recipe(make_recipe("paper-split", data={"task": "rte", "train_file": str(train_file),

@@ -25,8 +25,8 @@ from sora_cli.engine import prepare, train
 from sora_cli.errors import RecipeError
 from sora_cli.recipe import load_recipe
 
-from .conftest import write_recipe
-from .test_causal_lm import sentiment_records, write_jsonl
+from .conftest import write_jsonl, write_recipe
+from .test_causal_lm import sentiment_records
 from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
 
 runner = CliRunner()

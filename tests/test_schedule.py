@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sora_cli.cli import app
 from sora_cli.models import load_adapted, load_base
-from sora_cli.recipe import ScheduleConfig, load_recipe
+from sora_cli.recipe import Recipe, ScheduleConfig, load_recipe
 from sora_cli.schedule import run, stage_thresholds
 
 runner = CliRunner()
@@ -189,6 +189,16 @@ def test_a_bad_model_input_fails_before_the_schedule_directory_is_touched(make_r
     assert result.exit_code == 2 and (out / "recipe.yaml").read_text() == "an earlier schedule"
 
 
+def reference_schedule(make_recipe, name: str, thresholds: list[float], from_best: bool) -> Recipe:
+    """The reference's scheduler on the tiny recipe: threshold reference, decayed LR after stage 0, 10 steps of
+    stage 0 with dev and a checkpoint every 5 (so best/ may be step 5), 3 steps per later stage."""
+    return load_recipe(make_recipe(
+        name, adapter={"threshold": "reference", "sparse_lambda": 1e-3},
+        train={"max_steps": 10, "save_every": 5, "eval_every": 5},
+        schedule={"thresholds": thresholds, "steps_per_stage": 3, "memorization_samples": 20, "lr_reset": False,
+                  "from_best": from_best}))
+
+
 @pytest.mark.parametrize("from_best", [True, False])
 def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(make_recipe, from_best: bool) -> None:
     """The reference's scheduler: lr_reset false (the decayed LR, 0 here) and `threshold: reference`, so after stage
@@ -198,11 +208,7 @@ def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(m
     from sora_cli.checkpoint import load_adapter, save_adapter
     from sora_cli.optim import proximal_step
 
-    recipe = load_recipe(make_recipe(
-        f"best-{from_best}", adapter={"threshold": "reference", "sparse_lambda": 1e-3},
-        train={"max_steps": 10, "save_every": 5, "eval_every": 5},
-        schedule={"thresholds": [1e-3, 1e-2, 5e-2], "steps_per_stage": 3, "memorization_samples": 20,
-                  "lr_reset": False, "from_best": from_best}))
+    recipe = reference_schedule(make_recipe, f"best-{from_best}", [1e-3, 1e-2, 5e-2], from_best)
     out = Path(recipe.train.output_dir or "")
     stages = run(recipe, out)
     record = next(stages)  # stage 0 done
@@ -232,11 +238,7 @@ def test_from_best_starts_stage_1_from_stage_0s_best_and_later_stages_continue(m
 def test_from_best_records_stage_0s_best_again_when_its_record_was_lost(make_recipe) -> None:
     """A schedule killed after stage 0's run finished but before its record was written: on --resume stage 0's run is
     complete, and its record must still describe best/ (scored by the run's last metrics.jsonl events), not final/."""
-    recipe = load_recipe(make_recipe(
-        "lost-record", adapter={"threshold": "reference", "sparse_lambda": 1e-3},
-        train={"max_steps": 10, "save_every": 5, "eval_every": 5},
-        schedule={"thresholds": [1e-3, 1e-2], "steps_per_stage": 3, "memorization_samples": 20,
-                  "lr_reset": False, "from_best": True}))
+    recipe = reference_schedule(make_recipe, "lost-record", [1e-3, 1e-2], from_best=True)
     out = Path(recipe.train.output_dir or "")
     records = list(run(recipe, out))
     assert json.loads((out / "runs" / "0" / "best" / "adapter.json").read_text())["step"] == 5  # not final/
