@@ -205,6 +205,11 @@ class MergeDtype(str, Enum):
     float16 = "float16"
 
 
+class MergeInto(str, Enum):
+    full = "full"
+    dequantized = "dequantized"
+
+
 CkptArgument = Annotated[Path, typer.Argument(help="Checkpoint directory (e.g. runs/quickstart/final).",
                                               show_default=False)]
 
@@ -270,6 +275,10 @@ def merge_command(
                                                             "records).")] = None,
     dtype: Annotated[MergeDtype, typer.Option("--dtype", help="Weights dtype of the merged model "
                                                               "(auto: the base's).")] = MergeDtype.auto,
+    into: Annotated[MergeInto, typer.Option("--into", help="For a run on a quantized base: full merges into the "
+                                            "full-precision weights it was quantized from (what you deploy); "
+                                            "dequantized into the quantized weights it trained on, dequantized "
+                                            "(reports their quantization error).")] = MergeInto.full,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -277,7 +286,7 @@ def merge_command(
     from sora_cli.merge import MERGE_REPORT, merge_checkpoint
 
     def go() -> dict[str, Any]:
-        return merge_checkpoint(ckpt, output, base=base, dtype=dtype.value, force=force)
+        return merge_checkpoint(ckpt, output, base=base, dtype=dtype.value, force=force, into=into.value)
 
     report = _run(go, debug)
     render.note(f"merged {report['modules_merged']} adapted modules into the base weights: {output}")

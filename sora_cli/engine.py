@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli import __version__, render
+from sora_cli import __version__, quantization, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
@@ -218,10 +218,10 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Ru
     task = get_task(recipe.data)
     task.load_data()
     metric = task.metric(cfg.metric_for_best)
-    model, tokenizer = load_model(recipe.model, task)
+    model, tokenizer = load_model(recipe.model, task, device)
     check_length(model, recipe.data.max_length)
     method = get_method(recipe.adapter, cfg)
-    base_parameters = sum(p.numel() for p in model.parameters())
+    base_parameters = count_parameters(model)[1]
     injection = inject(model, method, task.task_heads)
     facts = {"base_fingerprint": base_fingerprint(model, injection.targets), "data_fingerprint": task.fingerprint(),
              "base_parameters": base_parameters}
@@ -305,7 +305,8 @@ def adapter_meta(run: Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]
         "base_model": r.model.name_or_path,
         "base_model_revision": r.model.revision,
         "base_model_loading": {"dtype": r.model.dtype, "gguf_file": r.model.gguf_file,
-                               "trust_remote_code": r.model.trust_remote_code},
+                               "trust_remote_code": r.model.trust_remote_code,
+                               "quantization": quantization.describe(r.model)},
         **run.facts,
         "task": run.task.meta(),
         "target_modules": run.injection.targets,
@@ -400,7 +401,8 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     render.note(render.trainable_line(trainable, all_params))
     render.note(f"{run.method.name} on {len(run.injection.targets)} modules, r={recipe.adapter.r}; "
                 f"{len(run.data.train):,d} train / {len(run.data.dev or []):,d} dev / "
-                f"{len(run.data.test or []):,d} test examples; {run.total} steps on {run.ctx.device.type}")
+                f"{len(run.data.test or []):,d} test examples; {run.total} steps on {run.ctx.device.type}"
+                + (f"; base {render.quantization_text(q)}" if (q := quantization.describe(recipe.model)) else ""))
     log = MetricsLog(out / METRICS if world.main else None,
                      out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
     try:

@@ -8,6 +8,7 @@ and how many base weights that changed, counted after the cast: a small update c
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,29 @@ def _saved_dtype(model: Any, counts: dict[str, dict[str, int]]) -> str:
 
 
 def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: str = "auto",
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, into: str = "full") -> dict[str, Any]:
     """`sora merge`: the base as it was trained (checked by fingerprint), merged, saved with its tokenizer
     as a plain transformers model; `dtype` auto keeps the base's. Beside the model, `sora_merge.json` holds the
-    counts of changed and rounded-away weights per module (counted in the saved dtype). Returns that report."""
-    from sora_cli.models import load_base
+    counts of changed and rounded-away weights per module (counted in the saved dtype). Returns that report.
+
+    A run on a quantized base merges into the full-precision weights it was quantized from (`into` full: what one
+    deploys), or into its quantized weights dequantized (`into` dequantized: exactly the function trained), and
+    reports the quantization error ‖Q(W) − W‖_F / ‖W‖_F of each adapted weight either way."""
+    from sora_cli.models import load_base, load_full_precision
 
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")
     tensors, meta = load_adapter(ckpt)
+    quantized = meta.get("base_model_loading", {}).get("quantization")
+    if into == "dequantized" and not quantized:
+        raise InputError(f"--into: dequantized applies to a run on a quantized base (model.quantization); {ckpt} was "
+                         "trained on full-precision weights, so merge it with --into full")
     model: Any
-    model, tokenizer = load_base(ckpt, meta, base)
+    errors: dict[str, dict[str, float]] = {}
+    if quantized:
+        model, tokenizer, errors = load_full_precision(ckpt, meta, base, dequantize=into == "dequantized")
+    else:
+        model, tokenizer = load_base(ckpt, meta, base)
     saved = None if dtype == "auto" else getattr(torch, dtype)
     merged, counts = merge_counted(model.state_dict(), tensors, meta, saved)
     model.load_state_dict(merged)
@@ -110,12 +123,26 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     total = totals(counts)
     report = {"checkpoint": str(ckpt), "method": meta["method"], "modules_merged": len(counts),
               "dtype": _saved_dtype(model, counts), "keep_sparsity": bool(meta.get("keep_sparsity")),
-              "sparse_base": total["zeros_before"] >= SPARSE_BASE_SHARE * total["weights"],
+              # a quantized base's zeros are its rounding's (NF4 has a zero level), not a pruned pattern
+              "sparse_base": not quantized and total["zeros_before"] >= SPARSE_BASE_SHARE * total["weights"],
               # the merged weights' zeros are exactly the base's (a sparsity-keeping merge promises it)
               "zero_pattern_kept": total["zeros_after"] == total["zeros_before"] and not total["kept_rounded_to_zero"],
               "total": total, "modules": counts}
+    if quantized:
+        report["quantization"] = {**quantized, "merged_into": into, "error": quantization_error(errors)}
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / MERGE_REPORT, report)
     return report
+
+
+def quantization_error(errors: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The relative Frobenius error ‖Q(W) − W‖_F / ‖W‖_F of all adapted weights together and of each, and the largest
+    entry's, from `load_full_precision`'s per-module norms."""
+    err = math.sqrt(sum(e["error_norm"] ** 2 for e in errors.values()))
+    norm = math.sqrt(sum(e["weight_norm"] ** 2 for e in errors.values()))
+    return {"relative": err / norm if norm else 0.0,
+            "max_abs": max((e["max_abs_error"] for e in errors.values()), default=0.0),
+            "modules": {n: {"relative": e["error_norm"] / e["weight_norm"] if e["weight_norm"] else 0.0,
+                            "max_abs": e["max_abs_error"]} for n, e in errors.items()}}

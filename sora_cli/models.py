@@ -4,14 +4,17 @@ and rebuild a checkpoint's adapted model for evaluation, merge and tests."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sora_cli import quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import attach, linear_names, mark_fresh
 from sora_cli.checkpoint import load_adapter
@@ -48,8 +51,10 @@ def _resolve(name_or_path: str) -> tuple[str, str | None]:
     return str(folder), gguf
 
 
-def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) for the task, loaded as the recipe says; decoder-only tokenizers pad with EOS."""
+def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for the task, loaded as the recipe says; decoder-only tokenizers pad with EOS. A quantized
+    base (model.quantization) is quantized while it loads, straight onto `device` when that is a GPU; a GGUF base,
+    which transformers dequantises to float, right after."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
@@ -61,6 +66,8 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
     if gguf:
         _check_gguf()
         common["gguf_file"] = gguf
+    if cfg.quantization:
+        quantization.require_bitsandbytes()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
         config = AutoConfig.from_pretrained(path, **common)
@@ -68,6 +75,10 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
         kwargs: dict[str, Any] = {"config": config, "ignore_mismatched_sizes": True, "output_loading_info": True}
         if cfg.dtype != "auto":
             kwargs["dtype"] = getattr(torch, cfg.dtype)
+        if cfg.quantization and not gguf:  # transformers refuses a quantization_config with a GGUF file
+            kwargs["quantization_config"] = quantization.bnb_config(cfg)
+            if device is not None and device.type == "cuda":
+                kwargs["device_map"] = {"": device}
         # transformers' GGUF loader draws its own tqdm bar on stderr, which no setting turns off
         quiet = contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext()
         with quiet:
@@ -79,6 +90,10 @@ def load_model(cfg: ModelConfig, task: Task) -> tuple[nn.Module, Any]:
         # The GGUF blocks were dequantised into ordinary float Linears (the CPU path); what is left of the quantizer
         # only marks the model "not serializable", which would stop `sora merge` from saving it.
         model.hf_quantizer.remove_quantization_config(model)
+    if cfg.quantization:
+        if gguf:
+            quantization.quantize_linears(model, cfg, keep=quantization.output_modules(model) + list(task.task_heads))
+        quantization.settle(model)
     mismatched = sorted(key for key, *_ in info.get("mismatched_keys", []))
     if mismatched and not cfg.ignore_mismatched_sizes:
         raise InputError(f"model.name_or_path: {cfg.name_or_path!r} has a {mismatched[0]} of another size than this "
@@ -100,21 +115,28 @@ def _check_gguf() -> None:
 
 
 def base_fingerprint(model: Any, targets: list[str]) -> str:
-    """sha256 over the adapted base weights (float32 bytes), to refuse merging into another base."""
+    """sha256 over the adapted base weights W0 as the adapters saw them (float32 bytes; a quantized base's
+    dequantized codes), to refuse merging into or evaluating on another base."""
+    return weights_fingerprint((name, quantization.dense_weight(model.get_submodule(name))) for name in targets)
+
+
+def weights_fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
-    for name in targets:
-        w = model.get_submodule(name).weight.detach().to(torch.float32).cpu().contiguous()
+    for name, weight in weights:
         h.update(name.encode())
-        h.update(w.numpy().tobytes())
+        h.update(weight.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def loading_config(meta: dict[str, Any], base: str | None = None) -> ModelConfig:
     """The ModelConfig a checkpoint's base was loaded with (dtype, GGUF file, remote code), or `base` instead."""
     loading = meta.get("base_model_loading", {})
+    quantized = loading.get("quantization") or {}
     return ModelConfig(name_or_path=base or meta["base_model"], revision=meta.get("base_model_revision"),
                        dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
-                       trust_remote_code=loading.get("trust_remote_code", False))
+                       trust_remote_code=loading.get("trust_remote_code", False),
+                       quantization=quantized.get("type"), double_quantization=quantized.get("double_quantization"),
+                       compute_dtype=quantized.get("compute_dtype"))
 
 
 def load_base(directory: Path, meta: dict[str, Any], base: str | None = None,
@@ -122,18 +144,61 @@ def load_base(directory: Path, meta: dict[str, Any], base: str | None = None,
     """The base model an adapter checkpoint was trained on, loaded as in training, with its task head, and checked
     against the recorded fingerprint."""
     config = loading_config(meta, base)
+    model, tokenizer = _load_recorded(directory, config, meta, data)
+    missing = _missing(model, meta)
+    _check_base(directory, config, meta, missing, "" if missing else base_fingerprint(model, meta["target_modules"]))
+    return model, tokenizer
+
+
+def load_full_precision(directory: Path, meta: dict[str, Any], base: str | None = None,
+                        dequantize: bool = False) -> tuple[nn.Module, Any, dict[str, dict[str, float]]]:
+    """The full-precision base a quantized run was quantized from, checked: each adapted weight, quantized as the
+    run's loading did, gives exactly the weights the adapter was trained on (the recorded fingerprint). With
+    `dequantize` the adapted weights are replaced by those quantized-then-dequantized ones. Also returns each adapted
+    weight's quantization error against the full-precision one: ‖Q(W) − W‖_F, ‖W‖_F and max |Q(W) − W|."""
+    trained = loading_config(meta, base)
+    config = dataclasses.replace(trained, quantization=None, double_quantization=None, compute_dtype=None)
+    model, tokenizer = _load_recorded(directory, config, meta, None)
+    missing = _missing(model, meta)
+    errors: dict[str, dict[str, float]] = {}
+
+    def quantized_weights() -> Iterator[tuple[str, torch.Tensor]]:  # one module at a time: one extra matrix
+        for name in meta["target_modules"] if not missing else []:
+            w = quantization.dense_weight(model.get_submodule(name)).detach()  # full precision: the weight itself
+            q = quantization.roundtrip(w, trained)
+            diff = q.to(torch.float32) - w.to(torch.float32)
+            errors[name] = {"error_norm": float(diff.norm()), "weight_norm": float(w.to(torch.float32).norm()),
+                            "max_abs_error": float(diff.abs().max())}
+            if dequantize:
+                with torch.no_grad():
+                    w.copy_(q)
+            yield name, q
+
+    _check_base(directory, config, meta, missing, weights_fingerprint(quantized_weights()))
+    return model, tokenizer, errors
+
+
+def _load_recorded(directory: Path, config: ModelConfig, meta: dict[str, Any],
+                   data: DataConfig | None) -> tuple[nn.Module, Any]:
     try:
-        model, tokenizer = load_model(config, task_from_meta(meta, data, str(directory)))
+        return load_model(config, task_from_meta(meta, data, str(directory)))
     except InputError as e:
         raise CheckpointError(f"{directory}: its base model {config.name_or_path!r} cannot be loaded "
                               f"({str(e).removeprefix('model.name_or_path: ')}); pass --base PATH_OR_ID") from None
+
+
+def _missing(model: nn.Module, meta: dict[str, Any]) -> list[str]:
     names = set(linear_names(model))
-    missing = [t for t in meta["target_modules"] if t not in names]
-    if missing or base_fingerprint(model, meta["target_modules"]) != meta.get("base_fingerprint"):
+    return [t for t in meta["target_modules"] if t not in names]
+
+
+def _check_base(directory: Path, config: ModelConfig, meta: dict[str, Any], missing: list[str],
+                fingerprint: str) -> None:
+    """The loaded base has every adapted Linear, and their weights are the ones the adapter was trained on."""
+    if missing or fingerprint != meta.get("base_fingerprint"):
         why = f"has no Linear {missing[0]}" if missing else "has other weights (fingerprint differs)"
         raise CheckpointError(f"{directory}: base model {config.name_or_path!r} {why} than the one this adapter was "
                               "trained on; pass the right one with --base")
-    return model, tokenizer
 
 
 def load_adapted(directory: Path, base: str | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:

@@ -45,6 +45,12 @@ class ModelConfig:
     gguf_file: str | None = None
     trust_remote_code: bool = False
     ignore_mismatched_sizes: bool = False  # let a task head of another size be re-initialised
+    # A quantized base under the adapters (QLoRA, README "Big models"), through bitsandbytes: 4-bit nf4 or fp4, or
+    # 8-bit int8. The adapters, norms and output head stay in full precision. null: every weight in model.dtype
+    quantization: Literal["nf4", "fp4", "int8"] | None = None
+    double_quantization: bool | None = None  # 4-bit: quantize the block scales too (QLoRA's); null: true
+    # 4-bit matmuls (W0 x and the adapter product); null: bfloat16 under train.precision bf16, else float32
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 @dataclass(frozen=True)
@@ -460,6 +466,8 @@ def with_method_defaults(a: AdapterConfig) -> AdapterConfig:
 def _resolve(built: dict[str, Any], problems: list[str], default_output: str) -> Recipe | None:
     """Rules across fields of one section, checked for every section that parsed; method defaults."""
     a = _resolve_adapter(built["adapter"], problems) if built["adapter"] is not None else None
+    if built["model"] is not None:
+        built["model"] = _resolve_model(built["model"], a, built["train"], problems)
     d = built["data"]
     if d is not None:
         _check_data(d, problems)
@@ -499,6 +507,31 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
             problems.append(f"adapter.target_modules: '{a.target_modules}' is not a valid regex ({e}); "
                             "give a list of module-name suffixes, a regex, or all-linear")
     return a
+
+
+def _resolve_model(m: ModelConfig, a: AdapterConfig | None, t: TrainConfig | None,
+                   problems: list[str]) -> ModelConfig:
+    """model.quantization's settings checked and filled in: double quantization on, the compute dtype from
+    train.precision (bfloat16 under bf16, else float32)."""
+    four_bit = m.quantization in ("nf4", "fp4")
+    for name in ("double_quantization", "compute_dtype"):
+        if getattr(m, name) is not None and not four_bit:
+            problems.append(f"model.{name}: only applies to a 4-bit base (model.quantization: nf4 or fp4), got "
+                            f"quantization {m.quantization or 'null'}; remove it")
+    if m.quantization is None:
+        return m
+    if m.dtype == "float64":
+        problems.append("model.dtype: float64 cannot hold a quantized base (bitsandbytes computes in 32 bits at "
+                        "most); use float32, or remove model.quantization")
+    if a is not None and a.keep_sparsity:
+        problems.append(f"model.quantization: {m.quantization} cannot keep a sparse base's zero pattern exactly (the "
+                        "quantized weights round small non-zero weights to zero, so (W0 ≠ 0) is no longer the pruned "
+                        f"mask); remove model.quantization for adapter.method {a.method} / keep_sparsity")
+    if not four_bit:
+        return m
+    precision: Literal["bfloat16", "float32"] = "bfloat16" if t is not None and t.precision == "bf16" else "float32"
+    return dataclasses.replace(m, double_quantization=m.double_quantization is not False,
+                               compute_dtype=m.compute_dtype or precision)
 
 
 def _check_keep_sparsity(a: AdapterConfig, problems: list[str]) -> None:

@@ -133,10 +133,20 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     console.print(f"surviving rank {s['rank']} / {s['r_max']} ({s['rank_kept_percent']:.1f}%) in "
                   f"{s['modules_alive']} of {s['modules']} modules; adapter parameters {s['params']:,d} now, "
                   f"{s['params_pruned']:,d} after pruning{of_base}", markup=False, soft_wrap=True)
+    if report.get("quantization"):
+        note(f"base: {report['base_model']}, {quantization_text(report['quantization'])}")
     if sparse:
         kept = ("the adapter keeps its zeros (keep_sparsity)" if report["keep_sparsity"] else
                 "the adapter does not keep its zeros: a merge fills them (train with keep_sparsity or method lors)")
         note(f"base sparsity of the adapted weights {_percent(s['base_sparsity'])}; {kept}")
+
+
+def quantization_text(q: dict[str, Any]) -> str:
+    """adapter.json's quantization record in words: `4-bit nf4, double quantization, compute in bfloat16`."""
+    if q["bits"] == 8:
+        return "8-bit int8 (LLM.int8)"
+    double = ", double quantization" if q.get("double_quantization") else ""
+    return f"4-bit {q['type']} (blocks of {q.get('blocksize', 64)}{double}), compute in {q.get('compute_dtype')}"
 
 
 def _percent(value: float | None) -> str:
@@ -192,6 +202,16 @@ def merge_summary(report: dict[str, Any], details: str) -> None:
     """Two lines at most: base weights changed (after the cast to the saved dtype), updates the cast rounded away;
     the per-module numbers are in `details` (sora_merge.json beside the model)."""
     t = report["total"]
+    quantized = report.get("quantization")
+    if quantized:
+        error = quantized["error"]["relative"]
+        if quantized["merged_into"] == "full":
+            note(f"the run trained on a {quantized['type']} base: merged into the full-precision weights it was "
+                 f"quantized from (the adapter saw their {quantized['type']} codes, {error:.2%} off in Frobenius norm)")
+        else:
+            note(f"merged into the dequantized {quantized['type']} weights the adapter trained on: they carry a "
+                 f"quantization error of {error:.2%} (‖Q(W) − W‖_F / ‖W‖_F, largest entry "
+                 f"{quantized['error']['max_abs']:.3g}) against the full-precision weights")
     share = f" ({100 * t['changed'] / t['weights']:.2f}%)" if t["weights"] else ""
     note(f"changed {t['changed']:,d} of {t['weights']:,d} base weights of the adapted modules{share}, counted in "
          f"{report['dtype']}; {t['rounded_away']:,d} non-zero updates rounded away by the cast; per module: {details}")

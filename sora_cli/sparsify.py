@@ -388,6 +388,10 @@ def load_recipe_source(recipe: Recipe) -> Source:
     from sora_cli.models import load_model
     from sora_cli.tasks import get_task
 
+    if recipe.model.quantization:
+        raise InputError(f"model.quantization: sora sparsify prunes full-precision weights, not "
+                         f"{recipe.model.quantization} codes; run it without model.quantization (override "
+                         "model.quantization=null)")
     task = get_task(recipe.data)
     task.load_data()
     model, tokenizer = load_model(recipe.model, task)

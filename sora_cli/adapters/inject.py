@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sora_cli import quantization
 from sora_cli.adapters.method import Method
 from sora_cli.errors import CheckpointError, InputError
 
@@ -130,6 +131,11 @@ def inject(model: nn.Module, method: Method, task_heads: tuple[str, ...] = HEAD_
     if clash:
         raise InputError(f"adapter.target_modules: {clash[0]!r} is also in adapter.modules_to_save; "
                          "a module is either adapted or trained in full, not both")
+    coded = [f"{h}.{n}".rstrip(".") for h in heads for n, m in model.get_submodule(h).named_modules()
+             if quantization.is_quantized(m)]
+    if coded:
+        raise InputError(f"adapter.modules_to_save: {coded[0]} is quantized (model.quantization), so it cannot be "
+                         "trained in full; leave it out of modules_to_save, or adapt it with target_modules")
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
@@ -178,7 +184,7 @@ def attach(model: nn.Module, method: type[Method], modules: dict[str, dict[str, 
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, from tensor shapes."""
+    """(trainable, all) parameter counts, from tensor shapes (a 4-bit weight's from its quantized shape)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(quantization.numel(p) for p in model.parameters())
     return trainable, total

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sora_cli import quantization
 from sora_cli.adapters.masked import masked_lowrank_linear
 from sora_cli.adapters.method import Method
 
@@ -23,7 +24,9 @@ class LoRALinear(nn.Module):
     sum is the accumulate of the last GEMM (addmm), so nothing d_out-wide is made twice.
 
     `weight` and `bias` are the base layer's own parameters under their original names,
-    so a base checkpoint loads into the adapted model without key remapping.
+    so a base checkpoint loads into the adapted model without key remapping. A quantized base layer (bitsandbytes'
+    4-bit or 8-bit) is kept whole as `base_layer` and computes W0 x + b itself; the adapter then stays float32 and
+    its product runs in the base's compute dtype (QLoRA).
 
     Options every method shares: `rslora` (s = alpha / √r), and `keep_sparsity`: h = x ((W0 + B diag(s·…) A) ⊙ M)ᵀ
     + b with M = (W0 ≠ 0), through `masked_lowrank_linear` (`exact` picks its exact adapter gradients).
@@ -33,9 +36,13 @@ class LoRALinear(nn.Module):
                  keep_sparsity: bool = False, exact: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (d_out, d_in), frozen
-        self.bias = base.bias  # (d_out,) or None, frozen
-        # Adapters train in float32 even on a half-precision base (autocast handles the matmuls).
+        self.compute_dtype = quantization.compute_dtype(base)  # the adapter product's dtype (None: the input's)
+        if quantization.is_quantized(base):
+            self.base_layer = base  # frozen codes; W0 x + b computed by bitsandbytes
+        else:
+            self.weight = base.weight  # (d_out, d_in), frozen
+            self.bias = base.bias  # (d_out,) or None, frozen
+        # Adapters train in float32 even on a half-precision or quantized base (autocast handles the matmuls).
         dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
         device = base.weight.device
         self.r = r
@@ -46,7 +53,8 @@ class LoRALinear(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False  # True inside `adapters_disabled(model)`: the plain base layer
         self.keep_sparsity, self.exact = keep_sparsity, exact
-        self.base_zeros = int(base.weight.numel() - torch.count_nonzero(base.weight))  # W0 is frozen: counted once
+        w0 = quantization.dense_weight(base)  # W0 is frozen: its zeros are counted once
+        self.base_zeros = int(w0.numel() - torch.count_nonzero(w0))
 
     def rank_scale(self) -> torch.Tensor | float:
         """What multiplies each rank of A·x before B: s for LoRA (SoRA: s · g)."""
@@ -56,14 +64,23 @@ class LoRALinear(nn.Module):
         if self.keep_sparsity and not self.disabled:
             return masked_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale_vector(),
                                          self.exact)
-        h = F.linear(x, self.weight, self.bias)  # (..., d_out)
+        h = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)  # (..., d_out)
         if self.disabled:
             return h
-        z = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.rank_scale()  # (..., r)
-        if z.dtype != h.dtype:  # half-precision base without autocast: the adapter stays float32
-            return h + F.linear(z, self.lora_B).to(h.dtype)
+        a: torch.Tensor = self.lora_A
+        b: torch.Tensor = self.lora_B
+        scale = self.rank_scale()
+        if self.compute_dtype is not None and self.compute_dtype != a.dtype:  # QLoRA: the product in compute dtype
+            a, b, scale = a.to(self.compute_dtype), b.to(self.compute_dtype), _cast(scale, self.compute_dtype)
+        z = F.linear(self.dropout(x).to(a.dtype), a) * scale  # (..., r)
+        if z.dtype != h.dtype:  # half-precision base (or compute dtype) without autocast: the adapter's own dtype
+            return h + F.linear(z, b).to(h.dtype)
         # h + z Bᵀ in one GEMM with accumulate: no (..., d_out) temporaries for the scale and the sum
-        return torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r), self.lora_B.t()).view(h.shape)
+        return torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r), b.t()).view(h.shape)
+
+    @property
+    def quantized(self) -> bool:
+        return "base_layer" in self._modules
 
     def scale_vector(self) -> torch.Tensor:
         """rank_scale() as an (r,) tensor: s repeated, or SoRA's s · g (with its grad)."""
@@ -79,6 +96,10 @@ class LoRALinear(nn.Module):
         kept = f", keep_sparsity=True, grad={'exact' if self.exact else 'approx'}" if self.keep_sparsity else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"scaling={self.scaling:g}{kept}")
+
+
+def _cast(scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor | float:
+    return scale.to(dtype) if isinstance(scale, torch.Tensor) else scale
 
 
 class LoRA(Method):
