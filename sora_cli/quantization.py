@@ -105,6 +105,7 @@ def quantized_linear(base: nn.Linear, cfg: ModelConfig) -> nn.Module:
                                          quant_type=cfg.quantization, module=layer)
     if bias:
         layer.bias = nn.Parameter(base.bias.data.clone(), requires_grad=False)
+    settle(layer)
     return layer.to(base.weight.device)  # quantizes here
 
 

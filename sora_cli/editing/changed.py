@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sora_cli import quantization
 from sora_cli.adapters import Method, adapter_layers
 from sora_cli.engine import module_meta
 from sora_cli.merge import merge_weight
@@ -19,7 +20,8 @@ def changed_weights(model: nn.Module, method: type[Method]) -> dict[str, int]:
     changed = rounded = total = 0
     for name, layer in adapter_layers(model):
         delta = method.delta(tensors, name, metas[name])
-        _, counts = merge_weight(layer.weight, delta, keep_zeros=layer.keep_sparsity)  # W0: (d_out, d_in)
+        w0 = quantization.dense_weight(layer)  # (d_out, d_in); a quantized base's as `merge --into dequantized` sees it
+        _, counts = merge_weight(w0, delta, keep_zeros=layer.keep_sparsity)
         changed, rounded = changed + counts["changed"], rounded + counts["rounded_away"]
-        total += layer.weight.numel()
+        total += w0.numel()
     return {"changed_weights": changed, "rounded_away": rounded, "adapted_base_weights": total}
