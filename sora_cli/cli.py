@@ -377,5 +377,39 @@ def sparsify_command(
     render.note(f"sparse model: {output}; report: {output / SPARSIFY_REPORT}")
 
 
+@app.command("plan")
+def plan_command(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="Dotted overrides, e.g. model.quantization=nf4 train.batch_size=4.", show_default=False)] = None,
+    processes: Annotated[int, typer.Option("--processes", help="Data-parallel processes (torchrun's "
+                                                               "nproc_per_node × nodes): each takes 1/N of the "
+                                                               "batch and holds the whole model.")] = 1,
+    memory: Annotated[str | None, typer.Option("--memory", help="Memory per process (GPU), e.g. 24GiB, 80GB, "
+                                                                "16000MiB: say whether it fits, and what to change "
+                                                                "if not.", show_default=False)] = None,
+    label_tokens: Annotated[int | None, typer.Option("--label-tokens", help="Labelled tokens per example of a "
+                                                     "causal LM (default: every position, the upper bound).",
+                                                     show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON (stable keys).")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Memory per process before anything trains: parameters, weights, gradients, optimizer states, activations
+    and the peak, from the model's config alone (no weights read)."""
+    from sora_cli.plan import parse_size, plan
+    from sora_cli.recipe import load_recipe
+
+    def go() -> dict[str, Any]:
+        limit = parse_size(memory) if memory is not None else None
+        return plan(load_recipe(recipe, overrides or []), processes=processes, memory=limit,
+                    label_tokens=label_tokens)
+
+    report = _run(go, debug)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render.plan_table(report)
+
+
 def main() -> None:
     app(prog_name="sora")

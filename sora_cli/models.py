@@ -76,7 +76,8 @@ def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None)
         if cfg.dtype != "auto":
             kwargs["dtype"] = getattr(torch, cfg.dtype)
         if cfg.quantization and not gguf:  # transformers refuses a quantization_config with a GGUF file
-            kwargs["quantization_config"] = quantization.bnb_config(cfg)
+            keep = quantization.kept_modules(task.auto_class(), config, task.task_heads, cfg.trust_remote_code)
+            kwargs["quantization_config"] = quantization.bnb_config(cfg, keep)
             if device is not None and device.type == "cuda":
                 kwargs["device_map"] = {"": device}
         # transformers' GGUF loader draws its own tqdm bar on stderr, which no setting turns off

@@ -45,15 +45,27 @@ def require_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def bnb_config(cfg: ModelConfig) -> Any:
-    """transformers' BitsAndBytesConfig for the recipe's `model.quantization` (resolved: see recipe._resolve_model)."""
+def bnb_config(cfg: ModelConfig, keep: list[str] | None = None) -> Any:
+    """transformers' BitsAndBytesConfig for the recipe's `model.quantization` (resolved: see recipe._resolve_model);
+    `keep`: the modules left in full precision (None: transformers' own choice, see `kept_modules`)."""
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization,
                               bnb_4bit_use_double_quant=bool(cfg.double_quantization),
-                              bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype or "float32"))
+                              bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype or "float32"),
+                              llm_int8_skip_modules=keep)
+
+
+def kept_modules(model_class: Any, config: Any, heads: tuple[str, ...], trust_remote_code: bool = False) -> list[str]:
+    """The modules a quantized load leaves in full precision: transformers' own choice (the output embedding, what is
+    tied to it, the model's last module), read off the model built on the meta device (no memory), and the task's
+    heads, which train in full. Naming any module to transformers drops its own choice, so both are given; its
+    choice alone misses a classifier whose last parameter is its bias (`classifier.bias`)."""
+    with torch.device("meta"):
+        shell = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    return sorted(set(output_modules(shell)) | set(heads))
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -129,15 +141,30 @@ def output_modules(model: Any) -> list[str]:
 
 
 def settle(model: nn.Module) -> None:
-    """After a quantized load: norms in float32 (they are tiny, and QLoRA keeps them so), and no CPU repacking of the
-    4-bit codes. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at the first forward without
-    gradients and then computes in bfloat16: evaluation would differ from training and from one CPU to another, and
-    the repacked codes no longer dequantize."""
+    """After a quantized load: norm weights in float32 (they are tiny, and QLoRA keeps them so), each norm returning
+    its input's dtype, so that a bfloat16 model's hidden states stay bfloat16 (a float32 weight would promote the
+    residual stream, and every block's activations, to float32); and no CPU repacking of the 4-bit codes. On CPUs with
+    AVX512-BF16, bitsandbytes repacks a 4-bit weight in place at the first forward without gradients and then
+    computes in bfloat16: evaluation would differ from training and from one CPU to another, and the repacked codes
+    no longer dequantize."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             object.__setattr__(module, "support_avx512bf16_for_cpu", False)
-        elif "norm" in type(module).__name__.lower() and not any(True for _ in module.children()):
+        elif is_norm(module) and any(p.dtype != torch.float32 for p in module.parameters()):
             module.to(torch.float32)
+            module.register_forward_hook(_as_input)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (LayerNorm, RMSNorm and their kin): a leaf whose class name says so."""
+    return "norm" in type(module).__name__.lower() and not any(True for _ in module.children())
+
+
+def _as_input(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    """A float32 norm's output in its input's dtype (the norm computed in float32 and rounded once)."""
+    if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+        return output.to(args[0].dtype)
+    return output
 
 
 def roundtrip(weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

@@ -317,3 +317,60 @@ def sparsify_table(report: dict[str, Any]) -> None:
         if c else ""
     note(f"total: {t['zeros']:,d} of {t['weights']:,d} weights zero ({100 * t['sparsity']:.2f}%) in "
          f"{len(report['modules'])} modules{data}")
+
+
+def size_text(n: int | float) -> str:
+    """Bytes in binary units: 812.0 MiB, 15.27 GiB."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_table(report: dict[str, Any]) -> None:
+    """`sora plan`: parameters and bytes per process (sora_cli/plan.py), the verdict against --memory, the advice."""
+    b, p, quant = report["bytes"], report["parameters"], report["quantization"]
+    labels = f", {report['label_tokens']:,d} labelled" if report["label_tokens"] is not None else ""
+    processes = f"{report['processes']} processes (data parallel)" if report["processes"] > 1 else "1 process"
+    note(f"sora plan: {report['model']} ({report['architecture']}), {processes}; per process: micro-batch "
+         f"{report['micro_batch']} × {report['max_length']} tokens{labels}, grad_accum {report['grad_accum']}, "
+         f"precision {report['precision']}")
+    rows = [("parameters: base", f"{p['base']:,d}"),
+            ("parameters: adapted", f"{p['adapted']:,d} in {p['adapted_modules']} linears"),
+            ("parameters: trainable", f"{p['trainable']:,d}")]
+    if quant:
+        double = ", double quant" if report["double_quantization"] else ""
+        rows.append((f"weights: quantized linears ({quant}{double})", size_text(b["weights_quantized_linears"])))
+    rows += [(f"weights: {'other' if quant else 'all'} ({report['dtype']})", size_text(b["weights_other"])),
+             ("gradients", size_text(b["gradients"])),
+             ("optimizer states (AdamW)", size_text(b["optimizer_states"])),
+             ("activations, no checkpointing", size_text(b["activations_without_checkpointing"])),
+             ("activations, checkpointing", size_text(b["activations_with_checkpointing"])),
+             (f"largest transient ({report['largest_transient'].replace('_', ' ')})", size_text(b["transient"]))]
+    on = report["gradient_checkpointing"]
+    peaks = [(f"peak, checkpointing off{'' if on else ' (recipe)'}", size_text(b["peak_without_checkpointing"])),
+             (f"peak, checkpointing on{' (recipe)' if on else ''}", size_text(b["peak_with_checkpointing"]))]
+    table = Table(show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for i, (k, v) in enumerate(rows + peaks):
+        table.add_row(k, v, end_section=i in (2, len(rows) - 1), style="bold" if "(recipe)" in k else None)
+    console.print(table)
+    plan_verdict(report)
+
+
+def plan_verdict(report: dict[str, Any]) -> None:
+    """Whether the peak fits in --memory and, if not, the advice: each change on top of the ones before."""
+    if report["memory"] is None:
+        return
+    memory, peak = size_text(report["memory"]), report["bytes"]["peak"]
+    if report["fits"]:
+        note(f"fits in {memory} per process: peak {size_text(peak)} ({100 * peak / report['memory']:.0f}%)")
+        return
+    note(f"does not fit in {memory} per process: peak {size_text(peak)}; in order, each on top of the last:")
+    for i, a in enumerate(report["advice"], 1):
+        if a["peak"] is None:
+            note(f"  {i}. {a['change']}")
+        else:
+            note(f"  {i}. {a['change']} ({' '.join(a['overrides'])}): peak {size_text(a['peak'])}, "
+                 f"{'fits' if a['fits'] else 'does not fit'}")

@@ -46,7 +46,7 @@ def predict(model: Any, pairs: Sequence[Pair], pad_id: int, device: torch.device
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
         inputs, offsets = padded([p + t for p, t in chunk], pad_id, side, device)
-        hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         for row, ((p, t), off) in enumerate(zip(chunk, offsets)):
             at = torch.arange(len(t), device=hidden.device) + off + len(p) - 1  # position k − 1 predicts token k
             out.append(lm_head(model, hidden[row, at]).argmax(-1).tolist())

@@ -97,7 +97,9 @@ def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     `targets` (B, T) is aligned with `input_ids` (the label of token t is targets[:, t]); the prediction for token t
     is read at position t - 1. The decoder runs once; the LM head only on the N selected positions.
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    # no KV cache: transformers would otherwise keep every block's keys and values until the forward returns
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state  # (B, T, H)
     return labelled_logits(model, hidden, targets)
 
 
@@ -238,8 +240,8 @@ class CausalLMTask(Task):
             batch = {k: v.to(ctx.device) for k, v in collate(data, indices, pad).items()}
             examples = [data.examples[i] for i in indices]
             with ctx.autocast:  # one decoder pass: the response's logits, and the next-token logits after the prompt
-                hidden = model.base_model(input_ids=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+                hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).last_hidden_state  # (B, T, H)
                 logits, targets = labelled_logits(model, hidden, batch["labels"])  # (N, V), (N,)
             owner = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0].cpu()  # (N,): each target's row
             at = torch.tensor(indices)[owner].numpy()
