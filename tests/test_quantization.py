@@ -360,3 +360,32 @@ def test_gradient_checkpointing_on_a_4bit_base_trains_the_same_adapter(q_recipe)
     for key in a:  # recomputation repeats the same float32 kernels; summation order may differ by a few ulps
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if k.endswith("lora_B"))  # it trained
+
+
+def test_a_classifier_on_a_4bit_encoder_keeps_its_head_in_full_precision(make_recipe) -> None:
+    """transformers' own choice of what stays unquantized misses a classifier with a bias (its last parameter is
+    `classifier.bias`): sora names the task head to it, so the head trains in full precision."""
+    recipe = load_recipe(make_recipe("cls", model={"quantization": "nf4"},
+                                     train={"max_steps": 4, "eval_every": None, "save_every": None}))
+    result = train(recipe)
+    assert result.test and result.stats["max_rank"] > 0
+    model, _, meta = load_adapted(Path(recipe.train.output_dir or "") / "final")
+    assert meta["modules_to_save"] == ["classifier"] and type(model.classifier) is nn.Linear
+    assert type(model.bert.encoder.layer[0].attention.self.query.base_layer).__name__ == "Linear4bit"
+
+
+def test_a_bfloat16_4bit_base_keeps_bfloat16_hidden_states_with_float32_norms(q_recipe) -> None:
+    """Float32 norm weights must not promote a bfloat16 model's residual stream (and every activation) to float32,
+    nor break its bfloat16 lm_head without autocast."""
+    from sora_cli.engine import prepare
+
+    recipe = load_recipe(q_recipe(model={"dtype": "bfloat16", "compute_dtype": "bfloat16"}))
+    run = prepare(recipe, Path(recipe.train.output_dir or ""))
+    model = run.model
+    assert all(p.dtype == torch.float32 for p in model.model.norm.parameters())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model(input_ids=ids, output_hidden_states=True)  # precision fp32: no autocast
+    assert {h.dtype for h in out.hidden_states} == {torch.bfloat16} and out.logits.dtype == torch.bfloat16
+    loss = run.task.loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in run.params)
