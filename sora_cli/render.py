@@ -206,7 +206,7 @@ def merge_summary(report: dict[str, Any], details: str) -> None:
     if quantized:
         error = quantized["error"]["relative"]
         if quantized["merged_into"] == "full":
-            note(f"the run trained on a {quantized['type']} base: merged into the full-precision weights it was "
+            note(f"the run trained on an {quantized['type']} base: merged into the full-precision weights it was "
                  f"quantized from (the adapter saw their {quantized['type']} codes, {error:.2%} off in Frobenius norm)")
         else:
             note(f"merged into the dequantized {quantized['type']} weights the adapter trained on: they carry a "

@@ -137,6 +137,48 @@ def make_recipe(tmp_path: Path, tiny_bert_dir: Path, tiny_csv: Path):
     return make
 
 
+# ---------------------------------------------------------------------------------------------
+# Causal LM recipes (tests/tiny_causal.py's Llama)
+
+FILLER = ["the", "movie", "film", "plot", "was", "very", "it", "and"]
+INSTRUCTION = "classify the sentiment of this review"
+
+
+def sentiment_records(n: int, seed: int) -> list[dict[str, str]]:
+    """Alpaca records whose answer is the sentiment of the one strong word in the input (learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        words = rng.sample(FILLER, rng.randint(2, 5)) + [rng.choice(["good", "great"] if y else ["bad", "awful"])]
+        rng.shuffle(words)
+        rows.append({"instruction": INSTRUCTION, "input": " ".join(words), "output": "positive" if y else "negative"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("causal-data") / "sentiment.jsonl", sentiment_records(200, seed=1))
+
+
+@pytest.fixture
+def causal_recipe(tmp_path: Path, tiny_llama_dir: Path, alpaca_file: Path):
+    """Write a causal-LM recipe for the tiny Llama + alpaca sentiment records, with section overrides; its path."""
+
+    def make(name: str = "causal", **sections: dict[str, Any]) -> Path:
+        recipe: dict[str, Any] = {
+            "model": {"name_or_path": str(tiny_llama_dir)},
+            "adapter": {"method": "sora", "r": 4, "alpha": 8, "sparse_lambda": 1.0},
+            "data": {"train_file": str(alpaca_file), "task_type": "causal_lm", "max_length": 64,
+                     "chat_template": True, "choices": ["positive", "negative"], "max_new_tokens": 3},
+            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "log_every": 4, "eval_every": 6,
+                      "save_every": 4, "keep_last": 3, "output_dir": str(tmp_path / "runs" / name), "seed": 3},
+        }
+        return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
+
+    return make
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A skipped test is a failed run: every dependency of the suite is a test dependency (CI must not go green
     because something it should check was not there)."""

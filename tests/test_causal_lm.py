@@ -5,14 +5,12 @@ a golden run with exact resume, evaluation metrics by hand, PEFT / merge round t
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -24,47 +22,10 @@ from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
 from sora_cli.tasks.causal_lm import CausalLMTask, normalize_answer
 from sora_cli.tasks.classification import ClassificationTask
 
-from .conftest import events, write_jsonl, write_recipe
+from .conftest import INSTRUCTION, events, sentiment_records, write_jsonl
 from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
 
 runner = CliRunner()
-FILLER = ["the", "movie", "film", "plot", "was", "very", "it", "and"]
-INSTRUCTION = "classify the sentiment of this review"
-
-
-def sentiment_records(n: int, seed: int) -> list[dict[str, str]]:
-    """Alpaca records whose answer is the sentiment of the one strong word in the input (learnable)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        y = rng.randint(0, 1)
-        words = rng.sample(FILLER, rng.randint(2, 5)) + [rng.choice(["good", "great"] if y else ["bad", "awful"])]
-        rng.shuffle(words)
-        rows.append({"instruction": INSTRUCTION, "input": " ".join(words), "output": "positive" if y else "negative"})
-    return rows
-
-
-@pytest.fixture(scope="session")
-def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("causal-data") / "sentiment.jsonl", sentiment_records(200, seed=1))
-
-
-@pytest.fixture
-def causal_recipe(tmp_path: Path, tiny_llama_dir: Path, alpaca_file: Path):
-    def make(name: str = "causal", **sections: dict[str, Any]) -> Path:
-        recipe: dict[str, Any] = {
-            "model": {"name_or_path": str(tiny_llama_dir)},
-            "adapter": {"method": "sora", "r": 4, "alpha": 8, "sparse_lambda": 1.0},
-            "data": {"train_file": str(alpaca_file), "task_type": "causal_lm", "max_length": 64,
-                     "chat_template": True, "choices": ["positive", "negative"], "max_new_tokens": 3},
-            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 12, "log_every": 4, "eval_every": 6,
-                      "save_every": 4, "keep_last": 3, "output_dir": str(tmp_path / "runs" / name), "seed": 3},
-        }
-        return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
-
-    return make
-
-
 def tiny_model(directory: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,35 +28,28 @@ from sora_cli.engine import train
 from sora_cli.models import load_adapted
 from sora_cli.recipe import ModelConfig, load_recipe
 
-from .conftest import events, write_jsonl, write_recipe
-from .test_causal_lm import sentiment_records
+from .conftest import events, write_recipe
+from .test_edit import EDITS
 
 runner = CliRunner()
 NF4 = ModelConfig(name_or_path="x", quantization="nf4", double_quantization=True, compute_dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("q-data") / "sentiment.jsonl", sentiment_records(120, seed=5))
-
-
 @pytest.fixture
-def q_recipe(tmp_path: Path, tiny_llama_dir: Path, records_file: Path):
+def q_recipe(causal_recipe):
+    """The causal tests' recipe (tiny Llama, alpaca sentiment records) on an NF4 base, with a λ that cuts ranks."""
     def make(name: str = "q", **sections: dict[str, Any]) -> Path:
-        recipe: dict[str, Any] = {
-            "model": {"name_or_path": str(tiny_llama_dir), "quantization": "nf4"},
-            "adapter": {"method": "sora", "r": 4, "alpha": 8, "sparse_lambda": 20.0},
-            "data": {"train_file": str(records_file), "task_type": "causal_lm", "max_length": 64,
-                     "chat_template": True, "choices": ["positive", "negative"], "max_new_tokens": 2},
-            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 16, "log_every": 4, "eval_every": 8,
-                      "save_every": 8, "output_dir": str(tmp_path / "runs" / name), "seed": 3},
-        }
-        return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
+        base = {"model": {"quantization": "nf4"}, "adapter": {"sparse_lambda": 20.0},
+                "train": {"max_steps": 16, "eval_every": 8, "save_every": 8}}
+        for key, values in sections.items():
+            base.setdefault(key, {}).update(values)
+        return causal_recipe(name, **base)
 
     return make
 
 
-def quantized_linear(seed: int = 0, d_in: int = 96, d_out: int = 40, cfg: ModelConfig = NF4) -> tuple[Any, torch.Tensor]:
+def quantized_linear(seed: int = 0, d_in: int = 96, d_out: int = 40,
+                     cfg: ModelConfig = NF4) -> tuple[Any, torch.Tensor]:
     """(a bitsandbytes layer, its full-precision weight) with a bias; weights ~ N(0, 0.02) like a Llama's."""
     torch.manual_seed(seed)
     dense = nn.Linear(d_in, d_out)
@@ -215,7 +208,8 @@ def test_merge_into_the_full_precision_and_the_dequantized_weights_is_the_dense_
     for into in ("full", "dequantized"):
         result = runner.invoke(app, ["merge", str(q_run / "final"), "-o", str(tmp_path / into), "--into", into])
         assert result.exit_code == 0, result.output
-        assert ("full-precision weights it was quantized from" if into == "full" else "dequantized nf4") in result.output
+        said = "full-precision weights it was quantized from" if into == "full" else "dequantized nf4"
+        assert said in result.output
         merged = load_file(tmp_path / into / "model.safetensors")
         report = json.loads((tmp_path / into / "sora_merge.json").read_text())
         errors, norms = 0.0, 0.0
@@ -328,8 +322,6 @@ def test_a_knowledge_edit_on_a_4bit_base_counts_the_weights_it_changes(tmp_path:
     """RoseLoRA's headline use on a quantized LLM: the edit runs, and its count of changed base weights is taken
     against the dequantized W0 (what `merge --into dequantized` would change)."""
     from sora_cli.editing.run import run_edits
-
-    from .test_edit import EDITS
 
     edits = tmp_path / "edits.json"
     edits.write_text(json.dumps(EDITS))
