@@ -12,12 +12,15 @@ NF4 with double quantization and bfloat16 compute over a bfloat16 model (QLoRA's
 all linears but lm_head with r = 8, alpha 16, on the causal quickstart's batches (batch 8), stepped by the engine's
 `train_step`, and runs in its own process, which measures:
 
-- weights: resident memory the model adds (RSS after loading minus RSS before, freed heap returned first; the model
-  is loaded once before, so that the libraries loading imports are not counted), and the exact bytes of its tensors
-  (4-bit codes and their quantization statistics included);
-- peak: the highest RSS during the training steps (VmHWM, reset after loading) minus RSS before loading: what the
-  model, its adapters, gradients, optimizer state and activations take, the process's libraries excluded;
-- step time: median of the timed steps after one warm-up step.
+- weights: the exact bytes of the model's tensors (4-bit codes and their quantization statistics included), and
+  the resident memory loading adds (RSS after loading minus RSS before; tensors loaded zero-copy from the mapped
+  checkpoint are copied into the process's own memory first, and the model is loaded once before, so that the
+  libraries loading imports are not counted);
+- peak: the highest RSS over a warm-up step and one more (VmHWM, reset after loading) minus RSS before loading: what
+  the model, its adapters, gradients, optimizer state and activations take, the process's libraries excluded;
+  glibc's mmap threshold is fixed at 1 MiB there (MALLOC_MMAP_THRESHOLD_), so that a freed tensor leaves RSS as
+  it leaves a GPU allocator's live bytes, instead of staying in the heap;
+- step time: median of the timed steps after one warm-up step, in another process with the default allocator.
 
 `sora plan`'s peak for the same recipe stands beside each peak. Writes memory.json and memory.md.
 """
@@ -30,6 +33,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -148,6 +152,20 @@ def settle_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy every tensor loaded zero-copy from the memory-mapped checkpoint into the process's own memory (tied
+    weights stay tied), so that RSS counts what the model holds: a mapped tensor counts only once touched, and the
+    mapping keeps the pages of weights that were read and quantized resident although nothing refers to them."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for t in table.values():
+                if t is None or id(t) in seen or type(t).__name__ in ("Params4bit", "Int8Params"):
+                    continue
+                seen.add(id(t))
+                t.data = t.data.clone()
+
+
 def tensor_bytes(model: torch.nn.Module) -> int:
     """Exact bytes of every parameter and buffer, a 4-bit weight's quantization statistics included."""
     total = 0
@@ -175,9 +193,11 @@ def build(r: Recipe, adapter: str, task: CausalLMTask) -> tuple[torch.nn.Module,
         targets = select_targets(model, "all-linear", [])
         wrapped = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
                                                    task_type="CAUSAL_LM"))
+        own_memory(model)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         return wrapped.get_base_model(), common.Hooks(adapter), build_optimizer(wrapped, [], r.train.lr, 0.0), params
     model, _ = load_model(r.model, task)
+    own_memory(model)
     method = get_method(r.adapter, r.train)
     inject(model, method, ())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -185,8 +205,9 @@ def build(r: Recipe, adapter: str, task: CausalLMTask) -> tuple[torch.nn.Module,
 
 
 def child(args: argparse.Namespace) -> None:
-    work = Path(args.work)
-    r = recipe(Path(args.model_dir), args.base, args.adapter, args.smoke, work)
+    """One contestant: `--mode memory` loads it and measures weights and the peak over a warm-up step and one more;
+    `--mode time` times `--steps` steps after a warm-up."""
+    r = recipe(Path(args.model_dir), args.base, args.adapter, args.smoke, Path(args.work))
     task = CausalLMTask(r.data)
     task.load_data()
     from transformers import AutoTokenizer
@@ -194,8 +215,9 @@ def child(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(r.model.name_or_path)
     data = task.encode(tokenizer, r.data.max_length).train
     order = TrainOrder(len(data), r.train.batch_size, 0)
+    steps = 1 if args.mode == "memory" else args.steps
     batches = [full_length(task.collate(data, order.indices(k)[1], tokenizer.pad_token_id), r.data.max_length,
-                           tokenizer.pad_token_id) for k in range(args.steps + 1)]
+                           tokenizer.pad_token_id) for k in range(steps + 1)]
     build(r, args.adapter, task)  # a first load, dropped: imports and initialises what loading needs, once
     settle_heap()
     before = rss_mib()
@@ -210,19 +232,28 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         train_step(model, task, method, optimizer, [batch], params, 1.0, autocast, k)
         seconds.append(time.perf_counter() - t0)
-    print(json.dumps({"weights_mib": weights, "weight_bytes": tensor_bytes(model), "peak_mib": peak_mib() - before,
-                      "step_s": seconds[1:], "tokens": [int(b["attention_mask"].sum()) for b in batches[1:]],
+    if args.mode == "time":
+        print(json.dumps({"step_s": seconds[1:], "tokens": [int(b["attention_mask"].sum()) for b in batches[1:]]}))
+        return
+    print(json.dumps({"weights_rss_mib": weights, "weights_mib": tensor_bytes(model) / MIB,
+                      "peak_mib": peak_mib() - before,
                       "label_tokens": max(math.ceil(task.count(b) / len(b["input_ids"])) for b in batches),
                       "trainable": sum(p.numel() for p in params)}))
 
 
 def measure(model_dir: Path, base: str, adapter: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--base", base, "--adapter", adapter,
-           "--steps", str(args.steps), "--work", str(args.work)] + (["--smoke"] if args.smoke else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{model_dir.name} {base} {adapter} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The contestant's memory (its own process, glibc's mmap threshold fixed at 1 MiB so that freed tensors leave
+    RSS, as they leave a GPU allocator's live bytes) and its step time (another process, the default allocator)."""
+    found: dict[str, Any] = {}
+    for mode, env in (("memory", {"MALLOC_MMAP_THRESHOLD_": str(2**20)}), ("time", {})):
+        cmd = [sys.executable, __file__, "--child", "--mode", mode, "--model-dir", str(model_dir), "--base", base,
+               "--adapter", adapter, "--steps", str(args.steps), "--work", str(args.work)]
+        proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
+                              env={**os.environ, **env})
+        if proc.returncode != 0:
+            raise SystemExit(f"{model_dir.name} {base} {adapter} ({mode}) failed:\n{proc.stderr[-3000:]}")
+        found.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return found
 
 
 def planned_mib(model_dir: Path, base: str, adapter: str, args: argparse.Namespace, label_tokens: int) -> float:
@@ -257,7 +288,7 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     for r in rows:
         where = f"{r['model']} {r['base']} {r['contestant']}"
         if r["base"] == "nf4" and r["weights_vs_bf16"] is not None:
-            checks.append((f"{where}: weights' resident memory ≤ 0.35 × bf16's", f"{r['weights_vs_bf16']:.3f}×",
+            checks.append((f"{where}: weights' memory ≤ 0.35 × bf16's", f"{r['weights_vs_bf16']:.3f}×",
                            r["weights_vs_bf16"] <= 0.35))
         if r["base"] == "nf4" and r["key"].startswith("sora"):
             checks.append((f"{where}: step ≤ 1.05 × PEFT QLoRA's", f"{r['step_vs_peft']:.3f}×",
@@ -279,10 +310,10 @@ def render(rows: list[dict[str, Any]], checks: list[tuple[str, str, bool]], fact
             f"linears but lm_head, r=8; {steps} timed steps after a warm-up, each contestant in its own process. "
             f"Machine: {facts['cpu']} ({facts['torch_threads']} threads); commit {facts['commit']}; bitsandbytes "
             f"{facts.get('bitsandbytes', '?')}.\n\n`{command}`\n\n" + common.markdown_table(COLUMNS, lines)
-            + "\n\nWeights: RSS the loaded model adds. Peak: the highest RSS of the training steps minus RSS before "
-            "loading. Plan: `sora plan`'s peak for the same recipe. NF4: double quantization, bfloat16 compute, "
-            "bfloat16 elsewhere; PEFT loads the same directory through transformers with the same "
-            "BitsAndBytesConfig.\n\n"
+            + "\n\nWeights: the exact bytes of the model's tensors. Peak: the highest RSS of a warm-up step and one "
+            "more, minus RSS before loading (glibc's mmap threshold fixed at 1 MiB, so freed tensors leave RSS). "
+            "Plan: `sora plan`'s peak for the same recipe. NF4: double quantization, bfloat16 compute, bfloat16 "
+            "elsewhere; PEFT loads the same directory through transformers with the same BitsAndBytesConfig.\n\n"
             + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
             + "\n")
 
@@ -298,6 +329,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--base", choices=list(BASES), help=argparse.SUPPRESS)
     parser.add_argument("--adapter", choices=list(ADAPTERS), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.steps = args.steps or (1 if args.smoke else 2)
     if args.child:

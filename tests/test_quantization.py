@@ -381,3 +381,22 @@ def test_a_bfloat16_4bit_base_keeps_bfloat16_hidden_states_with_float32_norms(q_
     loss = run.task.loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in run.params)
+
+
+def test_the_shipped_qlora_recipe_trains_on_the_packaged_gguf_and_merges_into_its_float_weights(
+        tmp_path: Path) -> None:
+    """recipes/quickstart-qlora.yaml offline: the packaged GGUF (dequantised to float by transformers, then quantized
+    by sora) trains a step with its gates, and merges into the GGUF's float weights after the fingerprint check
+    (their quantization equals what the run trained on)."""
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart-qlora.yaml"
+    run = tmp_path / "qlora"
+    result = runner.invoke(app, ["train", str(recipe), "train.max_steps=1", "data.max_train_samples=8",
+                                 "data.max_eval_samples=2", "data.max_new_tokens=2", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "base 4-bit nf4 (blocks of 64, double quantization), compute in float32" in " ".join(result.output.split())
+    meta = json.loads((run / "final" / "adapter.json").read_text())
+    assert meta["base_model_loading"]["quantization"]["type"] == "nf4" and len(meta["modules"]) == 30 * 7
+    result = runner.invoke(app, ["merge", str(run / "final"), "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "merged" / "sora_merge.json").read_text())
+    assert report["quantization"]["merged_into"] == "full" and 0.05 < report["quantization"]["error"]["relative"] < 0.15
