@@ -12,7 +12,7 @@ NF4 with double quantization and bfloat16 compute over a bfloat16 model (QLoRA's
 all linears but lm_head with r = 8, alpha 16, on the causal quickstart's batches (batch 8), stepped by the engine's
 `train_step`, and runs in its own process, which measures:
 
-- weights: the exact bytes of the model's tensors (4-bit codes and their quantization statistics included), and
+- weights: the exact bytes of the base model's tensors (4-bit codes and their quantization statistics included), and
   the resident memory loading adds (RSS after loading minus RSS before; tensors loaded zero-copy from the mapped
   checkpoint are copied into the process's own memory first, and the model is loaded once before, so that the
   libraries loading imports are not counted);
@@ -167,15 +167,16 @@ def own_memory(model: torch.nn.Module) -> None:
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
-    """Exact bytes of every parameter and buffer, a 4-bit weight's quantization statistics included."""
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        total += t.numel() * t.element_size()
+    """Exact bytes of the base model: every storage of its frozen parameters and buffers, once (the trained adapters
+    excluded), a 4-bit weight's quantization statistics included."""
+    storages: dict[int, int] = {}
+    for t in [p for p in model.parameters() if not p.requires_grad] + list(model.buffers()):
         state = getattr(t, "quant_state", None)
-        if state is not None:
-            stats = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.nested else [])
-            total += sum(s.numel() * s.element_size() for s in stats)
-    return total
+        stats = [] if state is None else [state.absmax, state.code] + (
+            [state.offset, state.state2.absmax, state.state2.code] if state.nested else [])
+        for x in [t, *stats]:
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def build(r: Recipe, adapter: str, task: CausalLMTask) -> tuple[torch.nn.Module, Any, Any, list[torch.nn.Parameter]]:
@@ -310,8 +311,8 @@ def render(rows: list[dict[str, Any]], checks: list[tuple[str, str, bool]], fact
             f"linears but lm_head, r=8; {steps} timed steps after a warm-up, each contestant in its own process. "
             f"Machine: {facts['cpu']} ({facts['torch_threads']} threads); commit {facts['commit']}; bitsandbytes "
             f"{facts.get('bitsandbytes', '?')}.\n\n`{command}`\n\n" + common.markdown_table(COLUMNS, lines)
-            + "\n\nWeights: the exact bytes of the model's tensors. Peak: the highest RSS of a warm-up step and one "
-            "more, minus RSS before loading (glibc's mmap threshold fixed at 1 MiB, so freed tensors leave RSS). "
+            + "\n\nWeights: the exact bytes of the base model's tensors. Peak: the highest RSS of a warm-up step and "
+            "one more, minus RSS before loading (glibc's mmap threshold fixed at 1 MiB, so freed tensors leave RSS). "
             "Plan: `sora plan`'s peak for the same recipe. NF4: double quantization, bfloat16 compute, bfloat16 "
             "elsewhere; PEFT loads the same directory through transformers with the same BitsAndBytesConfig.\n\n"
             + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)

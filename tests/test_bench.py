@@ -274,3 +274,27 @@ def test_lors_smoke(tmp_path: Path) -> None:
     (out / "lors.md").unlink()
     lors.main(["--from-json", str(out / "lors.json")])  # the tables from the JSON alone
     assert (out / "lors.md").read_text() == text
+
+
+def test_memory_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
+    """bench/memory.py on a tiny Llama: every (base, contestant) row, the ratios from the rows' own numbers, the exact
+    weight bytes equal to sora plan's, and the plan's peak beside each measured one."""
+    import memory
+
+    out = memory.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    rows = json.loads((out / "memory.json").read_text())["rows"]
+    assert [(r["base"], r["key"]) for r in rows] == [(b, a) for b in memory.BASES for a in memory.ADAPTERS]
+    by = {(r["base"], r["key"]): r for r in rows}
+    for r in rows:
+        peft, bf16 = by[(r["base"], "peft-lora")], by[("bfloat16", r["key"])]
+        assert r["peak_vs_peft"] == pytest.approx(r["peak_mib"] / peft["peak_mib"])
+        assert r["weights_vs_bf16"] == pytest.approx(r["weights_mib"] / bf16["weights_mib"])
+        assert r["plan_vs_peak"] == pytest.approx(r["plan_mib"] / r["peak_mib"]) and r["plan_mib"] > 0
+        assert len(r["step_s"]) == 1 and r["label_tokens"] >= 1
+    for base in memory.BASES:  # the tensors sora loads are, byte for byte, what sora plan counts
+        from sora_cli.plan import plan
+
+        recipe = memory.recipe(tmp_path / "work" / "tiny-llama", base, "sora-sora", True, tmp_path / "work")
+        assert by[(base, "sora-sora")]["weights_mib"] * memory.MIB == plan(recipe)["bytes"]["weights"]
+    table = table_rows((out / "memory.md").read_text(), memory.COLUMNS)
+    assert len(table) == 9 and all(len(r) == len(memory.COLUMNS) and all(r) for r in table)
