@@ -167,16 +167,10 @@ def own_memory(model: torch.nn.Module) -> None:
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:
-    """Exact bytes of the base model: every storage of its frozen parameters and buffers, once (the trained adapters
-    excluded), a 4-bit weight's quantization statistics included."""
-    storages: dict[int, int] = {}
-    for t in [p for p in model.parameters() if not p.requires_grad] + list(model.buffers()):
-        state = getattr(t, "quant_state", None)
-        stats = [] if state is None else [state.absmax, state.code] + (
-            [state.offset, state.state2.absmax, state.state2.code] if state.nested else [])
-        for x in [t, *stats]:
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-    return sum(storages.values())
+    """Exact bytes of the base model: its frozen parameters and buffers (the trained adapters excluded)."""
+    from sora_cli.quantization import tensor_bytes as held
+
+    return held([p for p in model.parameters() if not p.requires_grad] + list(model.buffers()))
 
 
 def build(r: Recipe, adapter: str, task: CausalLMTask) -> tuple[torch.nn.Module, Any, Any, list[torch.nn.Parameter]]:

@@ -84,6 +84,19 @@ def numel(p: torch.Tensor) -> int:
     return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 
 
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """The bytes these tensors hold: each storage once (tied weights, views), a 4-bit weight's quantization statistics
+    (absmax, level map; with double quantization the absmax codes' own absmax, map and offset) included."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        state = getattr(t, "quant_state", None)
+        stats = [] if state is None else [state.absmax, state.code] + (
+            [state.offset, state.state2.absmax, state.state2.code] if state.nested else [])
+        for x in [t, *stats]:
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """W0 (d_out, d_in) of a linear layer (or of an adapted layer's quantized `base_layer`): its weight, or a
     quantized layer's dequantized codes (a new tensor)."""

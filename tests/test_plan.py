@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sora_cli import plan as planning
+from sora_cli import quantization
 from sora_cli.cli import app
 from sora_cli.recipe import Recipe, load_recipe
 
@@ -125,14 +126,7 @@ def saved_for_backward(model: torch.nn.Module, loss: Any) -> int:
 
 def tensor_bytes(model: torch.nn.Module) -> int:
     """Every distinct storage of the model: parameters, buffers, and the 4-bit quant states (absmax, maps)."""
-    storages: dict[int, int] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        state = getattr(t, "quant_state", None)
-        extra = [] if state is None else [state.absmax, state.code] + (
-            [state.offset, state.state2.absmax, state.state2.code] if state.nested else [])
-        for x in [t, *extra]:
-            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-    return sum(storages.values())
+    return quantization.tensor_bytes(list(itertools.chain(model.parameters(), model.buffers())))
 
 
 # dtype, precision, quantization: what is saved changes with each (casts, copies, float32 norms)
