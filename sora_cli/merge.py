@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sora_cli import quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
@@ -105,7 +106,7 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")
     tensors, meta = load_adapter(ckpt)
-    quantized = meta.get("base_model_loading", {}).get("quantization")
+    quantized = quantization.recorded(meta)
     if into == "dequantized" and not quantized:
         raise InputError(f"--into: dequantized applies to a run on a quantized base (model.quantization); {ckpt} was "
                          "trained on full-precision weights, so merge it with --into full")

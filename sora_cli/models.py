@@ -132,7 +132,7 @@ def weights_fingerprint(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
 def loading_config(meta: dict[str, Any], base: str | None = None) -> ModelConfig:
     """The ModelConfig a checkpoint's base was loaded with (dtype, GGUF file, remote code), or `base` instead."""
     loading = meta.get("base_model_loading", {})
-    quantized = loading.get("quantization") or {}
+    quantized = quantization.recorded(meta) or {}
     return ModelConfig(name_or_path=base or meta["base_model"], revision=meta.get("base_model_revision"),
                        dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
                        trust_remote_code=loading.get("trust_remote_code", False),

@@ -187,6 +187,12 @@ def roundtrip(weight: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return dense_weight(quantized_linear(fake, cfg))
 
 
+def recorded(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's record of its base's quantization (adapter.json; None: a full-precision base)."""
+    found: dict[str, Any] | None = meta.get("base_model_loading", {}).get("quantization")
+    return found
+
+
 def describe(cfg: ModelConfig) -> dict[str, Any] | None:
     """adapter.json's record of the quantization (None: a full-precision base)."""
     if cfg.quantization is None:

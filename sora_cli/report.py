@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sora_cli.errors import InputError
+from sora_cli.quantization import recorded
 
 if TYPE_CHECKING:
     from sora_cli.adapters.method import Method
@@ -62,8 +63,8 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
         "pruned": "pruned" in meta, "gated": any(r["gate_l1"] is not None for r in rows),
         "keep_sparsity": bool(meta.get("keep_sparsity")),  # (W0 + ΔW) ⊙ (W0 ≠ 0): the base's zeros stay zero
         # the base's quantization (None: full precision); a quantized base's zeros are its rounding's, not a pattern
-        "quantization": meta.get("base_model_loading", {}).get("quantization"),
-        "sparse_base": not _quantized(meta) and (_base_sparsity(meta) or 0.0) >= SPARSE_BASE_SHARE,
+        "quantization": recorded(meta),
+        "sparse_base": not recorded(meta) and (_base_sparsity(meta) or 0.0) >= SPARSE_BASE_SHARE,
         "modules": rows, "by_type": group("type"), "by_layer": group("layer"),
         "summary": {"modules": len(rows), "modules_alive": sum(1 for r in rows if r["rank"]), "r_max": r_max,
                     "r": sum(r["r"] for r in rows),
@@ -94,10 +95,6 @@ def _module_row(method: type[Method], tensors: dict[str, torch.Tensor], name: st
         # zeros of the base weight W0 (d_out, d_in), as recorded in training (older checkpoints: None)
         "base_sparsity": m["base_zeros"] / (m["d_out"] * m["d_in"]) if "base_zeros" in m else None,
     }
-
-
-def _quantized(meta: dict[str, Any]) -> bool:
-    return bool(meta.get("base_model_loading", {}).get("quantization"))
 
 
 def _base_sparsity(meta: dict[str, Any]) -> float | None:
