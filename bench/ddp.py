@@ -42,9 +42,9 @@ import common  # noqa: E402
 from speed import interleaved_steps, ratio, spread  # noqa: E402
 
 from sora_cli.data import TrainOrder  # noqa: E402
-from sora_cli.dist import SINGLE  # noqa: E402
 from sora_cli.engine import train_step  # noqa: E402
 from sora_cli.recipe import load_recipe  # noqa: E402
+from sora_cli.strategy import ONE, Strategy  # noqa: E402
 from sora_cli.tasks.classification import collate  # noqa: E402
 
 CONTESTANTS = {"sora-lora": "sora LoRA r=8", "sora-r8": "sora SoRA r_max=8", "peft-lora": "PEFT LoRA r=8 + DDP"}
@@ -79,12 +79,12 @@ def worker(args: argparse.Namespace) -> None:
 def stepper(key: str, setup: common.Setup, s: common.Settings, world: Any) -> Any:
     """step(batch): one optimizer step of the contestant on this rank's slice of a global batch."""
     c = common.build(key, setup, s, 0)
-    model, own = c.model, world
+    model, own = c.model, Strategy(world)
     if key.startswith("peft") and world.size > 1:  # DDP averages the gradients itself, during backward
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(c.model, device_ids=[world.device] if world.device.type == "cuda" else None)
-        own = SINGLE
+        own = ONE
     params, max_norm, counter = c.params, s.recipe.train.max_grad_norm or 0.0, iter(range(10**9))
     model.train()
 

@@ -382,9 +382,11 @@ def plan_command(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/).", show_default=False)],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="Dotted overrides, e.g. model.quantization=nf4 train.batch_size=4.", show_default=False)] = None,
-    processes: Annotated[int, typer.Option("--processes", help="Data-parallel processes (torchrun's "
-                                                               "nproc_per_node × nodes): each takes 1/N of the "
-                                                               "batch and holds the whole model.")] = 1,
+    processes: Annotated[int, typer.Option("--processes", help="Processes (torchrun's nproc_per_node × nodes): "
+                                                               "each takes 1/N of the batch.")] = 1,
+    strategy: Annotated[str | None, typer.Option("--strategy", help="ddp: each process holds the whole model; fsdp: "
+                                                 "FSDP2 shards the base (default: train.strategy).",
+                                                 show_default=False)] = None,
     memory: Annotated[str | None, typer.Option("--memory", help="Memory per process (GPU), e.g. 24GiB, 80GB, "
                                                                 "16000MiB: say whether it fits, and what to change "
                                                                 "if not.", show_default=False)] = None,
@@ -396,13 +398,16 @@ def plan_command(
 ) -> None:
     """Memory per process before anything trains: parameters, weights, gradients, optimizer states, activations
     and the peak, from the model's config alone (no weights read)."""
+    from sora_cli.errors import InputError
     from sora_cli.plan import parse_size, plan
     from sora_cli.recipe import load_recipe
 
     def go() -> dict[str, Any]:
         limit = parse_size(memory) if memory is not None else None
+        if strategy not in (None, "ddp", "fsdp"):
+            raise InputError(f"--strategy: {strategy!r} is not a strategy; use ddp or fsdp")
         return plan(load_recipe(recipe, overrides or []), processes=processes, memory=limit,
-                    label_tokens=label_tokens)
+                    label_tokens=label_tokens, strategy=strategy)
 
     report = _run(go, debug)
     if as_json:

@@ -15,6 +15,7 @@ in a collective for one that has stopped.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -206,6 +207,9 @@ def stop() -> None:
     """Leave the process group (at exit, after an error and on Ctrl-C alike)."""
     global _world
     if dist.is_available() and dist.is_initialized():
+        # free what still holds the group (FSDP2's sharded modules and their device mesh, kept alive by reference
+        # cycles) while it exists: destroyed afterwards, at exit, gloo aborts the process ("terminate called")
+        gc.collect()
         dist.destroy_process_group()
     _world = SINGLE
 

@@ -29,13 +29,12 @@ from sora_cli.adapters.method import Calibration
 from sora_cli.checkpoint import (
     atomic_dir,
     load_adapter,
-    process_rng,
     remove_old_checkpoints,
     save_adapter,
     save_training_state,
 )
 from sora_cli.data import TrainOrder
-from sora_cli.dist import SINGLE, World, agree, current, on_main
+from sora_cli.dist import SINGLE, World, current
 from sora_cli.errors import InputError
 from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import (
@@ -62,6 +61,7 @@ from sora_cli.rundir import (
     trainable_tensors,
     truncate_metrics,
 )
+from sora_cli.strategy import ONE, Strategy, choose, rank_seed
 from sora_cli.tasks import EncodedSplits, EvalContext, Task, get_task
 
 
@@ -121,19 +121,28 @@ class Run:
     metric: str
     ctx: EvalContext
     facts: dict[str, Any]  # fingerprints and the base model's size, for adapter.json
-    world: World = SINGLE  # the torchrun processes (one: no other)
+    strategy: Strategy = ONE  # how the run is spread over torchrun's processes (one: no other)
     # (n, main warm-up, gate warm-up) of the reference's LR schedule, for a method that asks for it (linear only)
     reference_schedule: tuple[int, int, int] | None = None
 
-    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    @property
+    def world(self) -> World:
+        return self.strategy.world
+
+    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int, int]:
         """The device batches of optimizer step `step`: this rank's slice of each global micro-batch (all of it in one
-        process; a rank whose slice is empty gets no batch), and the step's example count over every rank."""
+        process; a rank whose slice is empty gets no batch, or under FSDP2 a placeholder, weighted 0, put last);
+        how many of them are placeholders; the step's example count over every rank."""
         accum = self.recipe.train.grad_accum
         indices = [self.order.indices(step * accum + micro)[1] for micro in range(accum)]
         pad = self.tokenizer.pad_token_id
-        batches = [{k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, mine, pad).items()}
-                   for mine in map(self.world.part, indices) if mine]
-        return batches, sum(len(i) for i in indices)
+        real: list[dict[str, torch.Tensor]] = []
+        idle: list[dict[str, torch.Tensor]] = []
+        for mine, placeholder in map(self.strategy.batch, indices):
+            if mine:
+                batch = {k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, mine, pad).items()}
+                (idle if placeholder else real).append(batch)
+        return real + idle, len(idle), sum(len(i) for i in indices)
 
     def lr_factor(self, step: int) -> float | dict[str, float]:
         """The LR factor of optimizer step `step`: the recipe's schedule, or (a method that asks for it, with a linear
@@ -147,7 +156,7 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.task.evaluate(self.model, data, self.ctx, self.world)
+            return self.strategy.evaluate(self.task, self.model, data, self.ctx)
         finally:
             self.model.train(was_training)
 
@@ -156,14 +165,15 @@ class Run:
         Under torchrun every rank calls it: it checks that all ranks hold the same adapter and method state, and
         gathers their RNG states into the training state."""
         tensors, method_state = trainable_tensors(self.model), self.method.state_dict()
-        self.world.check_same({**tensors, **{f"method.{k}": v for k, v in method_state.items()}}, str(directory))
-        ranks = self.world.gather(process_rng()) if state is not None and self.world.size > 1 else []
-        if not self.world.main:
-            return
-        with atomic_dir(directory) as tmp:
-            save_adapter(tmp, tensors, adapter_meta(self, step, metrics))
-            if state is not None:
-                save_training_state(tmp, self.optimizer, dataclasses.asdict(state), method_state, ranks)
+
+        def write(ranks: list[dict[str, torch.Tensor]]) -> None:
+            with atomic_dir(directory) as tmp:
+                save_adapter(tmp, tensors, adapter_meta(self, step, metrics))
+                if state is not None:
+                    save_training_state(tmp, self.optimizer, dataclasses.asdict(state), method_state, ranks)
+
+        self.strategy.save(directory, {**tensors, **{f"method.{k}": v for k, v in method_state.items()}},
+                           state is not None, write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +186,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The torch seed of torchrun rank `rank` > 0 from the start of training: its own dropout draws (rank 0 keeps
-    the one-process stream, so one process is exactly what it always was)."""
-    return seed * 1_000_003 + rank
-
-
 def pick_device(name: str, world: World = SINGLE) -> torch.device:
     if world.size > 1:
         return world.device  # cuda:LOCAL_RANK, or the CPU (dist.start checked train.device)
@@ -192,21 +196,23 @@ def pick_device(name: str, world: World = SINGLE) -> torch.device:
     return torch.device(name)
 
 
-def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, world: World = SINGLE) -> Run:
+def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, strategy: Strategy = ONE) -> Run:
     """Data, model, adapters, optimizer, the method's setup: everything but the run directory (a failure here writes
-    nothing). Under torchrun the ranks load under dist.agree (a failure on any stops all of them there), then the
-    method's setup runs, with its collectives (LoRS's gradient init sums over the ranks)."""
-    run = agree(load, recipe, out, total_steps, world, world=world)
+    nothing). Under torchrun the ranks load together (a failure on any stops all of them there), the strategy places
+    the model (FSDP2 shards it), then the method's setup runs, with its collectives (LoRS's gradient init sums over
+    the ranks)."""
+    run = strategy.load(load, recipe, out, total_steps, strategy)
+    strategy.prepare(run.model, run.ctx.device)
     cfg = recipe.train
     run.method.setup(run.model, run.total, calibration(run.task, run.data.train, run.tokenizer,
-                                                       run.method.calibration_samples(), cfg, run.ctx, world))
+                                                       run.method.calibration_samples(), cfg, run.ctx, strategy.world))
     return run
 
 
-def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Run:
-    """Everything `prepare` does but the method's setup, with no collective (so dist.agree may wrap it). The
-    optimizer holds the parameters themselves, which setup initialises in place."""
-    cfg = recipe.train
+def load(recipe: Recipe, out: Path, total_steps: int | None, strategy: Strategy) -> Run:
+    """Everything `prepare` does but placing the model and the method's setup, with no collective (so every rank
+    may fail alone). The optimizer holds the parameters themselves, which setup initialises in place."""
+    cfg, world = recipe.train, strategy.world
     device = pick_device(cfg.device, world)
     if cfg.batch_size < world.size and recipe.edit is None:  # an edit's ranks may hold no request: editing/run.py
         raise InputError(f"train.batch_size: {cfg.batch_size} is the global batch, split across the {world.size} "
@@ -225,7 +231,7 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Ru
     injection = inject(model, method, task.task_heads)
     facts = {"base_fingerprint": base_fingerprint(model, injection.targets), "data_fingerprint": task.fingerprint(),
              "base_parameters": base_parameters}
-    model.to(device)
+    strategy.check(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     data = task.encode(tokenizer, recipe.data.max_length)
@@ -237,21 +243,16 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, world: World) -> Ru
                                   cfg.batch_size) if method.reference and cfg.lr_scheduler == "linear" else None
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
-               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, world, reference)
+               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, strategy, reference)
 
 
 def synchronise(run: Run) -> None:
-    """Under torchrun: every rank starts from rank 0's trainable tensors (as DDP does), and ranks 1.. draw their own
-    dropout masks from here on. Nothing in one process."""
-    if run.world.size == 1:
-        return
-    run.world.broadcast_(run.params)
-    if not run.world.main:
-        torch.manual_seed(rank_seed(run.recipe.train.seed, run.world.rank))
+    """Under torchrun: every rank starts from rank 0's trainable tensors, with its own dropout stream."""
+    run.strategy.synchronise(run.params, run.recipe.train.seed)
 
 
 def calibration(task: Task, train: Any, tokenizer: Any, samples: int, cfg: TrainConfig,
-                ctx: EvalContext, world: World = SINGLE) -> Calibration | None:
+                ctx: EvalContext, world: World) -> Calibration | None:
     """`samples` training examples drawn by train.seed (its own generator: training's draws are untouched), in
     batches of train.batch_size (this rank's slice of each, under torchrun), for a method's data-driven
     initialisation; None when the method wants none."""
@@ -332,8 +333,8 @@ def module_meta(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.optim.Optimizer,
                batches: list[dict[str, torch.Tensor]], params: list[nn.Parameter], max_grad_norm: float | None,
-               autocast: contextlib.AbstractContextManager[Any], step: int,
-               world: World = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
+               autocast: contextlib.AbstractContextManager[Any], step: int, strategy: Strategy = ONE,
+               idle: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """One optimizer step over `batches` (the micro-batches of gradient accumulation; under torchrun, this rank's
     slices of them):
 
@@ -345,17 +346,21 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
     micro-batches, or ranks, differ in size or in label tokens. The gradients are summed over the ranks once per
     optimizer step (not per micro-batch), before the method's hooks, so SoRA's proximal step and RoseLoRA's masks
     see the whole batch's gradient on every rank; extra_loss, the same on every rank, is added after the sum.
-    Returns the loss as a float64 device tensor (no host sync) and the method's numbers. bench/ times this very
-    function for every contestant, PEFT's included.
+    The last `idle` batches are placeholders (FSDP2: a rank with no examples still runs every forward and backward
+    with the others), weighted 0. Returns the loss as a float64 device tensor (no host sync) and the method's
+    numbers. bench/ times this very function for every contestant, PEFT's included.
     """
-    count = max(world.total(sum(task.count(b) for b in batches)), 1)
+    real = len(batches) - idle
+    count = max(strategy.total(sum(task.count(b) for b in batches[:real])), 1)
     loss = torch.zeros((), dtype=torch.float64, device=params[0].device)  # logged: never rounded to float32
-    for batch in batches:
+    for i, batch in enumerate(batches):
         with autocast:
-            part = task.loss_sum(model, batch) / count
+            part = strategy.call(model, task.loss_sum, batch) / count
+        if i >= real:
+            part = part * 0.0
         part.backward()
         loss += part.detach()
-    loss = world.sum_gradients(params, loss)
+    loss = strategy.reduce(params, loss)
     with autocast:
         extra = method.extra_loss(model)
     if extra is not None:
@@ -386,24 +391,25 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     (the schedule's stage 0 under from_best)."""
     t0 = time.perf_counter()
     out = Path(recipe.train.output_dir or "runs/run")
-    world = current()
-    has_run = on_main(check_run_dir, out, recipe, resume, overwrite, world=world)
-    run = prepare(recipe, out, total_steps, world)
+    strategy = choose(recipe.train, current())
+    has_run = strategy.main(check_run_dir, out, recipe, resume, overwrite)
+    run = prepare(recipe, out, total_steps, strategy)
     synchronise(run)
-    state, resumed_from = agree(open_run, run, has_run, overwrite, init_from, init_weights, world=world)
+    state, resumed_from = strategy.load(open_run, run, has_run, overwrite, init_from, init_weights)
     trainable, all_params = count_parameters(run.model)
     if state.step >= run.total or state.stopped:
-        done = on_main(finished, out, state, trainable, t0, world=world)
+        done = strategy.main(finished, out, state, trainable, t0)
         if done is not None:
             return done
-    if resumed_from is not None and world.main:
+    if resumed_from is not None and strategy.writes:
         truncate_metrics(out / METRICS, state.step)
     render.note(render.trainable_line(trainable, all_params))
     render.note(f"{run.method.name} on {len(run.injection.targets)} modules, r={recipe.adapter.r}; "
                 f"{len(run.data.train):,d} train / {len(run.data.dev or []):,d} dev / "
                 f"{len(run.data.test or []):,d} test examples; {run.total} steps on {run.ctx.device.type}"
+                + (f" ({strategy.label})" if strategy.world.size > 1 else "")
                 + (f"; base {render.quantization_text(q)}" if (q := quantization.describe(recipe.model)) else ""))
-    log = MetricsLog(out / METRICS if world.main else None,
+    log = MetricsLog(out / METRICS if strategy.writes else None,
                      out / "tensorboard" if "tensorboard" in recipe.train.report_to else None)
     try:
         loop(run, state, log, lr_scale)
@@ -419,18 +425,18 @@ def open_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None,
     """Resume the run in `run.out` (model, optimizer, RNGs, counters, method state), or start it fresh. Rank 0 reads
     the checkpoint and shares it; a checkpoint saved by fewer processes has no RNG state for the extra ranks, which
     start their own streams at the resumed step."""
-    world, fingerprints = run.world, {k: run.facts[k] for k in ("base_fingerprint", "data_fingerprint")}
-    point = on_main(find_resumable, run.out, fingerprints, world=world) if has_run else None
+    strategy, fingerprints = run.strategy, {k: run.facts[k] for k in ("base_fingerprint", "data_fingerprint")}
+    point = strategy.main(find_resumable, run.out, fingerprints) if has_run else None
     if point is not None:
-        counters, method_state, had_rng = restore(point, run.model, run.optimizer, world.rank)
+        counters, method_state, had_rng = restore(point, run.model, run.optimizer, strategy.world.rank)
         if not had_rng:
-            torch.manual_seed(rank_seed(run.recipe.train.seed + point.step, world.rank))
+            torch.manual_seed(rank_seed(run.recipe.train.seed + point.step, strategy.world.rank))
         run.method.load_state_dict(method_state)
         return TrainState(**counters), point.step
     if init_from is not None:
-        start_from(on_main(read_start, init_from, run.facts["base_fingerprint"], init_weights, world=world),
+        start_from(strategy.main(read_start, init_from, run.facts["base_fingerprint"], init_weights),
                    run.model, run.optimizer)
-    if world.main:
+    if strategy.writes:
         start_fresh(run.out, run.recipe, has_run, overwrite)
     return TrainState(), None
 
@@ -443,9 +449,9 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
         while state.step < run.total and not state.stopped:
             started = time.perf_counter()
             set_lr(run.optimizer, lr_scale if lr_scale is not None else run.lr_factor(state.step))
-            batches, examples = run.micro_batches(state.step)
+            batches, idle, examples = run.micro_batches(state.step)
             loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
-                                     cfg.max_grad_norm, run.ctx.autocast, state.step, run.world)
+                                     cfg.max_grad_norm, run.ctx.autocast, state.step, run.strategy, idle)
             state.step += 1
             window_loss += loss
             state.window_steps += 1
@@ -462,7 +468,7 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
                 state.window_loss += float(window_loss)  # the open window's loss is saved with the state
                 window_loss.zero_()
                 run.save(run.out / "checkpoints" / f"step-{step}", step, {"dev": state.last_dev}, state)
-                if run.world.main:
+                if run.strategy.writes:
                     remove_old_checkpoints(run.out, cfg.keep_last)
             if state.stopped:
                 progress.log(f"early stop at step {step}: no dev {run.metric} gain in {cfg.patience} evaluations")
@@ -494,7 +500,7 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
     value = dev[run.metric]
     better = state.best_metric is None or (value > state.best_metric if run.task.greater_is_better(run.metric)
                                            else value < state.best_metric)
-    better = run.world.share(better)
+    better = run.strategy.decide(better)
     if better:
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         run.save(run.out / "best", state.step, {"dev": dev})
@@ -531,7 +537,7 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
     extra = {k: v for k, v in (("test", result.test), ("base_test", result.base_test),
                                 ("train_sample", result.train_sample)) if v}
     run.save(run.out / "final", step, {"dev": result.dev, **extra})
-    best = on_main(read_best_meta, run.out, world=run.world) if state.best_step not in (None, step) else None
+    best = run.strategy.main(read_best_meta, run.out) if state.best_step not in (None, step) else None
     if best is not None:
         result.best_dev = best["metrics"].get("dev", {})
         score_best(run, state, log, result, sample if best_memorization else [])
@@ -543,7 +549,7 @@ def score_best(run: Run, state: TrainState, log: MetricsLog, result: RunResult, 
     data = run.data
     if data.test is None and not sample:
         return
-    load_trainable(run.model, on_main(read_best_tensors, run.out, world=run.world), run.out / "best")
+    load_trainable(run.model, run.strategy.main(read_best_tensors, run.out), run.out / "best")
     if data.test is not None:
         result.best_test = run.evaluate(data.test)
         log.emit({"event": "test", "checkpoint": "best", "step": state.best_step, **result.best_test})

@@ -17,6 +17,7 @@ from torch import nn
 
 from sora_cli.adapters.method import adapters_disabled
 from sora_cli.checkpoint import load_adapter
+from sora_cli.dist import SINGLE
 from sora_cli.engine import check_length, eval_context, pick_device
 from sora_cli.errors import InputError
 from sora_cli.models import load_adapted
@@ -41,7 +42,7 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str], *, split: str = "test"
                          "summary.json beside it), and sora eval scores splits of a training set, which edits lack")
     data_cfg, split = (recipe.data, split) if data_file is None else (file_data(recipe.data, data_file), "dev")
     source = data_source(data_cfg, split)
-    device = pick_device(recipe.train.device)
+    device = pick_device(recipe.train.device, SINGLE)
     task = task_from_meta(meta, data_cfg, str(ckpt))
     task.load_data()
     check_labels(task.meta(), meta["task"], source)

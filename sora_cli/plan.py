@@ -10,8 +10,10 @@ checked against `saved_tensors_hooks` measurements. Excluded: the runtime's own 
 allocator's reserve and fragmentation, Python and library code), the data loader, evaluation, and a method's own
 running state (RoseLoRA's importance: one float32 per adapter entry, the size of the adapters).
 
-Per process: data parallel (the only strategy so far) gives each process the whole model and 1/N of the global
-batch. A sharded strategy (FSDP) would divide weights, gradients and optimizer states: `budget` is where.
+Per process: data parallel gives each process the whole model and 1/N of the global batch. FSDP2 (sora_cli/fsdp.py)
+keeps 1/N of every unit's weights (each block, and the root: everything outside the blocks) and gathers whole units
+for compute: the root for the whole step, and at most two blocks at a time (the one computing and the one
+prefetched); the adapters, their gradients and AdamW's states stay whole on every process (strategy.py says why).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Facts:
     linears: tuple[Linear, ...]
     base: int  # parameters, tied ones once
     norm_params: int  # in norm layers (float32 under quantization)
+    block_params: tuple[int, ...]  # each block's parameters (FSDP2's units, besides the root)
+    block_norms: tuple[int, ...]  # each block's parameters in norm layers
     buffer_bytes: int
     head_params: int  # the trained modules (modules_to_save)
     head_tensors: int
@@ -243,6 +247,7 @@ def facts_of(model: nn.Module, config: Any, task: Task, linears: tuple[Linear, .
     get_output: Any = getattr(model, "get_output_embeddings", None)
     output = get_output() if get_output is not None else None
     head_params = [p for h in heads for p in model.get_submodule(h).parameters()]
+    blocks: list[nn.Module] = list(model.get_submodule(blocks_of(model)[0]).children())
     return Facts(
         architecture=type(model).__name__, causal=task.peft_task_type == "CAUSAL_LM", dtype=config_dtype(config),
         hidden=hidden, q_dim=q_dim, kv_dim=int(getattr(text, "num_key_value_heads", None) or heads_n) * head_dim,
@@ -257,6 +262,9 @@ def facts_of(model: nn.Module, config: Any, task: Task, linears: tuple[Linear, .
         linears=linears,
         base=sum(p.numel() for p in model.parameters()),  # named_parameters drops the tied duplicates
         norm_params=sum(p.numel() for m in norms for p in m.parameters(recurse=False)),
+        block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks),
+        block_norms=tuple(sum(p.numel() for m in b.modules() if quantization.is_norm(m)
+                              for p in m.parameters(recurse=False)) for b in blocks),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         head_params=sum(p.numel() for p in head_params), head_tensors=len(head_params))
 
@@ -284,6 +292,8 @@ class Setup:
     length: int  # data.max_length: every example as long as allowed, the upper bound
     label_tokens: int | None  # labelled positions per example; None: every position, the upper bound
     processes: int
+    strategy: str  # single | ddp | fsdp
+    cpu_offload: bool  # fsdp: the shards live in CPU memory between uses
     method: str
     r: int
     keep_sparsity: bool
@@ -301,14 +311,21 @@ class Setup:
         return self.micro_batch * per
 
 
-def setup_of(recipe: Recipe, facts: Facts, processes: int, label_tokens: int | None) -> Setup:
-    """The recipe's settings (model.dtype auto: the checkpoint's) with the command line's."""
+def setup_of(recipe: Recipe, facts: Facts, processes: int, label_tokens: int | None,
+             strategy: str | None = None) -> Setup:
+    """The recipe's settings (model.dtype auto: the checkpoint's) with the command line's (`strategy`: --strategy,
+    else train.strategy; auto is data parallel)."""
     m, a, t = recipe.model, recipe.adapter, recipe.train
+    strategy = strategy or t.strategy
+    if strategy == "fsdp" and processes < 2:
+        raise InputError("--strategy fsdp: FSDP2 shards the model over processes; give --processes N (N >= 2)")
+    strategy = "single" if processes == 1 else "ddp" if strategy == "auto" else strategy
     return Setup(dtype=m.dtype if m.dtype != "auto" else facts.dtype, quantization=m.quantization,
                  double_quantization=bool(m.double_quantization), compute_dtype=m.compute_dtype,
                  autocast=t.precision == "bf16", checkpointing=t.gradient_checkpointing, batch_size=t.batch_size,
                  grad_accum=t.grad_accum, length=recipe.data.max_length, label_tokens=label_tokens,
-                 processes=processes, method=a.method, r=a.r, keep_sparsity=bool(a.keep_sparsity),
+                 processes=processes, strategy=strategy, cpu_offload=strategy == "fsdp" and t.fsdp_cpu_offload,
+                 method=a.method, r=a.r, keep_sparsity=bool(a.keep_sparsity),
                  exact=a.grad == "exact")
 
 
@@ -338,6 +355,39 @@ def weight_bytes(f: Facts, s: Setup) -> dict[str, int]:
     norm = BYTES["float32"] if s.quantization else BYTES[s.dtype]
     other = (f.base - coded_numel - f.norm_params) * BYTES[s.dtype] + f.norm_params * norm + f.buffer_bytes
     return {"quantized_linears": sum(quantized_bytes(lin.d_in, lin.d_out, s) for lin in coded), "other": other}
+
+
+def unit(f: Facts, s: Setup, block: int | None) -> tuple[int, int, int, int]:
+    """One FSDP2 unit, block `block` or (None) the root (everything outside the blocks): (bytes of its quantized
+    linears' codes, bytes of their statistics, parameters in model.dtype, parameters in norms)."""
+    coded = [lin for lin in f.linears if lin.block == block and lin.quantizable] if s.quantization else []
+    numel = [lin.d_in * lin.d_out for lin in coded]
+    codes = sum(n if s.quantization == "int8" else math.ceil(n / 2) for n in numel)
+    stats = sum(quantized_bytes(lin.d_in, lin.d_out, s) for lin in coded) - codes
+    params, norms = ((f.base - sum(f.block_params), f.norm_params - sum(f.block_norms)) if block is None
+                     else (f.block_params[block], f.block_norms[block]))
+    return codes, stats, params - sum(numel) - norms, norms
+
+
+def sharded_weights(f: Facts, s: Setup) -> dict[str, int]:
+    """The base under FSDP2, per process: 1/N of every unit's codes and parameters ("shards"); what stays whole on
+    every process ("whole": the quantization statistics, which bitsandbytes keeps on the layer, and the buffers);
+    and the units gathered for compute ("gathered": the root for the whole step, two blocks at a time), in bf16
+    under train.precision bf16 (MixedPrecisionPolicy), else in their stored dtypes."""
+    norm = BYTES["float32"] if s.quantization else BYTES[s.dtype]
+    cast = BYTES["bfloat16"] if s.autocast else None
+    units = [unit(f, s, b) for b in range(f.blocks)]
+    root = unit(f, s, None)
+
+    def stored(u: tuple[int, int, int, int]) -> int:
+        return u[0] + u[2] * BYTES[s.dtype] + u[3] * norm
+
+    def gathered(u: tuple[int, int, int, int]) -> int:
+        return u[0] + u[2] * (cast or BYTES[s.dtype]) + u[3] * (cast or norm)
+
+    return {"shards": sum(math.ceil(stored(u) / s.processes) for u in [*units, root]),
+            "whole": sum(u[1] for u in [*units, root]) + f.buffer_bytes,
+            "gathered": gathered(root) + min(2, len(units)) * max((gathered(u) for u in units), default=0)}
 
 
 def trained(f: Facts, s: Setup) -> dict[str, int]:
@@ -522,12 +572,14 @@ def weight_transients(f: Facts, s: Setup, k: Kinds) -> dict[str, int]:
 
 
 def budget(f: Facts, s: Setup) -> dict[str, Any]:
-    """Bytes per process for one setting. Data parallel: every process holds the whole model, its gradients and
-    optimizer states (a sharded strategy would divide these three by s.processes here), and its share of the batch."""
-    weights = weight_bytes(f, s)
+    """Bytes per process for one setting: its weights (whole, or FSDP2's shards and gathered units; offloaded
+    shards live in CPU memory, outside the peak), the adapters' gradients and optimizer states (whole on every
+    process whatever the strategy) and its share of the batch."""
+    weights = sharded_weights(f, s) if s.strategy == "fsdp" else weight_bytes(f, s)
     train = trained(f, s)
-    held = sum(weights.values()) + train["gradients"] + train["optimizer_states"]
-    out: dict[str, Any] = {"weights": weights, **train}
+    cpu = weights["shards"] if s.cpu_offload else 0
+    held = sum(weights.values()) - cpu + train["gradients"] + train["optimizer_states"]
+    out: dict[str, Any] = {"weights": weights, "weights_cpu": cpu, **train}
     for checkpointing in (False, True):
         act = activations(f, dataclasses.replace(s, checkpointing=checkpointing))
         transient = act["transient"]
@@ -543,9 +595,9 @@ def budget(f: Facts, s: Setup) -> dict[str, Any]:
 
 
 def advise(f: Facts, s: Setup, memory: int) -> list[dict[str, Any]]:
-    """Changes that lower the peak, in order, each on top of the ones before, until the plan fits: quantize the base
-    to NF4, checkpoint the activations, then halve the micro-batch and double grad_accum (same effective batch) down
-    to one example per process."""
+    """Changes that lower the peak, in order, each on top of the ones before, until the plan fits: shard the base
+    with FSDP2 (several processes; it changes no number), quantize the base to NF4, checkpoint the activations,
+    then halve the micro-batch and double grad_accum (same effective batch) down to one example per process."""
     steps: list[dict[str, Any]] = []
     overrides: list[str] = []
 
@@ -558,6 +610,10 @@ def advise(f: Facts, s: Setup, memory: int) -> list[dict[str, Any]]:
     def fits(setup: Setup) -> bool:
         return bool(budget(f, setup)["peak"] <= memory)
 
+    sharded = dataclasses.replace(s, strategy="fsdp")
+    if (not fits(s) and s.strategy == "ddp" and not s.keep_sparsity and s.quantization != "int8"
+            and budget(f, sharded)["peak"] < budget(f, s)["peak"]):  # a few blocks: the gathered units are all
+        s = step("shard the base over the processes with FSDP2", sharded, "train.strategy=fsdp")
     if not fits(s) and s.quantization is None and s.dtype != "float64" and not s.keep_sparsity:
         s = step("quantize the base to 4-bit NF4", dataclasses.replace(
             s, quantization="nf4", double_quantization=True, compute_dtype="bfloat16" if s.autocast else "float32"),
@@ -571,36 +627,43 @@ def advise(f: Facts, s: Setup, memory: int) -> list[dict[str, Any]]:
         s = step(f"halve the batch, double grad_accum ({s.micro_batch} per process)", s,
                  f"train.batch_size={s.batch_size}", f"train.grad_accum={s.grad_accum}")
     if not fits(s):
-        steps.append({"change": "still too large: shorten data.max_length; more processes do not help, since under "
-                                "data parallelism each holds the whole model (sharding is not supported yet)",
+        more = ("more processes shard it finer" if s.strategy == "fsdp" else
+                "more processes with train.strategy=fsdp shard the base" if not s.keep_sparsity else
+                "more processes do not help: keep_sparsity cannot be sharded, so each process holds the whole model")
+        steps.append({"change": f"still too large: shorten data.max_length; {more}",
                       "overrides": list(overrides), "peak": None, "fits": False})
     return steps
 
 
-def plan(recipe: Recipe, processes: int = 1, memory: int | None = None,
-         label_tokens: int | None = None) -> dict[str, Any]:
-    """Parameters and bytes per process of training `recipe` on `processes` data-parallel processes, its peak, and
-    (given `memory`, bytes per process) whether it fits and what to change if not. Reads the model's config only."""
+def plan(recipe: Recipe, processes: int = 1, memory: int | None = None, label_tokens: int | None = None,
+         strategy: str | None = None) -> dict[str, Any]:
+    """Parameters and bytes per process of training `recipe` on `processes` processes (data-parallel, or FSDP2 with
+    `strategy` fsdp; None: train.strategy), its peak, and (given `memory`, bytes per process) whether it fits and
+    what to change if not. Reads the model's config only."""
     if processes < 1:
         raise InputError(f"--processes: must be a positive integer, got {processes}")
     if label_tokens is not None and label_tokens < 1:
         raise InputError(f"--label-tokens: must be a positive integer, got {label_tokens}")
     f = read_model(recipe)
-    s = setup_of(recipe, f, processes, label_tokens)
+    s = setup_of(recipe, f, processes, label_tokens, strategy)
     b = budget(f, s)
+    w = b["weights"]
     adapted = [lin for lin in f.linears if lin.adapted]
     return {
-        # "fsdp" (sharded) would divide weights, gradients and optimizer states by the processes: see `budget`
-        "model": recipe.model.name_or_path, "architecture": f.architecture,
-        "strategy": "ddp" if processes > 1 else "single",
+        "model": recipe.model.name_or_path, "architecture": f.architecture, "strategy": s.strategy,
+        "fsdp_cpu_offload": s.cpu_offload,
         "processes": processes, "micro_batch": s.micro_batch, "grad_accum": s.grad_accum, "max_length": s.length,
         "label_tokens": s.labelled if f.causal else None, "dtype": s.dtype, "quantization": s.quantization,
         "double_quantization": s.double_quantization if s.quantization in ("nf4", "fp4") else None,
         "precision": recipe.train.precision, "gradient_checkpointing": s.checkpointing,
         "parameters": {"base": f.base, "adapted": sum(lin.d_in * lin.d_out for lin in adapted),
                        "adapted_modules": len(adapted), "trainable": b["trainable"]},
-        "bytes": {"weights_quantized_linears": b["weights"]["quantized_linears"],
-                  "weights_other": b["weights"]["other"], "weights": sum(b["weights"].values()),
+        # weights: on the device; data parallel, all of it (quantized linears, other); FSDP2, the shards, what stays
+        # whole and the units gathered for compute (weights_cpu: offloaded shards, outside the peak)
+        "bytes": {"weights_quantized_linears": w.get("quantized_linears"), "weights_other": w.get("other"),
+                  "weights_shards": w.get("shards"), "weights_whole": w.get("whole"),
+                  "weights_gathered": w.get("gathered"), "weights_cpu": b["weights_cpu"],
+                  "weights": sum(w.values()) - b["weights_cpu"],
                   "gradients": b["gradients"], "optimizer_states": b["optimizer_states"],
                   "activations_without_checkpointing": b["activations_without_checkpointing"],
                   "activations_with_checkpointing": b["activations_with_checkpointing"],

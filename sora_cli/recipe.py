@@ -163,6 +163,9 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
     report_to: tuple[Literal["tensorboard"], ...] = ()  # also log to TensorBoard (<output_dir>/tensorboard)
+    # under torchrun: auto / ddp, every process holds the whole model; fsdp, FSDP2 shards the frozen base
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_cpu_offload: bool = False  # fsdp: keep the base's shards in CPU memory between uses (CUDA)
 
 
 @dataclass(frozen=True)
@@ -480,6 +483,8 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
     edit = built["edit"]
     if d is not None and (edit is not None or d.task_type == "edit"):
         edit = _check_edit(edit, d, problems)
+    if t is not None and built["model"] is not None and a is not None:
+        _check_strategy(t, built["model"], a, edit is not None, problems)
     if problems or built["model"] is None or a is None or d is None or t is None:
         return None  # a section that did not parse has its problems listed already
     return Recipe(model=built["model"], adapter=a, data=d, train=t, schedule=sched, edit=edit)
@@ -532,6 +537,26 @@ def _resolve_model(m: ModelConfig, a: AdapterConfig | None, t: TrainConfig | Non
     precision: Literal["bfloat16", "float32"] = "bfloat16" if t is not None and t.precision == "bf16" else "float32"
     return dataclasses.replace(m, double_quantization=m.double_quantization is not False,
                                compute_dtype=m.compute_dtype or precision)
+
+
+def _check_strategy(t: TrainConfig, m: ModelConfig, a: AdapterConfig, edit: bool, problems: list[str]) -> None:
+    """What FSDP2 (train.strategy: fsdp) cannot shard yet: each refused with what to use instead."""
+    if t.strategy != "fsdp":
+        if t.fsdp_cpu_offload:
+            problems.append(f"train.fsdp_cpu_offload: only applies to train.strategy: fsdp, not {t.strategy}; "
+                            "remove it")
+        return
+    use = "; use train.strategy: ddp"
+    if t.fsdp_cpu_offload and t.device == "cpu":
+        problems.append("train.fsdp_cpu_offload: the run is on the CPU already (train.device: cpu); remove it")
+    if a.keep_sparsity:
+        problems.append(f"adapter.method: {a.method} with keep_sparsity needs each base weight whole (its zero mask "
+                        f"and, for LoRS's gradient init, its whole gradient), which FSDP2 shards{use}")
+    if m.quantization == "int8":
+        problems.append("model.quantization: int8 under FSDP2: bitsandbytes' 8-bit weights keep their scales on the "
+                        f"parameter, which sharding drops{use}, or quantization nf4")
+    if edit:
+        problems.append(f"train.strategy: fsdp, but knowledge editing gives each process its own requests{use}")
 
 
 def _check_keep_sparsity(a: AdapterConfig, problems: list[str]) -> None:

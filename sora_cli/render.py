@@ -329,20 +329,18 @@ def size_text(n: int | float) -> str:
 
 def plan_table(report: dict[str, Any]) -> None:
     """`sora plan`: parameters and bytes per process (sora_cli/plan.py), the verdict against --memory, the advice."""
-    b, p, quant = report["bytes"], report["parameters"], report["quantization"]
+    b, p = report["bytes"], report["parameters"]
     labels = f", {report['label_tokens']:,d} labelled" if report["label_tokens"] is not None else ""
-    processes = f"{report['processes']} processes (data parallel)" if report["processes"] > 1 else "1 process"
+    kind = "FSDP2, the base sharded" if report["strategy"] == "fsdp" else "data parallel"
+    processes = f"{report['processes']} processes ({kind})" if report["processes"] > 1 else "1 process"
     note(f"sora plan: {report['model']} ({report['architecture']}), {processes}; per process: micro-batch "
          f"{report['micro_batch']} × {report['max_length']} tokens{labels}, grad_accum {report['grad_accum']}, "
          f"precision {report['precision']}")
     rows = [("parameters: base", f"{p['base']:,d}"),
             ("parameters: adapted", f"{p['adapted']:,d} in {p['adapted_modules']} linears"),
             ("parameters: trainable", f"{p['trainable']:,d}")]
-    if quant:
-        double = ", double quant" if report["double_quantization"] else ""
-        rows.append((f"weights: quantized linears ({quant}{double})", size_text(b["weights_quantized_linears"])))
-    rows += [(f"weights: {'other' if quant else 'all'} ({report['dtype']})", size_text(b["weights_other"])),
-             ("gradients", size_text(b["gradients"])),
+    rows += weight_rows(report)
+    rows += [("gradients", size_text(b["gradients"])),
              ("optimizer states (AdamW)", size_text(b["optimizer_states"])),
              ("activations, no checkpointing", size_text(b["activations_without_checkpointing"])),
              ("activations, checkpointing", size_text(b["activations_with_checkpointing"])),
@@ -357,6 +355,22 @@ def plan_table(report: dict[str, Any]) -> None:
         table.add_row(k, v, end_section=i in (2, len(rows) - 1), style="bold" if "(recipe)" in k else None)
     console.print(table)
     plan_verdict(report)
+
+
+def weight_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """The base's weights: whole (quantized linears, the rest); or FSDP2's shard, what stays whole, the gathered
+    units (and the offloaded shards, in CPU memory)."""
+    b, quant = report["bytes"], report["quantization"]
+    double = ", double quant" if report["double_quantization"] else ""
+    what = f"{quant}{double} and {report['dtype']}" if quant else report["dtype"]
+    if report["strategy"] == "fsdp":
+        where = " in CPU memory (offload)" if report["fsdp_cpu_offload"] else ""
+        return [(f"weights: 1/{report['processes']} shard ({what}){where}", size_text(b["weights_shards"])),
+                ("weights: kept whole (quantization statistics, buffers)", size_text(b["weights_whole"])),
+                ("weights: gathered to compute (root + 2 blocks)", size_text(b["weights_gathered"]))]
+    rows = [(f"weights: quantized linears ({quant}{double})", size_text(b["weights_quantized_linears"]))]
+    other = (f"weights: {'other' if quant else 'all'} ({report['dtype']})", size_text(b["weights_other"]))
+    return [*(rows if quant else []), other]
 
 
 def plan_verdict(report: dict[str, Any]) -> None:

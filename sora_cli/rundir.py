@@ -33,6 +33,9 @@ from sora_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_diff
 METRICS = "metrics.jsonl"
 
 
+RESUME_FREE = ("train.output_dir", "train.strategy", "train.fsdp_cpu_offload")
+
+
 def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
     """Refuse to clobber anything; return True when there is a run to resume. Writes nothing."""
     if out.exists() and not out.is_dir():
@@ -52,7 +55,8 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> b
             previous = load_recipe(out / "recipe.yaml")
         except SoraError as e:
             raise CheckpointError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this run") from None
-        changed = [f for f in recipe_diff(previous, recipe) if f != "train.output_dir"]  # a moved run is fine
+        # a moved run is fine, and so is another way of spreading it over processes (the same adapter, the same file)
+        changed = [f for f in recipe_diff(previous, recipe) if f not in RESUME_FREE]
         if changed:
             raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(changed)}; "
                              "resume with the same recipe, or start a new run")

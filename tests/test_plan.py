@@ -170,6 +170,54 @@ def test_processes_divide_the_batch(tmp_path: Path, config_dir: Path) -> None:
     assert two["bytes"]["weights"] == one["bytes"]["weights"]  # data parallel: every process holds the model
 
 
+def test_fsdp_shards_the_weights_by_hand(tmp_path: Path, config_dir: Path) -> None:
+    """FSDP2 on 2 processes: half of every unit (the 2 blocks and the root: embeddings, final norm, lm_head); the
+    buffers whole; the root and two blocks gathered (in bf16 under train.precision bf16); the adapters, their
+    gradients and AdamW's states whole, as under data parallelism."""
+    recipe = load(tmp_path, config_dir, "train.batch_size=8")
+    ddp, fsdp = planning.plan(recipe, processes=2), planning.plan(recipe, processes=2, strategy="fsdp")
+    root = BASE - 2 * PER_BLOCK
+    assert root == 4128 and fsdp["strategy"] == "fsdp" and ddp["strategy"] == "ddp"
+    b = fsdp["bytes"]
+    assert (b["weights_shards"], b["weights_whole"], b["weights_gathered"]) == (4 * BASE // 2, BUFFERS,
+                                                                                4 * root + 2 * 4 * PER_BLOCK)
+    assert b["weights"] == 4 * BASE // 2 + BUFFERS + 4 * root + 2 * 4 * PER_BLOCK and b["weights_other"] is None
+    for key in ("gradients", "optimizer_states", "activations_without_checkpointing"):
+        assert b[key] == ddp["bytes"][key], key
+    assert b["peak"] - ddp["bytes"]["peak"] == b["weights"] - ddp["bytes"]["weights"]
+    bf16 = planning.plan(load(tmp_path, config_dir, "train.precision=bf16"), processes=4, strategy="fsdp")["bytes"]
+    assert bf16["weights_shards"] == 4 * 2 * PER_BLOCK // 4 + 4 * root // 4
+    assert bf16["weights_gathered"] == 2 * root + 2 * 2 * PER_BLOCK  # MixedPrecisionPolicy: bf16 copies
+
+
+def test_fsdp_of_a_4bit_base_shards_the_codes_and_keeps_the_statistics(tmp_path: Path, config_dir: Path) -> None:
+    report = planning.plan(load(tmp_path, config_dir, "model.quantization=nf4"), processes=2, strategy="fsdp")
+    whole = planning.plan(load(tmp_path, config_dir, "model.quantization=nf4"))["bytes"]
+    b = report["bytes"]
+    codes = 2 * (2 * 512 + 2 * 256 + 3 * 768)  # two per byte, per block: q and o, k and v, gate up down
+    stats = whole["weights_quantized_linears"] - codes
+    other = 4 * (BASE - 2 * (PER_BLOCK - 64))  # embeddings, lm_head and every norm in float32
+    assert b["weights_shards"] == (codes + other) // 2 and b["weights_whole"] == stats + BUFFERS
+    assert b["weights_shards"] + b["weights_whole"] < whole["weights"]
+
+
+def test_fsdp_plans_need_processes_and_are_advised_first(tmp_path: Path, config_dir: Path) -> None:
+    from sora_cli.errors import InputError
+
+    deep = tmp_path / "deep"
+    tiny_llama_config().__class__(**{**tiny_llama_config().to_dict(), "num_hidden_layers": 12}).save_pretrained(deep)
+    recipe = load(tmp_path, deep, "train.batch_size=16", "data.max_length=64")
+    with pytest.raises(InputError, match=r"--strategy fsdp: FSDP2 shards the model over processes; give "
+                                         r"--processes N \(N >= 2\)"):
+        planning.plan(recipe, strategy="fsdp")
+    report = planning.plan(recipe, processes=2, memory=300_000)
+    assert report["advice"][0]["overrides"] == ["train.strategy=fsdp"]  # 12 blocks: 1/2 of 10 more than 2 whole
+    assert report["advice"][0]["peak"] < report["bytes"]["peak"]
+    assert planning.plan(load(tmp_path, config_dir, "train.strategy=fsdp"), processes=2)["strategy"] == "fsdp"
+    shallow = planning.plan(load(tmp_path, config_dir, "train.batch_size=16"), processes=2, memory=300_000)
+    assert "train.strategy=fsdp" not in shallow["advice"][0]["overrides"]  # 2 blocks: sharding saves nothing
+
+
 def test_label_tokens_shrink_the_loss_terms(tmp_path: Path, config_dir: Path) -> None:
     recipe = load(tmp_path, config_dir)
     every, one = planning.plan(recipe), planning.plan(recipe, label_tokens=1)
@@ -205,7 +253,7 @@ def test_big_hub_configs_from_config_json_alone(tmp_path: Path, name: str, hidde
 def test_advice_when_it_does_not_fit(tmp_path: Path, config_dir: Path) -> None:
     recipe = load(tmp_path, config_dir, "train.batch_size=16", "data.max_length=64")
     report = planning.plan(recipe, memory=500_000)
-    assert report["fits"] is False and report["bytes"]["peak"] > 500_000
+    assert report["fits"] is False and report["bytes"]["peak"] > 500_000 and report["strategy"] == "single"
     changes = [a["overrides"][-1] for a in report["advice"]]
     assert changes[:3] == ["model.quantization=nf4", "train.gradient_checkpointing=true", "train.grad_accum=2"]
     assert report["advice"][2]["overrides"][-2:] == ["train.batch_size=8", "train.grad_accum=2"]

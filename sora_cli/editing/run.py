@@ -34,11 +34,12 @@ from sora_cli.dist import SINGLE, World, current, on_main
 from sora_cli.editing.changed import changed_weights
 from sora_cli.editing.metrics import PROTOCOL, agreement, mean, predict, token_accuracy
 from sora_cli.editing.requests import EditRequest
-from sora_cli.engine import Run, prepare, rank_seed, synchronise, train_step
+from sora_cli.engine import Run, prepare, synchronise, train_step
 from sora_cli.errors import InputError
 from sora_cli.optim import lr_factor, set_lr, warmup_length
 from sora_cli.recipe import EditConfig, Recipe
 from sora_cli.rundir import check_run_dir, start_fresh
+from sora_cli.strategy import Strategy, rank_seed
 from sora_cli.tasks.causal_lm import collate, left_padded, normalize_answer, stop_ids
 from sora_cli.tasks.edit import EditTask, split_ids
 
@@ -134,7 +135,7 @@ def open_session(recipe: Recipe) -> Session:
     """Load the model and requests, inject the adapter, score the unedited model (nothing written yet)."""
     edit = recipe.edit or EditConfig()
     world = current()
-    run = prepare(recipe, Path(recipe.train.output_dir or "runs/edit"), None, world)
+    run = prepare(recipe, Path(recipe.train.output_dir or "runs/edit"), None, Strategy(world))
     synchronise(run)
     task = run.task
     assert isinstance(task, EditTask)
@@ -176,7 +177,7 @@ def apply_edit(s: Session, indices: list[int], seed: int, world: World = SINGLE)
             batches = [{k: v.to(run.ctx.device) for k, v in
                         collate(run.data.train, mine, run.tokenizer.pad_token_id).items()}] if mine else []
             loss, _ = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
-                                 cfg.max_grad_norm, run.ctx.autocast, step, world)
+                                 cfg.max_grad_norm, run.ctx.autocast, step, Strategy(world))
             losses.append(float(loss))
             step += 1
         if s.edit.stop_loss is not None and done > s.edit.stop_after and sum(losses) / len(losses) < s.edit.stop_loss:

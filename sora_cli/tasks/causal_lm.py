@@ -277,7 +277,7 @@ class CausalLMTask(Task):
         with ctx.autocast:
             out = model.generate(**inputs, max_new_tokens=self.data.max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
-                                 temperature=None, top_p=None, top_k=None)
+                                 temperature=None, top_p=None, top_k=None, synced_gpus=ctx.synced)
         answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return [normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)]
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli.dist import SINGLE, World
 from sora_cli.recipe import DataConfig
 
 Rows = dict[str, np.ndarray]  # an evaluation's per-example outputs: name -> (examples, ...), in the data's order
@@ -36,6 +35,7 @@ class EvalContext:
     device: torch.device
     autocast: contextlib.AbstractContextManager[Any]
     tokenizer: Any
+    synced: bool = False  # FSDP2: every rank runs the same forwards, so generation steps until all are done
 
 
 class Task:
@@ -96,17 +96,9 @@ class Task:
         """The metrics of a whole split from its examples' rows."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, data: Any, ctx: EvalContext, world: World = SINGLE) -> dict[str, float]:
-        """The task's metrics on `data`. Under torchrun each rank predicts every world.size-th example of the
-        length-sorted order (so all ranks pad alike and finish together); the rows are gathered and every rank
-        scores the whole split, so all of them hold the same metrics."""
-        if world.size == 1:
-            return self.score(self.predict(model, data, ctx))
-        lengths = data.lengths  # a property that builds the list: read it once
-        by_length = sorted(range(len(data)), key=lambda i: lengths[i])
-        mine = by_length[world.rank::world.size]
-        parts = world.gather((mine, self.predict(model, self.subset(data, mine), ctx) if mine else None))
-        return self.score(assemble(parts, len(data)))
+    def evaluate(self, model: nn.Module, data: Any, ctx: EvalContext) -> dict[str, float]:
+        """The task's metrics on `data`, in this process (a run's strategy shares a split over torchrun's ranks)."""
+        return self.score(self.predict(model, data, ctx))
 
     def metric(self, metric_for_best: str | None) -> str:
         """The model-selection metric: train.metric_for_best, else the task's own."""
@@ -123,13 +115,3 @@ class Task:
     @classmethod
     def from_meta(cls, block: dict[str, Any], data: DataConfig) -> Task:
         raise NotImplementedError
-
-
-def assemble(parts: list[tuple[list[int], Rows | None]], n: int) -> Rows:
-    """One split's rows from each rank's (example positions, rows of those examples)."""
-    filled = [(at, rows) for at, rows in parts if rows is not None]
-    out = {key: np.empty((n, *value.shape[1:]), dtype=value.dtype) for key, value in filled[0][1].items()}
-    for at, rows in filled:
-        for key, value in rows.items():
-            out[key][at] = value
-    return out
