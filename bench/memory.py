@@ -112,7 +112,8 @@ def save_llama_1b(directory: Path, tokenizer_dir: Path) -> None:
 # One contestant, in its own process
 
 
-def recipe(model_dir: Path, base: str, adapter: str, smoke: bool, work: Path) -> Recipe:
+def recipe(model_dir: Path, base: str, adapter: str, smoke: bool, work: Path, extra: tuple[str, ...] = ()) -> Recipe:
+    """The causal quickstart on `model_dir` with `base`'s settings, `adapter`'s method, and `extra` overrides."""
     overrides = [f"model.name_or_path={model_dir}", *BASES[base], "data.max_train_samples=200",
                  "data.max_eval_samples=8", f"data.max_length={LENGTH}",
                  f"adapter.method={'lora' if adapter == 'sora-lora' else 'sora'}"]
@@ -124,7 +125,7 @@ def recipe(model_dir: Path, base: str, adapter: str, smoke: bool, work: Path) ->
                 for w in ["good", "bad", "great", "awful"] * 8]
         (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         overrides += [f"data.train_file={work / 'data.jsonl'}", "data.dataset=null"]
-    return load_recipe(RECIPE, overrides)
+    return load_recipe(RECIPE, [*overrides, *extra])
 
 
 def full_length(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -313,8 +314,9 @@ def render(rows: list[dict[str, Any]], checks: list[tuple[str, str, bool]], fact
             + "\n")
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options this bench and bench/fsdp.py share (their models, steps, folders, and a child's model)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, one step each (CI)")
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama-1b"], choices=["smollm2", "llama-1b"])
     parser.add_argument("--steps", type=int, help="timed steps per contestant (default 2; smoke 1)")
@@ -322,6 +324,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--base", choices=list(BASES), help=argparse.SUPPRESS)
     parser.add_argument("--adapter", choices=list(ADAPTERS), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["memory", "time"], help=argparse.SUPPRESS)

@@ -71,7 +71,7 @@ def _join(device: str) -> None:
     """Join the other processes of a torchrun launch (nothing without one); only rank 0 draws and prints."""
     from sora_cli import dist
 
-    if not dist.start(device).main:
+    if dist.start(device).rank != 0:
         render.console.quiet = True
 
 

@@ -298,3 +298,27 @@ def test_memory_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
         assert by[(base, "sora-sora")]["weights_mib"] * memory.MIB == plan(recipe)["bytes"]["weights"]
     table = table_rows((out / "memory.md").read_text(), memory.COLUMNS)
     assert len(table) == 9 and all(len(r) == len(memory.COLUMNS) and all(r) for r in table)
+
+
+def test_fsdp_smoke_measures_each_strategy_and_the_shards_are_the_plans(tmp_path: Path) -> None:
+    """bench/fsdp.py on a tiny Llama: one process, DDP and FSDP2 on 2 processes, the ratios from the rows' own
+    numbers; the bytes FSDP2 leaves one process are, exactly, `sora plan`'s shards plus what it keeps whole."""
+    import fsdp
+
+    from sora_cli.plan import plan
+
+    out = fsdp.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    rows = {r["key"]: r for r in json.loads((out / "fsdp.json").read_text())["rows"]}
+    assert list(rows) == list(fsdp.CONTESTANTS) and [r["processes"] for r in rows.values()] == [1, 2, 2]
+    for r in rows.values():
+        assert r["weights_vs_ddp"] == pytest.approx(r["weights_mib"] / rows["ddp"]["weights_mib"])
+        assert r["plan_vs_peak"] == pytest.approx(r["plan_mib"] / r["peak_mib"]) and r["plan_mib"] > 0
+        assert len(r["step_s"]) == 1 and len(r["peaks_mib"]) == r["processes"]
+    model = tmp_path / "work" / "tiny-llama"
+    sharded = plan(fsdp.bench_recipe(model, "fsdp", True, tmp_path / "work"), processes=2, strategy="fsdp")["bytes"]
+    assert rows["fsdp"]["weights_mib"] * fsdp.memory.MIB == sharded["weights_shards"] + sharded["weights_whole"]
+    whole = plan(fsdp.bench_recipe(model, "ddp", True, tmp_path / "work"), processes=2)["bytes"]["weights"]
+    assert rows["ddp"]["weights_mib"] * fsdp.memory.MIB == whole == rows["single"]["weights_mib"] * fsdp.memory.MIB
+    assert rows["fsdp"]["weights_vs_ddp"] < 0.55
+    table = table_rows((out / "fsdp.md").read_text(), fsdp.COLUMNS)
+    assert len(table) == 3 and all(len(r) == len(fsdp.COLUMNS) and all(r) for r in table)

@@ -346,6 +346,21 @@ def workers(parent: int) -> dict[int, int]:
     return found
 
 
+def kill_rank_1_after(args: list[str], exists: Path) -> tuple[subprocess.Popen[str], str]:
+    """Launch `sora ARGS` on 2 processes, SIGKILL rank 1 once `exists` does, wait for the launch to end: (the launch,
+    its stderr)."""
+    launch = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "-m", "sora_cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not exists.is_dir() and launch.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    pids = workers(launch.pid)
+    assert 1 in pids, "the run ended (or never started) before rank 1 could be killed"
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = launch.communicate(timeout=120)
+    return launch, err
+
+
 def test_a_killed_rank_stops_every_rank_and_the_run_resumes_with_one_or_two(tmp_path: Path, bert_dir: Path,
                                                                             tiny_csv: Path) -> None:
     # float64: 60 steps of float32 reordering drift by ~1e-6; resume itself must add nothing
@@ -353,15 +368,7 @@ def test_a_killed_rank_stops_every_rank_and_the_run_resumes_with_one_or_two(tmp_
                          train={"max_steps": 60, "save_every": 5, "eval_every": 30, "grad_accum": 1, "log_every": 5})
     full = one_process(recipe, tmp_path / "full")
     cut = tmp_path / "cut"
-    launch = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "-m", "sora_cli", "train", str(recipe), "-o",
-                               str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step-10").is_dir() and launch.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    pids = workers(launch.pid)
-    assert 1 in pids, "the run ended (or never started) before rank 1 could be killed"
-    os.kill(pids[1], signal.SIGKILL)
-    _, err = launch.communicate(timeout=120)
+    launch, _ = kill_rank_1_after(["train", str(recipe), "-o", str(cut)], cut / "checkpoints" / "step-10")
     assert launch.returncode != 0
     assert not workers(launch.pid) and not (cut / "final").exists()
     for ckpt in (cut / "checkpoints").glob("step-*"):  # every checkpoint left is whole

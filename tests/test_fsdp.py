@@ -8,13 +8,10 @@ above that reordering (~1e-15) and far below what a wrong step moves (~1e-2)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +28,16 @@ from sora_cli.recipe import RecipeError, load_recipe
 from sora_cli.strategy import assemble
 from tests.conftest import events, tiny_llama_config, write_jsonl, write_recipe
 from tests.test_ddp import (
-    TORCHRUN,
     assert_same_losses,
     assert_same_tensors,
     bert_dir,  # noqa: F401 (a fixture)
     bert_recipe,
     causal_recipe,
+    kill_rank_1_after,
     ok,
     one_process,
     tensors,
     torchrun,
-    workers,
 )
 from tests.tiny_causal import WORDS
 
@@ -172,12 +168,9 @@ def test_causal_methods_sharded_match_one_process(method: str, tmp_path: Path, t
             assert all(b[k] == pytest.approx(a[k], rel=1e-9) for k in a if isinstance(a[k], float))
 
 
-def test_sora_sharded_equals_ddp_bit_for_bit_and_one_process(tmp_path: Path, bert_dir: Path,  # noqa: F811
-                                                             tiny_csv: Path) -> None:
-    """BERT + SoRA (the encoder's layers sharded, the classifier head trained whole), float32: FSDP2's adapter and
-    every logged loss equal DDP's bit for bit; the same gates are zero as in one process."""
-    recipe = bert_recipe(tmp_path / "r.yaml", bert_dir, tiny_csv)
-    one = one_process(recipe, tmp_path / "one")
+def ddp_and_fsdp(recipe: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The recipe under DDP and under FSDP2 (2 processes each): the adapter, every logged loss and every evaluation
+    equal bit for bit. Returns the two run directories."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     ok(torchrun(["train", str(recipe), "-o", str(ddp)]))
     ok(torchrun(["train", str(recipe), "-o", str(fsdp), "train.strategy=fsdp"]))
@@ -185,8 +178,18 @@ def test_sora_sharded_equals_ddp_bit_for_bit_and_one_process(tmp_path: Path, ber
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert [e["loss"] for e in events(ddp, "train")] == [e["loss"] for e in events(fsdp, "train")]
     assert events(ddp, "eval") == events(fsdp, "eval")
+    return ddp, fsdp
+
+
+def test_sora_sharded_equals_ddp_bit_for_bit_and_one_process(tmp_path: Path, bert_dir: Path,  # noqa: F811
+                                                             tiny_csv: Path) -> None:
+    """BERT + SoRA (the encoder's layers sharded, the classifier head trained whole), float32: FSDP2's adapter and
+    every logged loss equal DDP's bit for bit; the same gates are zero as in one process."""
+    recipe = bert_recipe(tmp_path / "r.yaml", bert_dir, tiny_csv)
+    one = one_process(recipe, tmp_path / "one")
+    _, fsdp = ddp_and_fsdp(recipe, tmp_path)
     zero = {k: (v == 0).tolist() for k, v in tensors(one / "final").items() if k.endswith("gate")}
-    assert zero == {k: (v == 0).tolist() for k, v in tb.items() if k.endswith("gate")}
+    assert zero == {k: (v == 0).tolist() for k, v in tensors(fsdp / "final").items() if k.endswith("gate")}
     assert 0 < sum(sum(z) for z in zero.values()) < 52
     assert_same_tensors(one / "final", fsdp / "final")  # float32: the reordering of the two halves' sums
 
@@ -199,12 +202,7 @@ def test_a_4bit_base_sharded_equals_ddp_bit_for_bit(tmp_path: Path, tiny_llama_d
     recipe = causal_recipe(tmp_path / "r.yaml", tiny_llama_dir, odd_file, model={"quantization": "nf4"},
                            train={"batch_size": 6, "max_steps": 6, "eval_every": 3, "save_every": 3})
     one = one_process(recipe, tmp_path / "one")
-    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    ok(torchrun(["train", str(recipe), "-o", str(ddp)]))
-    ok(torchrun(["train", str(recipe), "-o", str(fsdp), "train.strategy=fsdp"]))
-    ta, tb = tensors(ddp / "final"), tensors(fsdp / "final")
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-    assert events(ddp, "eval") == events(fsdp, "eval")
+    _, fsdp = ddp_and_fsdp(recipe, tmp_path)
     assert_same_tensors(one / "final", fsdp / "final", atol=1e-5)
     _, meta = load_adapter(fsdp / "final")
     assert meta["base_model_loading"]["quantization"]["type"] == "nf4"
@@ -254,16 +252,8 @@ def test_a_killed_rank_stops_the_sharded_launch_with_checkpoints_whole(tmp_path:
     recipe = llama_recipe(tmp_path, tiny_llama_dir, odd_file, {"method": "lora"}, max_steps=200, save_every=5,
                           eval_every=100, log_every=5)
     cut = tmp_path / "cut"
-    launch = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "-m", "sora_cli", "train", str(recipe), "-o",
-                               str(cut), "train.strategy=fsdp"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    deadline = time.time() + 240
-    while not (cut / "checkpoints" / "step-10").is_dir() and launch.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    pids = workers(launch.pid)
-    assert 1 in pids, "the run ended (or never started) before rank 1 could be killed"
-    os.kill(pids[1], signal.SIGKILL)
-    _, err = launch.communicate(timeout=120)
+    launch, err = kill_rank_1_after(["train", str(recipe), "-o", str(cut), "train.strategy=fsdp"],
+                                    cut / "checkpoints" / "step-10")
     assert launch.returncode != 0 and not (cut / "final").exists()
     ours = err.split("Sending process")[0]  # what follows is torchrun's own report of the killed process
     assert [line for line in ours.splitlines() if "error" in line.lower() or "Traceback" in line] == [
