@@ -198,7 +198,6 @@ def test_a_4bit_base_sharded_equals_ddp_bit_for_bit(tmp_path: Path, tiny_llama_d
     """FSDP-QLoRA: the NF4 codes (uint8 storage) are sharded and all-gathered like any weight, and bitsandbytes finds
     their quantization state on the layer: the adapter equals DDP's on the same 4-bit base bit for bit, and one
     process's within float32 reordering (6 steps: ~1e-6)."""
-    pytest.importorskip("bitsandbytes")
     recipe = causal_recipe(tmp_path / "r.yaml", tiny_llama_dir, odd_file, model={"quantization": "nf4"},
                            train={"batch_size": 6, "max_steps": 6, "eval_every": 3, "save_every": 3})
     one = one_process(recipe, tmp_path / "one")
