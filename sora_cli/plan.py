@@ -358,20 +358,22 @@ def weight_bytes(f: Facts, s: Setup) -> dict[str, int]:
 
 
 def unit(f: Facts, s: Setup, block: int | None) -> tuple[int, int, int, int]:
-    """One FSDP2 unit, block `block` or (None) the root (everything outside the blocks): (bytes of its quantized
-    linears' codes, bytes of their statistics, parameters in model.dtype, parameters in norms)."""
+    """One FSDP2 unit, block `block` or (None) the root (everything outside the blocks but the heads trained in
+    full, which stay whole): (bytes of its quantized linears' codes, bytes of their statistics, parameters in
+    model.dtype, parameters in norms)."""
     coded = [lin for lin in f.linears if lin.block == block and lin.quantizable] if s.quantization else []
     numel = [lin.d_in * lin.d_out for lin in coded]
     codes = sum(n if s.quantization == "int8" else math.ceil(n / 2) for n in numel)
     stats = sum(quantized_bytes(lin.d_in, lin.d_out, s) for lin in coded) - codes
-    params, norms = ((f.base - sum(f.block_params), f.norm_params - sum(f.block_norms)) if block is None
+    params, norms = ((f.base - sum(f.block_params) - f.head_params, f.norm_params - sum(f.block_norms)) if block is None
                      else (f.block_params[block], f.block_norms[block]))
     return codes, stats, params - sum(numel) - norms, norms
 
 
 def sharded_weights(f: Facts, s: Setup) -> dict[str, int]:
     """The base under FSDP2, per process: 1/N of every unit's codes and parameters ("shards"); what stays whole on
-    every process ("whole": the quantization statistics, which bitsandbytes keeps on the layer, and the buffers);
+    every process ("whole": the quantization statistics, which bitsandbytes keeps on the layer, the heads trained in
+    full, and the buffers);
     and the units gathered for compute ("gathered": the root for the whole step, two blocks at a time), in bf16
     under train.precision bf16 (MixedPrecisionPolicy), else in their stored dtypes."""
     norm = BYTES["float32"] if s.quantization else BYTES[s.dtype]
@@ -386,7 +388,7 @@ def sharded_weights(f: Facts, s: Setup) -> dict[str, int]:
         return u[0] + u[2] * (cast or BYTES[s.dtype]) + u[3] * (cast or norm)
 
     return {"shards": sum(math.ceil(stored(u) / s.processes) for u in [*units, root]),
-            "whole": sum(u[1] for u in [*units, root]) + f.buffer_bytes,
+            "whole": sum(u[1] for u in [*units, root]) + f.head_params * BYTES[s.dtype] + f.buffer_bytes,
             "gathered": gathered(root) + min(2, len(units)) * max((gathered(u) for u in units), default=0)}
 
 

@@ -185,6 +185,10 @@ def test_fsdp_shards_the_weights_by_hand(tmp_path: Path, config_dir: Path) -> No
     for key in ("gradients", "optimizer_states", "activations_without_checkpointing"):
         assert b[key] == ddp["bytes"][key], key
     assert b["peak"] - ddp["bytes"]["peak"] == b["weights"] - ddp["bytes"]["weights"]
+    head = planning.plan(load(tmp_path, config_dir, "adapter.modules_to_save=[lm_head]"), processes=2,
+                         strategy="fsdp")["bytes"]  # a head trained in full stays whole, out of the root's shards
+    assert (head["weights_shards"], head["weights_whole"]) == (4 * (BASE - 64 * 32) // 2, BUFFERS + 4 * 64 * 32)
+    assert head["weights_gathered"] == 4 * (root - 64 * 32) + 2 * 4 * PER_BLOCK
     bf16 = planning.plan(load(tmp_path, config_dir, "train.precision=bf16"), processes=4, strategy="fsdp")["bytes"]
     assert bf16["weights_shards"] == 4 * 2 * PER_BLOCK // 4 + 4 * root // 4
     assert bf16["weights_gathered"] == 2 * root + 2 * 2 * PER_BLOCK  # MixedPrecisionPolicy: bf16 copies
