@@ -433,6 +433,11 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def target_lines(checks: list[tuple[str, str, bool]]) -> str:
+    """A results table's targets, one line each: met or missed, what, and the measured value."""
+    return "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

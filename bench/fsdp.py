@@ -166,7 +166,7 @@ def render(rows: list[dict[str, Any]], checks: list[tuple[str, str, bool]], fact
             "over the processes. Plan: `sora plan --processes N --strategy S`'s peak for the same recipe. Under "
             "torchrun each process has one thread, so on 2 cores the step times compare the strategies' "
             "communication and placeholders, not a speed-up.\n\n"
-            + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
+            + common.target_lines(checks)
             + "\n")
 
 

@@ -310,7 +310,7 @@ def render(rows: list[dict[str, Any]], checks: list[tuple[str, str, bool]], fact
             "one more, minus RSS before loading (glibc's mmap threshold fixed at 1 MiB, so freed tensors leave RSS). "
             "Plan: `sora plan`'s peak for the same recipe. NF4: double quantization, bfloat16 compute, bfloat16 "
             "elsewhere; PEFT loads the same directory through transformers with the same BitsAndBytesConfig.\n\n"
-            + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
+            + common.target_lines(checks)
             + "\n")
 
 

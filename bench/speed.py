@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> Path:
             + f"\n\nInference on {infer_facts['batches']} test batches of {infer_facts['batch_size']}; the pruned "
               f"adapter keeps {infer_facts['pruned_rank']} of {infer_facts['max_rank']} ranks; merged and pruned "
               f"logits agree to {infer_facts['merged_vs_pruned_max_logit_diff']:.1e}.\n\n"
-            + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
+            + common.target_lines(checks)
             + "\n")
     (out / "speed.md").write_text(text)
     print(text)

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
             f"({facts['torch_threads']} threads); commit {facts['commit']}.\n\n`{command}`\n\n"
             + common.markdown_table(COLUMNS, lines)
             + "\n\nRatios: median of the per-repeat ratios. Memory: peak RSS of the training steps, own process.\n\n"
-            + "\n".join(f"- {'met' if ok else '**missed**'}: {what} — measured {value}" for what, value, ok in checks)
+            + common.target_lines(checks)
             + "\n")
     (out / "speed_causal.md").write_text(text)
     print(text)
