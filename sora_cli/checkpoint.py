@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sora_cli.errors import CheckpointError
+from sora_cli.errors import CheckpointError, SoraError
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
@@ -115,6 +115,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """adapter.safetensors and adapter.json in `directory`; refused (nothing written) if a tensor holds a NaN or an
+    infinity: no checkpoint, best/, final/, stage or pruned adapter is ever saved with one."""
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise SoraError(f"adapter not saved: {bad} holds non-finite values (NaN or infinity)")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, directory / ADAPTER_WEIGHTS)
     write_json(directory / ADAPTER_META, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from sora_cli.checkpoint import (
 )
 from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, current
-from sora_cli.errors import InputError
+from sora_cli.errors import DivergedError, InputError
 from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import (
     lr_factor,
@@ -99,6 +100,15 @@ class TrainState:
     window_steps: int = 0
     window_examples: int = 0
     window_seconds: float = 0.0
+    nonfinite: int = 0  # train.on_nonfinite skip: steps dropped in a row
+
+
+class NonFiniteStep(Exception):
+    """A training step's loss or gradient was not finite; nothing of the step was applied (train_step raises it)."""
+
+    def __init__(self, loss: float, norm: float):
+        super().__init__(f"loss {loss}, gradient norm {norm}")
+        self.loss, self.norm = loss, norm
 
 
 @dataclass
@@ -366,6 +376,7 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
     if extra is not None:
         extra.backward()
         loss += extra.detach()
+    check_finite(loss, params, optimizer)
     method.after_backward(model, step)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # gates included
@@ -373,6 +384,17 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
     stats = method.after_step(model, optimizer, step)
     optimizer.zero_grad(set_to_none=True)
     return loss, stats
+
+
+def check_finite(loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Raise NonFiniteStep (the gradients cleared) unless the step's loss and every gradient are finite: checked
+    before the method's hooks, clipping and the optimizer see them, so a non-finite value never reaches a weight,
+    an optimizer state or a method's state. One host sync a step (every rank holds the same summed values)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+        return
+    optimizer.zero_grad(set_to_none=True)
+    raise NonFiniteStep(float(loss), float(norm))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,11 +472,15 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
             started = time.perf_counter()
             set_lr(run.optimizer, lr_scale if lr_scale is not None else run.lr_factor(state.step))
             batches, idle, examples = run.micro_batches(state.step)
-            loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
-                                     cfg.max_grad_norm, run.ctx.autocast, state.step, run.strategy, idle)
+            try:
+                loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
+                                         cfg.max_grad_norm, run.ctx.autocast, state.step, run.strategy, idle)
+                window_loss += loss
+                state.window_steps, state.nonfinite = state.window_steps + 1, 0
+            except NonFiniteStep as e:
+                stats = {}
+                skip_or_stop(run, state, log, progress, e)
             state.step += 1
-            window_loss += loss
-            state.window_steps += 1
             state.window_examples += examples
             state.window_seconds += time.perf_counter() - started
             step = state.step
@@ -474,8 +500,45 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
                 progress.log(f"early stop at step {step}: no dev {run.metric} gain in {cfg.patience} evaluations")
 
 
+def skip_or_stop(run: Run, state: TrainState, log: MetricsLog, progress: render.TrainProgress,
+                 e: NonFiniteStep) -> None:
+    """A step whose loss or gradient was not finite (none of it applied): logged; dropped under train.on_nonfinite
+    skip, below max_nonfinite in a row; else the run stops here, its last checkpoint whole for --resume."""
+    cfg = run.recipe.train
+    step, first = state.step + 1, run.order.indices(state.step * cfg.grad_accum)[1][0]
+    state.nonfinite += 1
+    log.emit({"event": "nonfinite", "step": step, "loss": json_number(e.loss), "grad_norm": json_number(e.norm),
+              "first_example": first, "in_a_row": state.nonfinite})
+    what = (f"step {step}: the loss is {e.loss:g} and the gradient norm {e.norm:g} (the step's first example: "
+            f"training example {first})")
+    if cfg.on_nonfinite == "skip" and state.nonfinite < cfg.max_nonfinite:
+        progress.log(f"{what}; its update dropped (train.on_nonfinite: skip, {state.nonfinite} in a row)")
+        return
+    why = (f"{state.nonfinite} such steps in a row (train.max_nonfinite: {cfg.max_nonfinite})"
+           if cfg.on_nonfinite == "skip" else "train.on_nonfinite: stop")
+    raise DivergedError(f"{what}; not applied, and the run stopped ({why}). {last_good(run)}; lower train.lr, or "
+                        "set train.on_nonfinite: skip to drop such steps")
+
+
+def last_good(run: Run) -> str:
+    """Where --resume would continue: the run's last step checkpoint (every one holds finite tensors only)."""
+    steps = [int(p.name.split("-")[1]) for p in (run.out / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    if not steps:
+        return "No checkpoint was saved before it"
+    return f"--resume continues from the last checkpoint, {run.out / 'checkpoints' / f'step-{max(steps)}'}"
+
+
+def json_number(x: float) -> float | str:
+    """`x`, or its name when not finite (metrics.jsonl stays strict JSON)."""
+    return x if math.isfinite(x) else str(x)
+
+
 def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.TrainProgress,
                window_loss: torch.Tensor, stats: dict[str, float]) -> None:
+    if state.window_steps == 0:  # every step of the window was dropped (train.on_nonfinite: skip): nothing to log
+        progress.update(state.step)
+        state.window_examples, state.window_seconds = 0, 0.0
+        return
     state.window_loss += float(window_loss)  # the one host sync, off the per-step path
     window_loss.zero_()
     totals = run.method.stats(run.model)

@@ -28,6 +28,10 @@ class RecipeError(InputError):
         super().__init__(message)
 
 
+class DivergedError(SoraError):
+    """Training produced a non-finite loss or gradient (train.on_nonfinite): the run stopped, nothing of it applied."""
+
+
 class CheckpointError(SoraError):
     """A checkpoint or run directory that is missing, incomplete or inconsistent."""
 

@@ -18,7 +18,7 @@ from sora_cli import quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
-from sora_cli.errors import InputError
+from sora_cli.errors import InputError, SoraError
 from sora_cli.precision import wide_dtype
 from sora_cli.report import SPARSE_BASE_SHARE
 
@@ -121,6 +121,10 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     model.load_state_dict(merged)
     if saved is not None:
         model.to(saved)
+    bad = next((k for k in counts if not bool(torch.isfinite(model.get_parameter(f"{k}.weight")).all())), None)
+    if bad is not None:  # a finite adapter can still overflow the saved dtype (float16's 65,504)
+        raise SoraError(f"--output: not written: the merged {bad}.weight holds non-finite values (NaN or infinity) "
+                        f"in {_saved_dtype(model, counts)}; merge into a wider --dtype")
     total = totals(counts)
     report = {"checkpoint": str(ckpt), "method": meta["method"], "modules_merged": len(counts),
               "dtype": _saved_dtype(model, counts), "keep_sparsity": bool(meta.get("keep_sparsity")),

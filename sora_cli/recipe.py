@@ -166,6 +166,10 @@ class TrainConfig:
     # under torchrun: auto / ddp, every process holds the whole model; fsdp, FSDP2 shards the frozen base
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     fsdp_cpu_offload: bool = False  # fsdp: keep the base's shards in CPU memory between uses (CUDA)
+    # a step whose loss or gradient is not finite is never applied; stop: end the run there; skip: drop that step's
+    # update and go on, ending the run after max_nonfinite such steps in a row
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite: int = field(default=5, metadata=_check("positive"))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from sora_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_diff
 METRICS = "metrics.jsonl"
 
 
-RESUME_FREE = ("train.output_dir", "train.strategy", "train.fsdp_cpu_offload")
+RESUME_FREE = ("train.output_dir", "train.strategy", "train.fsdp_cpu_offload", "train.on_nonfinite",
+               "train.max_nonfinite")
 
 
 def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> bool:
@@ -56,6 +57,7 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> b
         except SoraError as e:
             raise CheckpointError(f"{out / 'recipe.yaml'}: unreadable ({e}); cannot resume this run") from None
         # a moved run is fine, and so is another way of spreading it over processes (the same adapter, the same file)
+        # or another answer to a diverging step (steps that were applied were finite either way)
         changed = [f for f in recipe_diff(previous, recipe) if f not in RESUME_FREE]
         if changed:
             raise InputError(f"--resume: the recipe differs from the run's recipe.yaml in {', '.join(changed)}; "

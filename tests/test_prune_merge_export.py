@@ -327,3 +327,20 @@ def test_a_bf16_trained_adapter_merges_in_bf16(make_recipe, tmp_path: Path) -> N
     assert weights["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16  # --dtype auto
     model, _, _ = load_adapted(final)
     assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+
+
+def test_merge_refuses_to_write_weights_that_overflow_the_saved_dtype(ckpt: Path, tmp_path: Path) -> None:
+    """A finite adapter whose update passes float16's 65,504: not written (one line), where float32 holds it."""
+    from sora_cli.checkpoint import save_adapter
+
+    tensors, meta = load_adapter(ckpt)
+    name = next(k for k in tensors if k.endswith("query.lora_B"))
+    tensors[name] = tensors[name] * 0 + 1e9  # B = 1e9 everywhere: |ΔW| far above float16's range
+    save_adapter(ckpt, tensors, {k: v for k, v in meta.items() if k not in ("format", "format_version")})
+    result = invoke("merge", str(ckpt), "--dtype", "float16", "-o", str(tmp_path / "m16"))
+    module = name.removesuffix(".lora_B")
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: --output: not written: the merged {module}.weight holds non-finite values (NaN or infinity) in "
+        "float16; merge into a wider --dtype"], result.output
+    assert not (tmp_path / "m16").exists()
+    assert invoke("merge", str(ckpt), "--dtype", "float32", "-o", str(tmp_path / "m32")).exit_code == 0
