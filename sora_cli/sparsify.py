@@ -208,26 +208,33 @@ def find_blocks(model: nn.Module, targets: list[str]) -> tuple[str, nn.ModuleLis
     return max(outer, key=lambda item: len(item[1]), default=None)  # first of the longest
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[BlockInputs]:
-    """The (args, kwargs) `block` receives in each sample's forward; the forward stops there."""
-    captured: list[BlockInputs] = []
+def capture_block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[Batch]) -> list[list[BlockInputs]]:
+    """The (args, kwargs) each block receives in each sample's forward: [block][sample]. Only block 0's hidden states
+    are kept (the pruned blocks make the others'); the rest of each block's inputs are its own, as the model builds
+    them per layer (Gemma 2 and 3 give sliding-window layers another attention mask and rotary table than full
+    ones, so block 0's cannot stand for all)."""
+    captured: list[list[BlockInputs]] = [[] for _ in blocks]
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not args and "hidden_states" not in kwargs:
-            raise SoraError(f"wanda: the model's first block ({type(module).__name__}) receives no hidden states "
-                            "as its first argument or as hidden_states=; this architecture is not supported")
-        captured.append((args, dict(kwargs)))
-        raise _Captured
+    def hook_for(i: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not args and "hidden_states" not in kwargs:
+                raise SoraError(f"wanda: the model's blocks ({type(module).__name__}) receive no hidden states as "
+                                "their first argument or as hidden_states=; this architecture is not supported")
+            captured[i].append((args, dict(kwargs)) if i == 0 else _with_hidden((args, dict(kwargs)), None))
+            if i == len(blocks) - 1:
+                raise _Captured  # the last block's inputs are known: the rest of the forward is not needed
+        return hook
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch in batches:
             with contextlib.suppress(_Captured):
                 model(**batch)
     finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise SoraError(f"wanda: the model's first block ({type(block).__name__}) was not reached by every "
+        for h in handles:
+            h.remove()
+    if any(len(c) != len(batches) for c in captured):
+        raise SoraError(f"wanda: the model's blocks ({type(blocks[0]).__name__}) were not all reached by every "
                         "calibration sample; this architecture is not supported")
     return captured
 
@@ -278,7 +285,13 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _with_hidden(inputs: BlockInputs, hidden: torch.Tensor) -> BlockInputs:
+def _hidden_of(inputs: BlockInputs) -> torch.Tensor:
+    """The hidden states of block inputs (args[0], or kwargs["hidden_states"])."""
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(inputs: BlockInputs, hidden: torch.Tensor | None) -> BlockInputs:
     """The same block inputs with the hidden states replaced (args[0], or kwargs["hidden_states"])."""
     args, kwargs = inputs
     if args:
@@ -309,11 +322,14 @@ def wanda_prune(model: nn.Module, targets: list[str], batches: list[Batch], rule
         found = find_blocks(model, targets)
         if found is not None:
             prefix, blocks = found
-            inputs = capture_block_inputs(model, blocks[0], batches)
+            captured = capture_block_inputs(model, list(blocks), batches)
+            inputs = captured[0]
             for i, block in enumerate(blocks):
                 names = [t for t in targets if inside(t, [f"{prefix}.{i}"])]
-                inputs = prune_block(model, block, names, inputs, rule, world)
+                outputs = prune_block(model, block, names, inputs, rule, world)
                 done.update(names)
+                if i + 1 < len(blocks):  # the next block's own inputs, with the pruned block's hidden states
+                    inputs = [_with_hidden(own, _hidden_of(out)) for own, out in zip(captured[i + 1], outputs)]
         rest = [t for t in targets if t not in done]
         if rest:
             with input_norms(model, rest) as norms:
@@ -470,7 +486,7 @@ def sparsify(source: str, output: Path, method: str, sparsity: float | None = No
     target_modules = parse_targets(targets)
     if samples < 1:
         raise InputError(f"--samples: must be a positive integer, got {samples}")
-    if samples < world.size:
+    if rule.method == "wanda" and samples < world.size:  # magnitude pruning reads no samples
         raise InputError(f"--samples: {samples} is fewer than the {world.size} processes sharing them; give at "
                          f"least {world.size}")
     if rule.method == "wanda" and not is_recipe(source):

@@ -180,6 +180,15 @@ def tiny_model(kind: str) -> tuple[nn.Module, list[str], str, int]:
         config.num_hidden_layers = 3
         model: nn.Module = LlamaForCausalLM(config)
         return model, select_targets(model, "all-linear", []), "model.layers", 3
+    if kind == "gemma3":  # sliding-window and full layers, each with its own mask and rotary table
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        gemma = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=3,
+                                 max_position_embeddings=64, attn_implementation="eager",
+                                 layer_types=["sliding_attention", "full_attention"] * 2)
+        model = Gemma3ForCausalLM(gemma)
+        return model, select_targets(model, "all-linear", []), "model.layers", 4
     model = BertForSequenceClassification(tiny_bert_config(40, num_labels=2))
     return model, select_targets(model, "all-linear", ["classifier"]), "bert.encoder.layer", 2
 
@@ -208,7 +217,7 @@ def test_find_blocks_takes_the_outermost_longest_list() -> None:
 
 
 @pytest.mark.parametrize("rule", [Rule("wanda", sparsity=0.5), Rule("wanda", pattern=(2, 4))], ids=["0.5", "2:4"])
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "bert", "gemma3"])
 def test_wanda_block_by_block_equals_full_forward_reference(kind: str, rule: Rule) -> None:
     model, targets, prefix, n_blocks = tiny_model(kind)
     gen = torch.Generator().manual_seed(1)
