@@ -62,6 +62,7 @@ from sora_cli.rundir import (
     trainable_tensors,
     truncate_metrics,
 )
+from sora_cli.runlock import RunLock, lock_run
 from sora_cli.strategy import ONE, Strategy, choose, rank_seed
 from sora_cli.tasks import EncodedSplits, EvalContext, Task, get_task
 
@@ -417,7 +418,31 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
     has_run = strategy.main(check_run_dir, out, recipe, resume, overwrite)
     run = prepare(recipe, out, total_steps, strategy)
     synchronise(run)
-    state, resumed_from = strategy.load(open_run, run, has_run, overwrite, init_from, init_weights)
+    (state, resumed_from), lock = strategy.load(claim_run, run, has_run, overwrite, init_from, init_weights)
+    try:
+        return train_claimed(run, state, resumed_from, t0, lr_scale, memorization_samples, best_memorization)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None,
+              init_weights: Path | None) -> tuple[tuple[TrainState, int | None], RunLock | None]:
+    """Lock the run directory (rank 0, which alone writes it: runlock.py), then `open_run`; the lock is let go if
+    opening fails."""
+    lock = lock_run(run.out) if run.strategy.writes else None
+    try:
+        return open_run(run, has_run, overwrite, init_from, init_weights), lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def train_claimed(run: Run, state: TrainState, resumed_from: int | None, t0: float, lr_scale: float | None,
+                  memorization_samples: int | None, best_memorization: bool) -> RunResult:
+    """`train` once the run directory is this run's: the loop, the final scores, final/."""
+    recipe, out, strategy = run.recipe, run.out, run.strategy
     trainable, all_params = count_parameters(run.model)
     if state.step >= run.total or state.stopped:
         done = strategy.main(finished, out, state, trainable, t0)

@@ -29,6 +29,7 @@ from sora_cli.checkpoint import (
 )
 from sora_cli.errors import CheckpointError, InputError, SoraError
 from sora_cli.recipe import Recipe, dump_recipe, load_recipe, recipe_diff
+from sora_cli.runlock import LOCK, check_unlocked
 
 METRICS = "metrics.jsonl"
 
@@ -43,7 +44,9 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> b
         raise InputError(f"train.output_dir: {out} exists and is not a directory; choose another --output-dir")
     if resume and overwrite:
         raise InputError("--resume and --overwrite contradict each other; give one")
-    exists = out.is_dir() and any(out.iterdir())
+    if out.is_dir():
+        check_unlocked(out)  # a live run writing here: refused before anything loads
+    exists = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
     is_run = (out / "recipe.yaml").is_file()
     if exists and not is_run:  # never write into, or delete, a directory that is not a sora run
         raise InputError(f"train.output_dir: {out} is not empty and holds no sora run (no recipe.yaml); "
@@ -69,8 +72,10 @@ def start_fresh(out: Path, recipe: Recipe, has_run: bool, overwrite: bool) -> No
     """A new run in `out`: replace an old run (only with --overwrite), write recipe.yaml and an empty log."""
     if has_run:
         render.note(f"{out}: no complete checkpoint yet; starting at step 0")
-    elif out.exists() and overwrite:
-        shutil.rmtree(out)  # only ever a sora run: check_run_dir saw its recipe.yaml
+    elif out.exists() and overwrite:  # only ever a sora run: check_run_dir saw its recipe.yaml
+        for child in out.iterdir():
+            if child.name != LOCK:  # this run's lock stays: removing it would let another process lock a new file
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("checkpoints", "best", "final"):
         shutil.rmtree(out / stale, ignore_errors=True)

@@ -39,6 +39,7 @@ from sora_cli.errors import InputError
 from sora_cli.optim import lr_factor, set_lr, warmup_length
 from sora_cli.recipe import EditConfig, Recipe
 from sora_cli.rundir import check_run_dir, start_fresh
+from sora_cli.runlock import lock_run
 from sora_cli.strategy import Strategy, rank_seed
 from sora_cli.tasks.causal_lm import collate, left_padded, normalize_answer, stop_ids
 from sora_cli.tasks.edit import EditTask, split_ids
@@ -221,6 +222,13 @@ def run_edits(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) 
         raise InputError(f"--resume: a {edit.mode}-mode edit run cannot continue part-way (its adapter holds every "
                          "edit so far); start it again with --overwrite")
     s = open_session(recipe)
+    with lock_run(out) if world.main else contextlib.nullcontext():  # rank 0 alone writes the run directory
+        return edit_claimed(s, out, recipe, has_run, overwrite, t0)
+
+
+def edit_claimed(s: Session, out: Path, recipe: Recipe, has_run: bool, overwrite: bool, t0: float) -> EditResult:
+    """`run_edits` once the run directory is this run's: edits.jsonl, summary.json (final/ in batch modes)."""
+    edit, world = recipe.edit or EditConfig(), s.run.world
     done = on_main(read_done, out / "edits.jsonl", world=world) if has_run else {}
     if not has_run and world.main:
         start_fresh(out, recipe, has_run, overwrite)
