@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sora_cli.datafiles import check_file
 from sora_cli.errors import InputError, SoraError
 from sora_cli.recipe import DataConfig
 
@@ -120,6 +121,9 @@ def _load_files(cfg: DataConfig, datasets: Any) -> Any:
         if _FORMATS[path.suffix.lower()] != train_kind:  # .tsv and .csv too: they need other delimiters
             raise InputError(f"data.{key}: {path.name} is {path.suffix} but data.train_file is "
                              f"{files['train'][1].suffix}; give every data file the same format")
+    label = cfg.label_field if cfg.task_type in (None, "classification", "regression") else None
+    for key, path in files.values():  # a malformed record named by file and line, before the library reads them
+        check_file(key, path, train_kind, label)
     loader, extra = ("csv", {"delimiter": "\t"}) if train_kind == "tsv" else (train_kind, {})
     try:
         return datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)

@@ -305,7 +305,8 @@ def test_bad_causal_inputs(causal_recipe, tmp_path: Path) -> None:
     assert "empty response" in _fails(recipe, f"data.train_file={data('empty.jsonl', empty)}")
     assert "data.max_length: every train example's response is longer than 2 tokens" in _fails(
         recipe, "data.max_length=2")
-    assert "could not read the json data" in _fails(recipe, f"data.train_file={data('broken.jsonl', '{not json')}")
+    assert "broken.jsonl, line 1, column 2: not valid JSON" in _fails(
+        recipe, f"data.train_file={data('broken.jsonl', '{not json')}")
     nochat = save_tiny_causal_model(tmp_path / "nochat", tiny_causal_tokenizer(chat_template=False))
     chat = [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
             for r in good]
