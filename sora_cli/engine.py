@@ -428,14 +428,14 @@ def train(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, init
 
 def claim_run(run: Run, has_run: bool, overwrite: bool, init_from: Path | None,
               init_weights: Path | None) -> tuple[tuple[TrainState, int | None], RunLock | None]:
-    """Lock the run directory (rank 0, which alone writes it: runlock.py), then `open_run`; the lock is let go if
-    opening fails."""
+    """Lock the run directory (rank 0, which alone writes it: runlock.py), then `open_run`; if opening fails the
+    lock is let go, and a directory that taking it created is removed again."""
     lock = lock_run(run.out) if run.strategy.writes else None
     try:
         return open_run(run, has_run, overwrite, init_from, init_weights), lock
     except BaseException:
         if lock is not None:
-            lock.release()
+            lock.abandon()
         raise
 
 

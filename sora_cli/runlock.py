@@ -24,14 +24,26 @@ LOCK = ".lock"
 class RunLock:
     """A held lock on a run directory; `release` (or the process's end) lets it go."""
 
-    def __init__(self, fd: int, path: Path):
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int, path: Path, created: bool = False):
+        self.fd, self.path, self.created = fd, path, created
 
     def __enter__(self) -> RunLock:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is None:
+            self.release()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Release, and remove the run directory again if taking the lock created it and nothing else was written
+        there (a run that fails before writing leaves no directory behind)."""
         self.release()
+        folder = self.path.parent
+        if self.created and [p.name for p in folder.iterdir()] == [LOCK]:
+            self.path.unlink(missing_ok=True)
+            folder.rmdir()
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -41,6 +53,7 @@ class RunLock:
 
 def lock_run(out: Path) -> RunLock:
     """Take `out`'s lock (creating `out` if needed), or raise InputError naming the live process that holds it."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -54,7 +67,7 @@ def lock_run(out: Path) -> RunLock:
           "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-    return RunLock(fd, path)
+    return RunLock(fd, path, created)
 
 
 def check_unlocked(out: Path) -> None:

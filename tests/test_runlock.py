@@ -64,3 +64,20 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path: 
     p = sora("train", str(recipe), "--overwrite", "train.max_steps=2")
     assert p.returncode == 0, p.stderr[-2000:]
     assert (out / "final").is_dir() and f'"pid": {first.pid}' not in (out / LOCK).read_text()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path: Path, make_recipe: Any) -> None:
+    """Taking the lock creates the run directory; a failure before the run writes anything removes it again (here:
+    a schedule's starting checkpoint that does not exist), and a directory that was there before stays."""
+    from sora_cli.engine import train
+    from sora_cli.errors import SoraError
+
+    recipe = load_recipe(make_recipe(train={"max_steps": 2}))
+    out = Path(recipe.train.output_dir or "")
+    with pytest.raises(SoraError, match="no-such-checkpoint"):
+        train(recipe, init_from=tmp_path / "no-such-checkpoint")
+    assert not out.exists()
+    out.mkdir(parents=True)
+    with pytest.raises(SoraError, match="no-such-checkpoint"):
+        train(recipe, init_from=tmp_path / "no-such-checkpoint")
+    assert out.is_dir()
