@@ -33,6 +33,7 @@ from sora_cli.checkpoint import (
     remove_old_checkpoints,
     save_adapter,
     save_training_state,
+    step_checkpoints,
 )
 from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, current
@@ -547,10 +548,10 @@ def skip_or_stop(run: Run, state: TrainState, log: MetricsLog, progress: render.
 
 def last_good(run: Run) -> str:
     """Where --resume would continue: the run's last step checkpoint (every one holds finite tensors only)."""
-    steps = [int(p.name.split("-")[1]) for p in (run.out / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    if not steps:
+    saved = step_checkpoints(run.out)
+    if not saved:
         return "No checkpoint was saved before it"
-    return f"--resume continues from the last checkpoint, {run.out / 'checkpoints' / f'step-{max(steps)}'}"
+    return f"--resume continues from the last checkpoint, {saved[-1][1]}"
 
 
 def json_number(x: float) -> float | str:

@@ -17,6 +17,7 @@ float32 shards stay); `fsdp_cpu_offload` keeps the shards in CPU memory between 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from sora_cli.dist import World
 from sora_cli.errors import InputError
-from sora_cli.strategy import Strategy, assemble, shares, synced
+from sora_cli.strategy import Strategy, assemble, shares
 
 T = TypeVar("T")
 
@@ -93,7 +94,8 @@ class FullyShard(Strategy):
         lists = shares(data.lengths, w.size)
         mine, n = lists[w.rank], max(len(x) for x in lists)
         padded = mine + (mine or lists[0])[:1] * (n - len(mine))
-        rows = self.call(model, task.predict, task.subset(data, padded), synced(ctx))
+        # generation keeps stepping until every rank is done (each step all-gathers with the others)
+        rows = self.call(model, task.predict, task.subset(data, padded), dataclasses.replace(ctx, synced=True))
         return task.score(assemble(w.gather((mine, rows)), len(data)))
 
 

@@ -56,13 +56,7 @@ def lock_run(out: Path) -> RunLock:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise InputError(f"train.output_dir: {out} is in use by {holder(path)}; wait for that run to end, or choose "
-                         "another --output-dir") from None
+    fd = take(path, out)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
@@ -70,12 +64,23 @@ def lock_run(out: Path) -> RunLock:
     return RunLock(fd, path, created)
 
 
+def take(path: Path, out: Path) -> int:
+    """A descriptor of `path` holding its flock, or InputError naming the live process that holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise InputError(f"train.output_dir: {out} is in use by {holder(path)}; wait for that run to end, or choose "
+                         "another --output-dir") from None
+    return fd
+
+
 def check_unlocked(out: Path) -> None:
-    """Raise InputError if a live process holds `out`'s lock (before a run loads anything); takes nothing."""
+    """Raise InputError if a live process holds `out`'s lock (before a run loads anything); writes nothing."""
     path = out / LOCK
-    if not path.is_file():
-        return
-    lock_run(out).release()
+    if path.is_file():
+        os.close(take(path, out))
 
 
 def holder(path: Path) -> str:

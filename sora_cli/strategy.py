@@ -23,7 +23,6 @@ weights, gradients and optimizer state are what every rank keeps whole (see `sor
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -157,9 +156,3 @@ def choose(cfg: TrainConfig, world: World) -> Strategy:
 
         return FullyShard(world, bf16=cfg.precision == "bf16", cpu_offload=cfg.fsdp_cpu_offload)
     return Strategy(world)
-
-
-def synced(ctx: Any) -> Any:
-    """`ctx` for evaluation under FSDP2: generation keeps stepping until every rank is done (each step all-gathers
-    every block's weights, so no rank may stop early)."""
-    return dataclasses.replace(ctx, synced=True)
