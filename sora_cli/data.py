@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,40 +71,58 @@ def sentiment_instructions(columns: dict[str, list[Any]]) -> dict[str, list[Any]
             "output": ["positive" if y == 1 else "negative" for y in columns["label"]]}
 
 
+@dataclass
+class RawData:
+    """Split name -> column name -> values, and where each record came from (`places[split][i]`, the start of an
+    error message about record i: "data.train_file: data/train.jsonl, line 21"), kept through splits and shuffles."""
+
+    columns: dict[str, dict[str, list[Any]]]
+    places: dict[str, list[str]]
+
+
+def numbered(source: str, columns: dict[str, list[Any]]) -> list[str]:
+    """Places of records known only by their position in `source` (a hub split, a JSON file of columns)."""
+    n = len(next(iter(columns.values()), []))
+    return [f"{source}, record {i} (0-based)" for i in range(n)]
+
+
 def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = None,
-             validation_split: str = "validation") -> dict[str, dict[str, list[Any]]]:
-    """Split name -> column name -> values, from the packaged corpus, local files or the hub (`hub_id` and
-    `config`: a task preset's defaults for data.dataset and data.config_name)."""
+             validation_split: str = "validation") -> RawData:
+    """The packaged corpus, local files or a hub dataset (`hub_id` and `config`: a task preset's defaults for
+    data.dataset and data.config_name), by split."""
     if cfg.dataset is not None and cfg.dataset.startswith("packaged:"):
         name = cfg.dataset.removeprefix("packaged:")
         if name not in PACKAGED_DATASETS:
             raise InputError(f"data.dataset: unknown packaged dataset {name!r}; known: "
                              + ", ".join(f"packaged:{n}" for n in PACKAGED_DATASETS))
         columns = rotten_tomatoes_columns()
-        return {"train": columns if name == "rotten_tomatoes" else sentiment_instructions(columns)}
+        columns = columns if name == "rotten_tomatoes" else sentiment_instructions(columns)
+        return RawData({"train": columns}, {"train": numbered(cfg.dataset, columns)})
 
     import datasets
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a bad file is our one-line error, not its log
     if cfg.train_file is not None:
-        ds = _load_files(cfg, datasets)
-    else:
-        hub_id = cfg.dataset or hub_id
-        config = cfg.config_name or (config if cfg.dataset is None else None)
-        if hub_id is None:
-            raise InputError("data: give data.dataset, data.train_file or data.task")
-        try:
-            ds = datasets.load_dataset(hub_id, config)
-        except Exception as e:
-            raise SoraError(f"data.dataset: could not load {hub_id!r}"
-                            f"{f' ({config})' if config else ''} from the hub: {_first_line(e)}") from None
-        if validation_split in ds and validation_split != "validation":
-            ds["validation"] = ds[validation_split]
-    return {name: ds[name].to_dict() for name in ("train", "validation", "test") if name in ds}
+        return _load_files(cfg, datasets)
+    hub_id = cfg.dataset or hub_id
+    config = cfg.config_name or (config if cfg.dataset is None else None)
+    if hub_id is None:
+        raise InputError("data: give data.dataset, data.train_file or data.task")
+    try:
+        ds = datasets.load_dataset(hub_id, config)
+    except Exception as e:
+        raise SoraError(f"data.dataset: could not load {hub_id!r}"
+                        f"{f' ({config})' if config else ''} from the hub: {_first_line(e)}") from None
+    if validation_split in ds and validation_split != "validation":
+        ds["validation"] = ds[validation_split]
+    splits = {name: (ds[name].to_dict(), validation_split if name == "validation" else name)
+              for name in ("train", "validation", "test") if name in ds}
+    return RawData({name: columns for name, (columns, _) in splits.items()},
+                   {name: numbered(f"{hub_id} {source}", columns) for name, (columns, source) in splits.items()})
 
 
-def _load_files(cfg: DataConfig, datasets: Any) -> Any:
+def _load_files(cfg: DataConfig, datasets: Any) -> RawData:
     """data.train_file (and validation_file, test_file), all of one format, read with `datasets`."""
     files: dict[str, tuple[str, Path]] = {}  # split -> (recipe field, path)
     for split, key in (("train", "train_file"), ("validation", "validation_file"), ("test", "test_file")):
@@ -122,14 +141,23 @@ def _load_files(cfg: DataConfig, datasets: Any) -> Any:
             raise InputError(f"data.{key}: {path.name} is {path.suffix} but data.train_file is "
                              f"{files['train'][1].suffix}; give every data file the same format")
     label = cfg.label_field if cfg.task_type in (None, "classification", "regression") else None
-    for key, path in files.values():  # a malformed record named by file and line, before the library reads them
-        check_file(key, path, train_kind, label)
+    # A malformed record named by file and line, before the library reads them; each record's line kept.
+    lines = {split: check_file(key, path, train_kind, label) for split, (key, path) in files.items()}
     loader, extra = ("csv", {"delimiter": "\t"}) if train_kind == "tsv" else (train_kind, {})
     try:
-        return datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)
+        ds = datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)
     except Exception as e:  # the library's own message names the problem (bad CSV, bad JSON ...)
         names = ", ".join(f"data.{k}" for k, _ in files.values())
         raise InputError(f"{names}: could not read the {train_kind} data: {_first_line(e)}") from None
+    columns = {split: ds[split].to_dict() for split in files}
+    places = {}
+    for split, (key, path) in files.items():
+        found = lines[split]
+        if found is None or len(found) != len(ds[split]):  # a JSON file of columns: records by position
+            places[split] = numbered(f"data.{key}: {path}", columns[split])
+        else:
+            places[split] = [f"data.{key}: {path}, line {n}" for n in found]
+    return RawData(columns, places)
 
 
 def _first_line(e: BaseException) -> str:

@@ -34,6 +34,7 @@ def tiny_model(directory: Path) -> tuple[Any, Any]:
 
 def encoded_batch(task: CausalLMTask, tokenizer: Any, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     task.records = {"train": records}
+    task.places = {"train": [f"record {i}" for i in range(len(records))]}
     data = task.encode(tokenizer, 64).train
     return task.collate(data, list(range(len(data))), tokenizer.pad_token_id)
 
@@ -298,8 +299,9 @@ def test_bad_causal_inputs(causal_recipe, tmp_path: Path) -> None:
     assert "no known format in the columns found (question, answer)" in message and "alpaca needs" in message
     missing = [dict(r) for r in good]
     del missing[7]["output"]
-    assert "missing.jsonl (train) record" in _fails(recipe, f"data.train_file={data('missing.jsonl', missing)}",
-                                                    "data.split=[0.9,0.1]")
+    # line 8 of the file, whichever split the seeded shuffle put it in
+    assert "missing.jsonl, line 8: missing field 'output' (absent or null); an alpaca record needs" in _fails(
+        recipe, f"data.train_file={data('missing.jsonl', missing)}", "data.split=[0.9,0.1]")
     empty = [dict(r) for r in good]
     empty[3]["output"] = "  "
     assert "empty response" in _fails(recipe, f"data.train_file={data('empty.jsonl', empty)}")

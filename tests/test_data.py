@@ -78,8 +78,11 @@ def test_data_errors(tmp_path: Path) -> None:
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(InputError, match="data.train_file: unsupported file type '.txt'"):
         load_splits(DataConfig(train_file=str(tmp_path / "d.txt")))
-    with pytest.raises(InputError, match=r"data.label_field: label 1 outside 0..0"):
+    with pytest.raises(InputError, match=r"data.train_file: .*d.csv, line \d+: label 1 is outside 0..0; set "
+                                         r"data.num_labels") as caught:
         load_splits(DataConfig(train_file=str(path), num_labels=1))
+    line = int(str(caught.value).split(", line ")[1].split(":")[0])
+    assert path.read_text().splitlines()[line - 1].endswith(",1")  # the line named holds that label
 
 
 def test_dynamic_padding() -> None:
@@ -104,7 +107,7 @@ def test_train_order_is_stateless_and_seeded() -> None:
 
 
 def test_split_len() -> None:
-    assert len(Split([("a",), ("b",)], [0, 1])) == 2
+    assert len(Split([("a",), ("b",)], [0, 1], ["r0", "r1"])) == 2
 
 
 def _glue_files(tmp_path: Path, fields: tuple[str, str], n_train: int, n_validation: int) -> tuple[str, str]:

@@ -158,7 +158,7 @@ def test_edit_recipe_errors(edit_recipe, tmp_path: Path) -> None:
         load_recipe(edit_recipe(data={"task_type": "causal_lm"}))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([EDITS[0], {"prompt": "x"}]))
-    with pytest.raises(Exception, match=r"bad.json: record 1: .*target_new"):
+    with pytest.raises(Exception, match=r"bad.json: line 1 \(list index 1\): .*target_new"):
         run_edits(load_recipe(edit_recipe("bad", data={"train_file": str(bad)})))
     assert not (tmp_path / "runs" / "bad").exists()  # nothing written
     scheduled = load_recipe(edit_recipe("sched", adapter={"method": "sora", "density": None, "sparsify_start": None,

@@ -157,7 +157,8 @@ def test_a_bad_record_names_file_record_and_field(tmp_path: Path, record: Any, p
     path = write_list(tmp_path / "edits.json", [EASYEDIT, ZSRE, COUNTERFACT, record])
     with pytest.raises(InputError) as caught:
         load_requests(path)
-    assert str(caught.value) == f"{path}: record 3: {problem}; {HINT}"
+    line = 1 + len(json.dumps([EASYEDIT, ZSRE, COUNTERFACT], indent=2).splitlines()[:-1])  # the 4th item's line
+    assert str(caught.value) == f"{path}: line {line} (list index 3): {problem}; {HINT}"
     assert caught.value.exit_code == 2
 
 

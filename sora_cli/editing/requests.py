@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sora_cli.datafiles import element_lines
 from sora_cli.errors import InputError
 
 HINT = 'see README "Knowledge editing" for the accepted formats'
@@ -52,6 +53,11 @@ class EditRequest:
 
 def load_requests(path: str | Path) -> list[EditRequest]:
     """The edit requests of a .json or .jsonl file; InputError (one line) on anything malformed."""
+    return located_requests(path)[0]
+
+
+def located_requests(path: str | Path) -> tuple[list[EditRequest], list[str]]:
+    """The edit requests of a file and where each is in it ("edits.jsonl: line 21"), for later errors."""
     where = str(path)
     file = Path(path)
     if not file.is_file():
@@ -62,26 +68,27 @@ def load_requests(path: str | Path) -> list[EditRequest]:
         text = file.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is not JSON
     except UnicodeDecodeError as err:
         raise InputError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from err
-    if file.suffix.lower() == ".jsonl":
-        records = _json_lines(text, where)
-    else:
-        records = _json_document(text, where)
-    return requests_from_records(records, where)
+    located = _json_lines(text, where) if file.suffix.lower() == ".jsonl" else _json_document(text, where)
+    places = [place for place, _ in located]
+    return requests_from_records([record for _, record in located], where, places), [f"{where}: {p}" for p in places]
 
 
-def requests_from_records(records: list[Any], where: str) -> list[EditRequest]:
-    """Parse already-loaded records; `where` (a file name) starts every error message, then 'record N' (0-based)."""
+def requests_from_records(records: list[Any], where: str, places: list[str] | None = None) -> list[EditRequest]:
+    """Parse already-loaded records; `where` (a file name) starts every error message, then the record's place in
+    it (`places[i]`, default 'record i', 0-based)."""
     if not records:
         raise InputError(f"{where}: no records (the file is empty); {HINT}")
-    return [_request(_Record(where, index, record)) for index, record in enumerate(records)]
+    places = places or [f"record {i}" for i in range(len(records))]
+    return [_request(_Record(where, place, record)) for place, record in zip(places, records, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 
 
-def _json_document(text: str, where: str) -> list[Any]:
-    """A .json file: one JSON list (or a single record), else JSON lines if its first line is a JSON value."""
+def _json_document(text: str, where: str) -> list[tuple[str, Any]]:
+    """(place, record) of a .json file: one JSON list (or a single record), else JSON lines if its first line is a
+    JSON value."""
     if not text.strip():
         return []
     try:
@@ -94,10 +101,11 @@ def _json_document(text: str, where: str) -> list[Any]:
         raise InputError(f"{where}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); the file "
                          "must hold a JSON list of records, or one JSON record per line") from err
     if isinstance(data, dict):
-        return [data]
+        return [("record 0", data)]
     if not isinstance(data, list):
         raise InputError(f"{where}: the file holds {_kind(data)}; it must hold a JSON list of records; {HINT}")
-    return data
+    return [(f"line {line} (list index {i})", record)
+            for i, (line, record) in enumerate(zip(element_lines(text), data, strict=True))]
 
 
 def _first_line_parses(text: str) -> bool:
@@ -109,14 +117,15 @@ def _first_line_parses(text: str) -> bool:
     return True
 
 
-def _json_lines(text: str, where: str) -> list[Any]:
-    """One JSON value per line; blank lines are skipped. Split on \\n only: JSON strings may hold U+2028."""
+def _json_lines(text: str, where: str) -> list[tuple[str, Any]]:
+    """(place, record): one JSON value per line; blank lines are skipped. Split on \\n only: JSON strings may hold
+    U+2028."""
     records = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise InputError(f"{where}: line {number} is not valid JSON ({err.msg} at column {err.colno}); write "
                              "one JSON record per line") from err
@@ -225,12 +234,12 @@ def _neighbour(record: _Record, index: int, item: Any, true: str) -> Probe:
 class _Record:
     """One record and where it is: every field check raises InputError naming the file, the record and the field."""
 
-    def __init__(self, where: str, index: int, data: Any):
-        self.where, self.index, self.data = where, index, data
+    def __init__(self, where: str, place: str, data: Any):
+        self.where, self.place, self.data = where, place, data
 
     def error(self, problem: str) -> InputError:
         # one line, even when a key of the record holds a newline
-        return InputError(f"{self.where}: record {self.index}: {problem}; {HINT}".replace("\n", "\\n"))
+        return InputError(f"{self.where}: {self.place}: {problem}; {HINT}".replace("\n", "\\n"))
 
     def text(self, name: str, value: Any) -> str:
         """A required non-empty string, stripped."""

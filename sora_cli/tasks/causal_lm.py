@@ -134,6 +134,7 @@ class CausalLMTask(Task):
     def __init__(self, data: DataConfig):
         super().__init__(data)
         self.records: dict[str, Records] = {}
+        self.places: dict[str, list[str]] = {}  # split -> where each record is in its file (error messages)
         self.format: str = data.format
         self.fields = FormatFields(prompt=data.prompt_field, completion=data.completion_field)
 
@@ -146,19 +147,21 @@ class CausalLMTask(Task):
 
     def load_data(self) -> None:
         raw = load_raw(self.data)
-        splits = {name: _rows(columns) for name, columns in raw.items()}
-        columns = list(raw["train"])
-        self.format = detect_format(columns, self.fields) if self.data.format == "auto" else self.data.format
+        splits = {name: (_rows(columns), raw.places[name]) for name, columns in raw.columns.items()}
+        self.format = (detect_format(list(raw.columns["train"]), self.fields) if self.data.format == "auto"
+                       else self.data.format)
         if "validation" not in splits:
-            parts = split_indices(len(splits["train"]), split_fractions(self.data.split, "test" in splits),
+            parts = split_indices(len(splits["train"][0]), split_fractions(self.data.split, "test" in splits),
                                   self.data.split_seed)
-            train = splits["train"]
-            splits["train"], splits["validation"] = [train[i] for i in parts[0]], [train[i] for i in parts[1]]
-            if len(parts) == 3:
-                splits["test"] = [train[i] for i in parts[2]]
+            rows, places = splits["train"]
+            for name, part in zip(("train", "validation", "test"), parts, strict=False):
+                splits[name] = ([rows[i] for i in part], [places[i] for i in part])
         caps = {"train": self.data.max_train_samples, "validation": self.data.max_eval_samples,
                 "test": self.data.max_eval_samples}
-        self.records = {name: rows[: caps[name]] if caps[name] else rows for name, rows in splits.items()}
+        cut = {name: (rows[: caps[name]], places[: caps[name]]) if caps[name] else (rows, places)
+               for name, (rows, places) in splits.items()}
+        self.records = {name: rows for name, (rows, _) in cut.items()}
+        self.places = {name: places for name, (_, places) in cut.items()}
 
     def train_size(self) -> int:
         return len(self.records["train"])
@@ -173,11 +176,9 @@ class CausalLMTask(Task):
         return EncodedSplits(out["train"], out["validation"], out["test"])
 
     def _encode_split(self, split: str, label: str, tokenizer: Any, max_length: int) -> CausalData:
-        source = self.data.train_file or self.data.dataset or "data"
         data = CausalData([])
         evaluated = split != "train"  # scored over the response only, whatever train_on_prompt says
-        for i, record in enumerate(self.records[split]):
-            where = f"{source} ({label}) record {i}"
+        for record, where in zip(self.records[split], self.places[split], strict=True):
             e = encode_record(record, self.format, tokenizer, fields=self.fields, chat_template=self.data.chat_template,
                               train_on_prompt=self.data.train_on_prompt and not evaluated, max_length=max_length,
                               where=where)

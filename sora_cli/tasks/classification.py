@@ -94,12 +94,14 @@ def compute_metrics(task_type: str, predictions: np.ndarray, labels: np.ndarray)
 class Split:
     texts: list[tuple[str, ...]]  # one or two texts per example
     labels: list[Any]  # int class ids, or floats for regression
+    places: list[str]  # where each example is in its file ("data.train_file: d.csv, line 42"), for errors
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, indices: list[int]) -> Split:
-        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices],
+                     [self.places[i] for i in indices])
 
 
 @dataclass
@@ -120,20 +122,21 @@ def load_splits(cfg: DataConfig) -> Splits:
     task_type = task_type_of(cfg)
 
     where = cfg.train_file and "data.train_file" or "data.dataset"
-    columns = list(raw["train"])
+    columns = list(raw.columns["train"])
     for key, fields in (("data.text_fields", text_fields), ("data.label_field", (cfg.label_field,))):
         missing = [f for f in fields if f not in columns]
         if missing:
             raise InputError(f"{key}: {', '.join(map(repr, missing))} not in the data ({where}); "
                              f"its columns are: {', '.join(columns)}")
 
-    def examples(columns: dict[str, list[Any]]) -> Split:
+    def examples(name: str) -> Split:
+        columns = raw.columns[name]
         texts = list(zip(*(["" if t is None else str(t) for t in columns[f]] for f in text_fields)))
-        return Split(texts, list(columns[cfg.label_field]))
+        return Split(texts, list(columns[cfg.label_field]), raw.places[name])
 
-    train = examples(raw["train"])
-    dev = examples(raw["validation"]) if "validation" in raw else None
-    test = examples(raw["test"]) if "test" in raw else None
+    train = examples("train")
+    dev = examples("validation") if "validation" in raw.columns else None
+    test = examples("test") if "test" in raw.columns else None
     if test is not None and task_type == "classification" and all(y == -1 for y in test.labels):
         test = None  # GLUE's hidden test labels
     if cfg.glue_split == "sora" and cfg.task is not None:
@@ -175,45 +178,52 @@ def sora_splits(task: str, train: Split, validation: Split, seed: int) -> tuple[
 
 def _labels(cfg: DataConfig, task_type: str, preset: TaskPreset | None, train: Split, dev: Split | None,
             test: Split | None) -> tuple[list[str] | None, int]:
-    """Check the labels (string labels become ids, in place); return (label names, number of labels)."""
+    """Check the labels (string labels become ids, whole floats ints, in place); return (label names, number of
+    labels). A bad label is named by its record's place in its file."""
+    splits = [s for s in (train, dev, test) if s is not None]
+    field = cfg.label_field
     if task_type == "regression":
-        _check_labels(train, dev, test, float, "a number")
+        for split in splits:
+            for y, place in zip(split.labels, split.places, strict=True):
+                if not isinstance(y, (int, float, np.number)) or isinstance(y, bool):
+                    raise InputError(f"{place}: {field} {y!r} is not a number (this is a regression task); fix "
+                                     "the label, or set data.task_type: classification")
         return None, 1
     label_names = None
     if any(isinstance(y, str) for y in train.labels):
         label_names = sorted({str(y) for y in train.labels})
         index = {n: i for i, n in enumerate(label_names)}
-        for split, name in ((train, "train"), (dev, "dev"), (test, "test")):
-            if split is None:
-                continue
-            unknown = sorted({str(y) for y in split.labels} - set(index))
-            if unknown:
-                raise InputError(f"data.label_field: {name} labels {unknown} never occur in train")
+        for split in splits:
+            for y, place in zip(split.labels, split.places, strict=True):
+                if str(y) not in index:
+                    raise InputError(f"{place}: {field} {y!r} never occurs in the training data, whose labels are "
+                                     f"{label_names}; fix the label")
             split.labels = [index[str(y)] for y in split.labels]
-    _check_labels(train, dev, test, int, "an integer class id")
+    for split in splits:
+        split.labels = [_class_id(y, place, field) for y, place in zip(split.labels, split.places, strict=True)]
     num_labels = cfg.num_labels or (preset.num_labels if preset else max(train.labels) + 1)
-    bad = [y for s in (train, dev, test) if s for y in s.labels if not 0 <= y < num_labels]
-    if bad:
-        raise InputError(f"data.label_field: label {bad[0]} outside 0..{num_labels - 1}; "
-                         "set data.num_labels or fix the labels")
+    for split in splits:
+        for y, place in zip(split.labels, split.places, strict=True):
+            if not 0 <= y < num_labels:
+                raise InputError(f"{place}: {field} {y} is outside 0..{num_labels - 1}; set data.num_labels or fix "
+                                 "the label")
     return label_names, num_labels
 
 
-def _check_labels(train: Split, dev: Split | None, test: Split | None, kind: type, what: str) -> None:
-    for split, name in ((train, "train"), (dev, "dev"), (test, "test")):
-        if split is None:
-            continue
-        for y in split.labels:
-            ok = isinstance(y, (int, float)) and not isinstance(y, bool) if kind is float else (
-                isinstance(y, (int, np.integer)) and not isinstance(y, bool))
-            if not ok:
-                raise InputError(f"data.label_field: {name} label {y!r} is not {what}")
+def _class_id(y: Any, place: str, field: str) -> int:
+    """A class id: an int, or a float with no fraction (a column that pandas read as floats)."""
+    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+        return int(y)
+    if isinstance(y, (float, np.floating)) and float(y).is_integer():
+        return int(y)
+    raise InputError(f"{place}: {field} {y!r} is not an integer class id; fix the label, or set "
+                     "data.task_type: regression")
 
 
 def _head(split: Split | None, n: int | None) -> Split | None:
     if split is None or n is None:
         return split
-    return Split(split.texts[:n], split.labels[:n])
+    return Split(split.texts[:n], split.labels[:n], split.places[:n])
 
 
 # ---------------------------------------------------------------------------------------------

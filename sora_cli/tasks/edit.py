@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from sora_cli.editing.requests import EditRequest, load_requests
+from sora_cli.editing.requests import EditRequest, located_requests
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
 from sora_cli.tasks.causal_lm import CausalData, CausalLMTask
@@ -50,16 +50,19 @@ class EditTask(CausalLMTask):
     def __init__(self, data: DataConfig):
         super().__init__(data)
         self.requests: list[EditRequest] = []
+        self.request_places: list[str] = []  # where each request is in its file (error messages)
 
     def load_data(self) -> None:
         if self.data.train_file is not None:
-            self.requests = load_requests(self.data.train_file)
+            self.requests, self.request_places = located_requests(self.data.train_file)
         else:
             from sora_cli.editing.countries import country_edits
 
             self.requests = country_edits()
+            self.request_places = [f"{PACKAGED_EDITS} record {i}" for i in range(len(self.requests))]
         if self.data.max_train_samples is not None:  # the first N requests
             self.requests = self.requests[: self.data.max_train_samples]
+            self.request_places = self.request_places[: self.data.max_train_samples]
 
     def source(self) -> str:
         return self.data.train_file or PACKAGED_EDITS
@@ -73,8 +76,8 @@ class EditTask(CausalLMTask):
 
     def encode(self, tokenizer: Any, max_length: int) -> EncodedSplits:
         """Every request's training example, in file order (dev and test: none; the protocol scores the edits)."""
-        examples = [edit_example(tokenizer, r, max_length, f"{self.source()} record {i}")
-                    for i, r in enumerate(self.requests)]
+        examples = [edit_example(tokenizer, r, max_length, where)
+                    for r, where in zip(self.requests, self.request_places, strict=True)]
         return EncodedSplits(CausalData(examples), None, None)
 
     def metric(self, metric_for_best: str | None) -> str:

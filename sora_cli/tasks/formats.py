@@ -250,7 +250,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
 def _needs(fmt: str, fields: FormatFields) -> str:
     """What a record of `fmt` must hold, for error messages."""
     optional = f" (+ {fields.input}, optional)" if fmt == "alpaca" else ""
-    return f"a {fmt} record needs {' + '.join(fields.required()[fmt])}{optional}"
+    article = "an" if fmt[0] in "aeiou" else "a"
+    return f"{article} {fmt} record needs {' + '.join(fields.required()[fmt])}{optional}"
 
 
 def _string(record: dict[str, Any], name: str, needs: str, where: str, blank: str | None = None) -> str:
