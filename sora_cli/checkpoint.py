@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sora_cli.errors import CheckpointError, SoraError
+from sora_cli.errors import CheckpointError, SoraError, disk_full, full_disk
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter.json"
@@ -89,6 +89,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         os.rename(tmp, target)
         _fsync(target.parent)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        if disk_full(e):  # the half-written copy goes; `target` as it was before stays
+            raise full_disk(target, e) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -102,6 +106,10 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync(path.parent)
+    except OSError as e:
+        if disk_full(e):
+            raise full_disk(path, e) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -130,6 +138,9 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     meta_path, weights_path = directory / ADAPTER_META, directory / ADAPTER_WEIGHTS
+    if not meta_path.is_file() and (directory / "adapter_config.json").is_file():
+        raise CheckpointError(f"{directory}: a PEFT adapter directory (adapter_config.json), not a sora checkpoint; "
+                              "give the run's checkpoint it came from (e.g. runs/NAME/final), or load it with PEFT")
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{directory}: not a sora checkpoint ({p.name} is missing)")
@@ -151,7 +162,19 @@ def load_adapter(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         needed = [f"{name}.{k}" for k in ("lora_A", "lora_B") if m.get("r")]
         if any(k not in tensors for k in needed):
             raise CheckpointError(f"{weights_path}: tensors of {name} are missing; the checkpoint is damaged")
+        _check_shapes(weights_path, tensors, name, m)
     return tensors, meta
+
+
+def _check_shapes(weights_path: Path, tensors: dict[str, torch.Tensor], name: str, module: dict[str, Any]) -> None:
+    """lora_A (r, d_in) and lora_B (d_out, r), as adapter.json records the module."""
+    if not module.get("r") or "d_in" not in module or "d_out" not in module:
+        return
+    for key, shape in (("lora_A", (module["r"], module["d_in"])), ("lora_B", (module["d_out"], module["r"]))):
+        found = tuple(tensors[f"{name}.{key}"].shape)
+        if found != shape:
+            raise CheckpointError(f"{weights_path}: {name}.{key} has shape {list(found)}, but adapter.json records "
+                                  f"{list(shape)} (r, d_in, d_out); the checkpoint is damaged")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +264,13 @@ def save_training_state(directory: Path, optimizer: torch.optim.Optimizer, count
 
 def load_training_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
-        tensors, meta = load_file(directory / STATE_TENSORS), json.loads((directory / STATE_META).read_text())
+        tensors = load_file(directory / STATE_TENSORS)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: training state unreadable ({e})") from None
+        raise CheckpointError(f"{directory / STATE_TENSORS}: training state unreadable ({e})") from None
+    try:
+        meta = json.loads((directory / STATE_META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / STATE_META}: training state unreadable ({e})") from None
     missing = [k for k in ("counters", "optimizer", "rng") if k not in meta]
     if missing or "rng.torch" not in tensors:
         raise CheckpointError(f"{directory / STATE_META}: training state incomplete (missing {missing or 'rng'})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import traceback
 from collections.abc import Callable
 from enum import Enum
@@ -13,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sora_cli import __version__, render
-from sora_cli.errors import SoraError
+from sora_cli.errors import SoraError, disk_full, full_disk
 
 app = typer.Typer(
     name="sora",
@@ -44,7 +45,9 @@ def _run(fn: Callable[[], T], debug: bool) -> T:
             render.error("interrupted; continue the run with --resume")
         raise typer.Exit(130) from None
     except Exception as e:  # a bug or an environment failure: short by default, everything with --debug
-        if dist.peer_failure(e):  # another process stopped first and printed why
+        if disk_full(e):  # an append to metrics.jsonl, a cache: one line, not a traceback's last words
+            _report(str(full_disk(getattr(e, "filename", None) or "a file", e)), e, debug, quiet=False)
+        elif dist.peer_failure(e):  # another process stopped first and printed why
             _report("another process of this torchrun launch stopped (its error is above); continue the run with "
                     "--resume", e, debug, quiet=True)
         else:
@@ -417,4 +420,16 @@ def plan_command(
 
 
 def main() -> None:
-    app(prog_name="sora")
+    """The `sora` command. A usage error (a missing argument, an unknown option, a value outside a choice) is one
+    line and exit 2, like every other bad input, instead of click's boxed usage text."""
+    try:
+        code = app(prog_name="sora", standalone_mode=False)
+    except typer.Abort:
+        sys.exit(1)
+    except typer.exceptions.TyperException as e:  # typer's click: UsageError, BadParameter, NoSuchOption ...
+        context = getattr(e, "ctx", None)
+        hint = f" (see: {context.command_path} --help)" if context is not None else ""
+        message = " ".join(str(getattr(e, "format_message", e.__str__)()).split()).replace("Value error, ", "")
+        render.error(message + hint)
+        sys.exit(int(getattr(e, "exit_code", 2)))
+    sys.exit(code if isinstance(code, int) else 0)

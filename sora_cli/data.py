@@ -143,6 +143,10 @@ def _load_files(cfg: DataConfig, datasets: Any) -> RawData:
     label = cfg.label_field if cfg.task_type in (None, "classification", "regression") else None
     # A malformed record named by file and line, before the library reads them; each record's line kept.
     lines = {split: check_file(key, path, train_kind, label) for split, (key, path) in files.items()}
+    for split, (key, path) in files.items():
+        if lines[split] == []:
+            raise InputError(f"data.{key}: {path}: no records (the file is empty, or holds only a header); "
+                             "give it at least one record")
     loader, extra = ("csv", {"delimiter": "\t"}) if train_kind == "tsv" else (train_kind, {})
     try:
         ds = datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)

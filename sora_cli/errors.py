@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SoraError(Exception):
     """A failure the user can act on. `exit_code` 1: the run failed; 2: the input was wrong."""
@@ -45,3 +47,30 @@ class SharedError(SoraError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class DiskFullError(SoraError):
+    """A write failed for want of space (ENOSPC, a quota, a file-size limit): what was being written is dropped,
+    everything written before stays whole."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# safetensors (Rust) reports the same failures in its own words
+_FULL_WORDS = {"No space left": "no space left on device", "StorageFull": "no space left on device",
+               "File too large": "file too large", "FileTooLarge": "file too large",
+               "Disk quota": "disk quota exceeded", "QuotaExceeded": "disk quota exceeded"}
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for want of space."""
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        return True
+    return any(word in str(e) for word in _FULL_WORDS)
+
+
+def full_disk(target: object, e: BaseException) -> DiskFullError:
+    """The one line for a write of `target` that ran out of space."""
+    text = str(e)
+    why = next((said for word, said in _FULL_WORDS.items() if word in text), "no space left on device")
+    return DiskFullError(f"{target}: not written, the disk is full ({why}); free space and run again (--resume "
+                         "continues a training run from its last checkpoint, which is whole)")

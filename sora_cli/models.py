@@ -20,6 +20,7 @@ from sora_cli.adapters.inject import attach, linear_names, mark_fresh
 from sora_cli.checkpoint import load_adapter
 from sora_cli.data import packaged_file
 from sora_cli.errors import CheckpointError, InputError
+from sora_cli.modelfiles import damaged_file
 from sora_cli.recipe import DataConfig, ModelConfig
 from sora_cli.tasks import Task, task_from_meta
 
@@ -84,7 +85,12 @@ def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None)
         quiet = contextlib.redirect_stderr(io.StringIO()) if gguf else contextlib.nullcontext()
         with quiet:
             model, info = task.auto_class().from_pretrained(path, **common, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a damaged local file is named; other load failures keep transformers' first line
+        damaged = damaged_file(Path(path), gguf)
+        if damaged:
+            raise InputError(f"model.name_or_path: {damaged}") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}: {first}") from None
     if gguf and getattr(model, "hf_quantizer", None) is not None:

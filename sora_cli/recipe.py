@@ -255,6 +255,8 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise InputError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None and not overrides:
+        raise InputError(f"{path}: the recipe is empty; it needs at least model.name_or_path and data (see recipes/)")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

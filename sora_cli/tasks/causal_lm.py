@@ -148,7 +148,9 @@ class CausalLMTask(Task):
     def load_data(self) -> None:
         raw = load_raw(self.data)
         splits = {name: (_rows(columns), raw.places[name]) for name, columns in raw.columns.items()}
-        self.format = (detect_format(list(raw.columns["train"]), self.fields) if self.data.format == "auto"
+        source = (f"data.train_file: {self.data.train_file}" if self.data.train_file
+                  else f"data.dataset: {self.data.dataset}")
+        self.format = (detect_format(list(raw.columns["train"]), self.fields, source) if self.data.format == "auto"
                        else self.data.format)
         if "validation" not in splits:
             parts = split_indices(len(splits["train"][0]), split_fractions(self.data.split, "test" in splits),

@@ -98,14 +98,14 @@ class Encoded:
     reference: str  # the (last) response text, verbatim, for exact match ("" for text)
 
 
-def detect_format(columns: list[str], fields: FormatFields) -> str:
-    """The first format (in FORMATS order) whose columns are all present."""
+def detect_format(columns: list[str], fields: FormatFields, source: str = "data") -> str:
+    """The first format (in FORMATS order) whose columns are all present (`source` names the data in errors)."""
     for fmt, needed in fields.required().items():
         if all(name in columns for name in needed):
             return fmt
     needs = "; ".join(f"{fmt} needs {' + '.join(needed)}" for fmt, needed in fields.required().items())
     found = ", ".join(columns) if columns else "none"
-    raise InputError(f"data: no known format in the columns found ({found}): {needs} (alpaca's {fields.input} "
+    raise InputError(f"{source}: no known format in the columns found ({found}): {needs} (alpaca's {fields.input} "
                      "is optional); rename the columns, or set the field names and data.format in the recipe")
 
 
