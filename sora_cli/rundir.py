@@ -46,7 +46,8 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> b
         raise InputError("--resume and --overwrite contradict each other; give one")
     if out.is_dir():
         check_unlocked(out)  # a live run writing here: refused before anything loads
-    exists = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
+    # the lock, and what a writer killed before recipe.yaml existed left half-written, are no run's content
+    exists = out.is_dir() and any(p.name != LOCK and not p.name.startswith(".tmp-") for p in out.iterdir())
     is_run = (out / "recipe.yaml").is_file()
     if exists and not is_run:  # never write into, or delete, a directory that is not a sora run
         raise InputError(f"train.output_dir: {out} is not empty and holds no sora run (no recipe.yaml); "
@@ -176,7 +177,6 @@ def find_resumable(out: Path, fingerprints: dict[str, str]) -> Resumable | None:
             tensors, meta = load_adapter(ckpt)
             state_tensors, state = load_training_state(ckpt)
         except CheckpointError as e:
-            render.note(f"skipping damaged checkpoint: {e}")
             damaged.append(str(e))
             continue
         for key, value in fingerprints.items():
@@ -184,6 +184,8 @@ def find_resumable(out: Path, fingerprints: dict[str, str]) -> Resumable | None:
                 what = "base model's adapted weights" if key == "base_fingerprint" else "training data"
                 raise CheckpointError(f"{ckpt}: the {what} changed since this run started; resume with the "
                                       "same model and data, or start a new run")
+        for problem in damaged:  # said only when an older checkpoint is taken instead; else the error says it
+            render.note(f"skipping damaged checkpoint: {problem}")
         render.note(f"resuming {out} from step {step_no} ({ckpt.name})")
         return Resumable(step_no, ckpt, tensors, state_tensors, state)
     if damaged:  # never start over on top of checkpoints the user may still want
