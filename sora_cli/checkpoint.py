@@ -52,12 +52,28 @@ def _old(target: Path) -> Path:
     return target.parent / f".old-{target.name}"
 
 
+def _gone(target: Path) -> Path:
+    return target.parent / f".del-{target.name}"
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill never leaves it half-deleted under its own name: it is renamed to `.del-X`
+    first, and `recover` finishes a removal that a kill cut short."""
+    if not path.is_dir():
+        return
+    gone = _gone(path)
+    shutil.rmtree(gone, ignore_errors=True)
+    os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def recover(directory: Path) -> None:
-    """Tidy what a killed writer left in `directory`: drop `.tmp-*`; put back a `.old-X` whose X is gone."""
+    """Tidy what a killed writer left in `directory`: drop `.tmp-*` and `.del-*`; put back a `.old-X` whose X is
+    gone."""
     if not directory.is_dir():
         return
     for p in directory.iterdir():
-        if p.name.startswith(".tmp-"):
+        if p.name.startswith((".tmp-", ".del-")):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif p.name.startswith(".old-"):
             target = directory / p.name.removeprefix(".old-")
@@ -292,4 +308,4 @@ def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def remove_old_checkpoints(run_dir: Path, keep_last: int) -> None:
     for _, path in step_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path)

@@ -123,8 +123,35 @@ def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = No
 
 
 def _load_files(cfg: DataConfig, datasets: Any) -> RawData:
-    """data.train_file (and validation_file, test_file), all of one format, read with `datasets`."""
-    files: dict[str, tuple[str, Path]] = {}  # split -> (recipe field, path)
+    """data.train_file (and validation_file, test_file), all of one format, read with `datasets`; each record's
+    place is its line (a malformed record is named by file and line before the library reads any)."""
+    files, kind = _data_files(cfg)
+    label = cfg.label_field if cfg.task_type in (None, "classification", "regression") else None
+    lines = {split: check_file(key, path, kind, label) for split, (key, path) in files.items()}
+    for split, (key, path) in files.items():
+        if lines[split] == []:
+            raise InputError(f"data.{key}: {path}: no records (the file is empty, or holds only a header); "
+                             "give it at least one record")
+    loader, extra = ("csv", {"delimiter": "\t"}) if kind == "tsv" else (kind, {})
+    try:
+        ds = datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)
+    except Exception as e:  # the library's own message names the problem (bad CSV, bad JSON ...)
+        names = ", ".join(f"data.{k}" for k, _ in files.values())
+        raise InputError(f"{names}: could not read the {kind} data: {_first_line(e)}") from None
+    columns = {split: ds[split].to_dict() for split in files}
+    places = {}
+    for split, (key, path) in files.items():
+        found = lines[split]
+        if found is None or len(found) != len(ds[split]):  # a JSON file of columns: records by position
+            places[split] = numbered(f"data.{key}: {path}", columns[split])
+        else:
+            places[split] = [f"data.{key}: {path}, line {n}" for n in found]
+    return RawData(columns, places)
+
+
+def _data_files(cfg: DataConfig) -> tuple[dict[str, tuple[str, Path]], str]:
+    """(split -> (recipe field, path), the format every file shares: csv, tsv, json, parquet)."""
+    files: dict[str, tuple[str, Path]] = {}
     for split, key in (("train", "train_file"), ("validation", "validation_file"), ("test", "test_file")):
         value = getattr(cfg, key)
         if value is None:
@@ -135,33 +162,12 @@ def _load_files(cfg: DataConfig, datasets: Any) -> RawData:
         if path.suffix.lower() not in _FORMATS:
             raise InputError(f"data.{key}: unsupported file type {path.suffix!r}; use one of {', '.join(_FORMATS)}")
         files[split] = (key, path)
-    train_kind = _FORMATS[files["train"][1].suffix.lower()]
+    kind = _FORMATS[files["train"][1].suffix.lower()]
     for key, path in files.values():
-        if _FORMATS[path.suffix.lower()] != train_kind:  # .tsv and .csv too: they need other delimiters
+        if _FORMATS[path.suffix.lower()] != kind:  # .tsv and .csv too: they need other delimiters
             raise InputError(f"data.{key}: {path.name} is {path.suffix} but data.train_file is "
                              f"{files['train'][1].suffix}; give every data file the same format")
-    label = cfg.label_field if cfg.task_type in (None, "classification", "regression") else None
-    # A malformed record named by file and line, before the library reads them; each record's line kept.
-    lines = {split: check_file(key, path, train_kind, label) for split, (key, path) in files.items()}
-    for split, (key, path) in files.items():
-        if lines[split] == []:
-            raise InputError(f"data.{key}: {path}: no records (the file is empty, or holds only a header); "
-                             "give it at least one record")
-    loader, extra = ("csv", {"delimiter": "\t"}) if train_kind == "tsv" else (train_kind, {})
-    try:
-        ds = datasets.load_dataset(loader, data_files={s: str(p) for s, (_, p) in files.items()}, **extra)
-    except Exception as e:  # the library's own message names the problem (bad CSV, bad JSON ...)
-        names = ", ".join(f"data.{k}" for k, _ in files.values())
-        raise InputError(f"{names}: could not read the {train_kind} data: {_first_line(e)}") from None
-    columns = {split: ds[split].to_dict() for split in files}
-    places = {}
-    for split, (key, path) in files.items():
-        found = lines[split]
-        if found is None or len(found) != len(ds[split]):  # a JSON file of columns: records by position
-            places[split] = numbered(f"data.{key}: {path}", columns[split])
-        else:
-            places[split] = [f"data.{key}: {path}, line {n}" for n in found]
-    return RawData(columns, places)
+    return files, kind
 
 
 def _first_line(e: BaseException) -> str:

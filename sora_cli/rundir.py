@@ -8,7 +8,6 @@ An existing directory is never touched without --resume or --overwrite, and neve
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from sora_cli.checkpoint import (
     load_training_state,
     optimizer_from_files,
     recover,
+    remove_dir,
     rng_from_files,
     step_checkpoints,
     write_text_atomic,
@@ -47,7 +47,7 @@ def check_run_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> b
     if out.is_dir():
         check_unlocked(out)  # a live run writing here: refused before anything loads
     # the lock, and what a writer killed before recipe.yaml existed left half-written, are no run's content
-    exists = out.is_dir() and any(p.name != LOCK and not p.name.startswith(".tmp-") for p in out.iterdir())
+    exists = out.is_dir() and any(p.name != LOCK and not p.name.startswith((".tmp-", ".del-")) for p in out.iterdir())
     is_run = (out / "recipe.yaml").is_file()
     if exists and not is_run:  # never write into, or delete, a directory that is not a sora run
         raise InputError(f"train.output_dir: {out} is not empty and holds no sora run (no recipe.yaml); "
@@ -75,11 +75,13 @@ def start_fresh(out: Path, recipe: Recipe, has_run: bool, overwrite: bool) -> No
         render.note(f"{out}: no complete checkpoint yet; starting at step 0")
     elif out.exists() and overwrite:  # only ever a sora run: check_run_dir saw its recipe.yaml
         for child in out.iterdir():
-            if child.name != LOCK:  # this run's lock stays: removing it would let another process lock a new file
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # this run's lock stays (removing it would let another process lock a new file), and so does
+            # recipe.yaml until the new one replaces it: a kill part-way leaves a run that --overwrite still takes
+            if child.name not in (LOCK, "recipe.yaml"):
+                remove_dir(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("checkpoints", "best", "final"):
-        shutil.rmtree(out / stale, ignore_errors=True)
+        remove_dir(out / stale)
     write_text_atomic(out / "recipe.yaml", dump_recipe(recipe, f"sora train {out / 'recipe.yaml'} --resume"))
     (out / METRICS).write_text("")
 

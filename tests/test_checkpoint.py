@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sora_cli.checkpoint import (
-    atomic_dir, load_adapter, load_training_state, optimizer_from_files, recover, rng_from_files, save_adapter,
-    save_training_state,
+    atomic_dir, load_adapter, load_training_state, optimizer_from_files, recover, remove_dir, rng_from_files,
+    save_adapter, save_training_state, step_checkpoints,
 )
 from sora_cli.errors import CheckpointError
 
@@ -39,6 +39,20 @@ def test_recover_after_a_kill_between_the_two_renames(tmp_path: Path) -> None:
     recover(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
     assert (tmp_path / "best" / "adapter.json").is_file()
+
+
+def test_a_removal_cut_short_is_never_a_half_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step}" / "adapter.json").write_text("{}")
+    remove_dir(run / "checkpoints" / "step-2")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]
+    # a kill during the removal: the directory already carries its .del- name, half its files gone
+    os.rename(run / "checkpoints" / "step-4", run / "checkpoints" / ".del-step-4")
+    assert step_checkpoints(run) == []  # never listed as a checkpoint
+    recover(run / "checkpoints")
+    assert list((run / "checkpoints").iterdir()) == []
 
 
 def test_training_state_round_trip(tmp_path: Path) -> None:

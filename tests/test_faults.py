@@ -60,7 +60,9 @@ def write_points(under: Path, args: list[str], tmp: Path) -> int:
 
 def drawn(total: int, seed: int) -> list[int]:
     points = list(range(1, total + 1))
-    return points if POINTS == 0 else sorted(random.Random(seed).sample(points, min(POINTS, total)))
+    chosen = points if POINTS == 0 else sorted(random.Random(seed).sample(points, min(POINTS, total)))
+    print(f"{total} write points; killed at {chosen}")  # shown with -s (the sweep's numbers)
+    return chosen
 
 
 def recipe(d: Path, model: Path, data: dict[str, Any], **sections: dict[str, Any]) -> Path:
