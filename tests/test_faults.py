@@ -8,12 +8,14 @@
   `--resume` continues;
 - a damaged training state: one line naming the file.
 
-The points are drawn with a fixed seed, SORA_FAULT_POINTS of them per command (default 2); SORA_FAULT_POINTS=0
+The points are drawn with a fixed seed, SORA_FAULT_POINTS of them per command (default 2: one rename or removal,
+one other write, the first being where a writer that is not atomic fails); SORA_FAULT_POINTS=0
 kills at every point (run by hand: the closing note of issue 23 quotes it).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -50,18 +52,28 @@ def killed_at(n: int, under: Path, args: list[str], count: Path) -> subprocess.C
                           capture_output=True, text=True, timeout=600, env=ENV)
 
 
-def write_points(under: Path, args: list[str], tmp: Path) -> int:
-    """Run the command to the end under the counter; the number of writes it made under `under`."""
+def write_points(under: Path, args: list[str], tmp: Path) -> list[str]:
+    """Run the command to the end under the counter; the name of each write it made under `under`, in order."""
     count = tmp / "count.txt"
     p = killed_at(0, under, args, count)
     assert p.returncode == 0, p.stderr[-3000:]
-    return int(count.read_text())
+    return list(json.loads(count.read_text()))
 
 
-def drawn(total: int, seed: int) -> list[int]:
-    points = list(range(1, total + 1))
-    chosen = points if POINTS == 0 else sorted(random.Random(seed).sample(points, min(POINTS, total)))
-    print(f"{total} write points; killed at {chosen}")  # shown with -s (the sweep's numbers)
+# The writes whose interruption a non-atomic writer gets wrong: a rename or a removal half done.
+MOVES = {"rename", "replace", "rmtree", "unlink", "remove", "rmdir"}
+
+
+def drawn(writes: list[str], seed: int) -> list[int]:
+    """Kill points (1-based): SORA_FAULT_POINTS of them, drawn with `seed` among the renames and removals and among
+    the other writes in turn; every point when SORA_FAULT_POINTS=0."""
+    points = list(range(1, len(writes) + 1))
+    rng = random.Random(seed)
+    pools = [rng.sample(g, len(g)) for g in ([i for i in points if writes[i - 1] in MOVES],
+                                             [i for i in points if writes[i - 1] not in MOVES])]
+    interleaved = [i for pair in itertools.zip_longest(*pools) for i in pair if i is not None]
+    chosen = points if POINTS == 0 else sorted(interleaved[:POINTS])
+    print(f"{len(writes)} write points; killed at {chosen}")  # shown with -s (the sweep's numbers)
     return chosen
 
 
@@ -101,8 +113,8 @@ def visible(d: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[Path, Path, int]:
-    """The uninterrupted run (its recipe, its directory) and its write count."""
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[Path, Path, list[str]]:
+    """The uninterrupted run (its recipe, its directory) and its writes."""
     d = tmp_path_factory.mktemp("faults-reference")
     data = write_jsonl(d / "train.jsonl", sentiment_records(40, seed=1))
     path = recipe(d, tiny_llama_dir, {"train_file": str(data)})
@@ -113,10 +125,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> t
 # kill -9
 
 
-def test_kill_during_training_saves(trained: tuple[Path, Path, int], tmp_path: Path) -> None:
-    reference_recipe, reference, total = trained
-    assert total > 20  # three step checkpoints, final/, the logs: the kill points are inside the saves
-    for n in drawn(total, seed=1):
+def test_kill_during_training_saves(trained: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
+    reference_recipe, reference, writes = trained
+    assert len(writes) > 20 and "rename" in writes  # step checkpoints, final/, the logs: kills inside the saves
+    for n in drawn(writes, seed=1):
         d = tmp_path / f"kill-{n}"
         d.mkdir()
         path = d / "recipe.yaml"
@@ -132,7 +144,7 @@ def test_kill_during_training_saves(trained: tuple[Path, Path, int], tmp_path: P
 
 
 @pytest.mark.parametrize("command", ["merge", "prune", "sparsify"])
-def test_kill_during_an_output_write(command: str, trained: tuple[Path, Path, int], tiny_llama_dir: Path,
+def test_kill_during_an_output_write(command: str, trained: tuple[Path, Path, list[str]], tiny_llama_dir: Path,
                                      tmp_path: Path) -> None:
     final = trained[1] / "final"
     source = {"merge": [str(final)], "prune": [str(final)], "sparsify": [str(tiny_llama_dir)]}[command]
@@ -143,8 +155,8 @@ def test_kill_during_an_output_write(command: str, trained: tuple[Path, Path, in
         return [command, *source, "-o", str(d / "out"), *options]
 
     (tmp_path / "ref").mkdir()
-    total = write_points(tmp_path / "ref", args(tmp_path / "ref"), tmp_path)
-    for n in drawn(total, seed=2):
+    writes = write_points(tmp_path / "ref", args(tmp_path / "ref"), tmp_path)
+    for n in drawn(writes, seed=2):
         d = tmp_path / f"kill-{n}"
         d.mkdir()
         p = killed_at(n, d, args(d), d.parent / "count.txt")
@@ -182,9 +194,9 @@ def test_kill_during_an_editing_run(tiny_llama_dir: Path, tmp_path: Path) -> Non
         return path
 
     (tmp_path / "ref").mkdir()
-    total = write_points(tmp_path / "ref" / "run", ["train", str(make(tmp_path / "ref"))], tmp_path)
+    writes = write_points(tmp_path / "ref" / "run", ["train", str(make(tmp_path / "ref"))], tmp_path)
     expected = scores(tmp_path / "ref" / "run")
-    for n in drawn(total, seed=3):
+    for n in drawn(writes, seed=3):
         d = tmp_path / f"kill-{n}"
         d.mkdir()
         p = killed_at(n, d / "run", ["train", str(make(d))], d / "count.txt")
@@ -227,7 +239,7 @@ def stopped_at_step_2(reference_recipe: Path, reference: Path, tmp_path: Path) -
     return path, run
 
 
-def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(trained: tuple[Path, Path, int],
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(trained: tuple[Path, Path, list[str]],
                                                               tmp_path: Path) -> None:
     path, run = stopped_at_step_2(trained[0], trained[1], tmp_path)
     step2 = run / "checkpoints" / "step-2"
@@ -247,7 +259,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(trained: tuple[Path
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not-json"])
-def test_a_damaged_training_state_is_named(damage: str, trained: tuple[Path, Path, int], tmp_path: Path) -> None:
+def test_a_damaged_training_state_is_named(damage: str, trained: tuple[Path, Path, list[str]], tmp_path: Path) -> None:
     path, run = stopped_at_step_2(trained[0], trained[1], tmp_path)
     state = run / "checkpoints" / "step-2"
     if damage == "truncated":
