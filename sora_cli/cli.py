@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -432,4 +433,16 @@ def main() -> None:
         message = " ".join(str(getattr(e, "format_message", e.__str__)()).split()).replace("Value error, ", "")
         render.error(message + hint)
         sys.exit(int(getattr(e, "exit_code", 2)))
-    sys.exit(code if isinstance(code, int) else 0)
+    leave(code if isinstance(code, int) else 0)
+
+
+def leave(code: int) -> None:
+    """Exit with `code`. A process of a torchrun launch skips the interpreter's teardown (os._exit once its output
+    is flushed; the process group is gone and every file closed by then): the C++ threads of torch.distributed
+    freed during that teardown abort the process now and then ("terminate called without an active exception",
+    exit -6) after its work is done and saved, which turned a finished run into a failed launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
