@@ -1,7 +1,8 @@
 """SoRA to a budget (issue 24): the control law that moves the sparsity strength λ so that the surviving count (ranks
 or inference parameters) follows a path from everything at step 0 to the budget at `reach_at`, and the final cut.
 
-Not yet wired into training: this module is the law and its pieces, tested against hand-worked sequences.
+This module is the law and its pieces, tested against hand-worked sequences; adapters/sora_budget.py runs it on
+the live gates of a training run.
 
 The law, in METHODS.md's terms. Each step the proximal step soft-thresholds every gate by τ_t = λ_t · η_t. Read:
 the surviving count c_t (non-zero gates, or the parameters they keep). Path: b_t = C_0 − (C_0 − C*) · p(t / T),
@@ -32,6 +33,7 @@ order the proximal step itself zeroes them in) until the count is within the bud
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +97,7 @@ class Controller:
         self.log_lambda, self.last_error = float(state["log_lambda"]), float(state["last_error"])
 
 
-def initial_lambda(gates: list[torch.Tensor], keep: float, lrs: list[float]) -> float:
+def initial_lambda(gates: Sequence[torch.Tensor], keep: float, lrs: list[float]) -> float:
     """λ_0 = q / Σ η_t: q the |g| quantile below which a share 1 − `keep` of the gates lies, `lrs` the gate
     learning rate of each step up to reach_at."""
     g = torch.cat([x.detach().abs().reshape(-1).double() for x in gates])

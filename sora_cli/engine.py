@@ -590,6 +590,8 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
     better = state.best_metric is None or (value > state.best_metric if run.task.greater_is_better(run.metric)
                                            else value < state.best_metric)
     better = run.strategy.decide(better)
+    if not run.method.settled(state.step):  # SoRA before its budget's reach_at: not yet the adapter it ends with
+        return
     if better:
         state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
         run.save(run.out / "best", state.step, {"dev": dev})
@@ -705,5 +707,5 @@ def checkpoint_stats(method: type[Method], tensors: dict[str, torch.Tensor], met
         active, max_rank = active + alive, max_rank + m["r"]
         if method.gate_values(tensors, name) is not None:
             zero, gated = zero + m["r"] - alive, gated + m["r"]
-    totals = {"active_rank": active, "max_rank": max_rank}
+    totals = {"active_rank": active, "max_rank": max_rank, **method.checkpoint_totals(meta)}
     return {**totals, "zero_gates": zero, "total_gates": gated} if gated else totals

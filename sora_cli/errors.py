@@ -74,3 +74,8 @@ def full_disk(target: object, e: BaseException) -> DiskFullError:
     why = next((said for word, said in _FULL_WORDS.items() if word in text), "no space left on device")
     return DiskFullError(f"{target}: not written, the disk is full ({why}); free space and run again (--resume "
                          "continues a training run from its last checkpoint, which is whole)")
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 step`, `4 steps`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -54,6 +54,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TargetConfig:
+    """SoRA to a budget (README "SoRA to a budget"): what survives, in one unit, and when it must be reached."""
+
+    ranks: int | None = field(default=None, metadata=_check("positive"))  # surviving ranks over all modules
+    fraction: float | None = field(default=None, metadata=_check("unit_interval"))  # of the initial ranks (r · n)
+    params: int | None = field(default=None, metadata=_check("positive"))  # inference parameters, as inspect counts
+    reach_at: float = field(default=0.8, metadata=_check("positive"))  # a step, or a fraction of training below 1
+
+    @property
+    def unit(self) -> str:
+        return "params" if self.params is not None else "ranks"
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
     method: Literal["sora", "lora", "roselora", "lors"] = "sora"
     r: int = field(default=8, metadata=_check("positive"))
@@ -72,6 +86,7 @@ class AdapterConfig:
     threshold: Literal["scaled", "fixed", "reference"] | None = None
     gate_lr: float | None = field(default=None, metadata=_check("positive"))  # None: train.lr
     l1_loss_weight: float | None = field(default=None, metadata=_check("non_negative"))
+    target: TargetConfig | None = None  # a budget: the controller sets λ (sparse_lambda stays unset)
     # RoseLoRA only (see README "RoseLoRA"); None = the method's default
     density: float | None = field(default=None, metadata=_check("unit_interval"))  # τ: kept fraction per row / col
     sparsify_start: float | None = field(default=None, metadata=_check("non_negative"))  # t_i: step, or fraction < 1
@@ -101,7 +116,7 @@ LORS_DEFAULTS: dict[str, Any] = {"init": "zeros", "init_samples": 128}
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"sora": SORA_DEFAULTS, "roselora": ROSELORA_DEFAULTS,
                                               "lors": {**LORS_DEFAULTS, "keep_sparsity": True}}
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {  # settings that only one method reads
-    "sora": (*SORA_DEFAULTS, "gate_lr"),
+    "sora": (*SORA_DEFAULTS, "gate_lr", "target"),
     "roselora": (*ROSELORA_DEFAULTS, "clamp"),
     "lors": tuple(LORS_DEFAULTS),
 }
@@ -174,9 +189,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The sparsifying scheduler (`sora schedule`): stage thresholds λ_0 < λ_1 < … < λ_K."""
+    """The sparsifying scheduler (`sora schedule`): stage thresholds λ_0 < λ_1 < … < λ_K, or stage budgets."""
 
     thresholds: tuple[float, ...] | None = None  # explicit λ per stage; or start / stop / num / spacing
+    # or budgets: falling fractions of the initial ranks, one per stage (each stage trains to its adapter.target)
+    budgets: tuple[float, ...] | None = None
+    reach_at: float | None = field(default=None, metadata=_check("positive"))  # budgets: within each stage; 0.8
     start: float | None = field(default=None, metadata=_check("non_negative"))
     stop: float | None = field(default=None, metadata=_check("positive"))
     num: int | None = field(default=None, metadata=_check("positive"))
@@ -282,8 +300,9 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], proble
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            problems.append(f"override {item!r}: expected section.field=value, e.g. train.lr=5e-4")
+        if not sep or len(parts) not in (2, 3) or not all(parts):
+            problems.append(f"override {item!r}: expected section.field=value, e.g. train.lr=5e-4 (or "
+                            "section.field.key=value, e.g. adapter.target.ranks=64)")
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -292,10 +311,14 @@ def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str], proble
         if raw.get(parts[0]) is None:  # absent, or a section left empty in the YAML
             raw[parts[0]] = {}
         section = raw[parts[0]]
+        if len(parts) == 3:  # a field that is a mapping itself (adapter.target)
+            if isinstance(section, dict) and section.get(parts[1]) is None:
+                section[parts[1]] = {}
+            section = section.get(parts[1]) if isinstance(section, dict) else section
         if not isinstance(section, dict):
-            problems.append(f"{parts[0]}: expected a mapping, got {_show(section)}")
+            problems.append(f"{'.'.join(parts[:-1])}: expected a mapping, got {_show(section)}")
             continue
-        section[parts[1]] = _Override(text.strip(), value)
+        section[parts[-1]] = _Override(text.strip(), value)
 
 
 def recipe_from_dict(raw: dict[str, Any], problems: list[str], default_output: str = "runs/run") -> Recipe | None:
@@ -335,6 +358,10 @@ def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[st
             ok = False
             continue
         where = f"{name}.{spelled.get(key, key)}"
+        nested = _section_type(hints[key])
+        if nested is not None:  # a mapping of its own fields (adapter.target), reported by their full paths
+            ok = _build_nested(where, nested, value, problems, kwargs, key) and ok
+            continue
         try:
             value = _coerce(value, hints[key])
         except _Invalid as e:
@@ -355,6 +382,28 @@ def _build_section(name: str, cls: type, data: dict[str, Any], problems: list[st
                 problems.append(f"{name}.{key}: required")
             ok = False
     return cls(**kwargs) if ok else None
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass a field holds (`X | None` included), or None for a plain field."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return next((o for o in options if dataclasses.is_dataclass(o) and isinstance(o, type)), None)
+
+
+def _build_nested(where: str, cls: type, value: Any, problems: list[str], kwargs: dict[str, Any], key: str) -> bool:
+    """kwargs[key] = cls built from the mapping `value` (null: None); False when a problem was reported."""
+    if isinstance(value, _Override):
+        value = value.value
+    if value is None:
+        kwargs[key] = None
+        return True
+    if not isinstance(value, dict):
+        problems.append(f"{where}: expected a mapping of fields ({', '.join(f.name for f in dataclasses.fields(cls))})"
+                        f", got {_show(value)}")
+        return False
+    built = _build_section(where, cls, dict(value), problems, present=True)
+    kwargs[key] = built
+    return built is not None
 
 
 class _Invalid(ValueError):
@@ -467,6 +516,8 @@ def with_method_defaults(a: AdapterConfig) -> AdapterConfig:
     """The adapter config with every unset setting of its method at its default (METHOD_DEFAULTS, the one source),
     and keep_sparsity's own: off, else with the approx gradient."""
     defaults = METHOD_DEFAULTS.get(a.method, {})
+    if a.target is not None:  # the budget controller sets λ itself
+        defaults = {k: v for k, v in defaults.items() if k != "sparse_lambda"}
     a = dataclasses.replace(a, **{k: v for k, v in defaults.items() if getattr(a, k) is None})
     keep = bool(a.keep_sparsity)
     return dataclasses.replace(a, keep_sparsity=keep, grad=(a.grad or "approx") if keep else a.grad)
@@ -489,6 +540,9 @@ def _resolve(built: dict[str, Any], problems: list[str], default_output: str) ->
     edit = built["edit"]
     if d is not None and (edit is not None or d.task_type == "edit"):
         edit = _check_edit(edit, d, problems)
+        if a is not None and a.target is not None:
+            problems.append("adapter.target: knowledge editing trains a few passes per edit, too short to steer to "
+                            "a budget; remove it (set adapter.sparse_lambda instead)")
     if t is not None and built["model"] is not None and a is not None:
         _check_strategy(t, built["model"], a, edit is not None, problems)
     if problems or built["model"] is None or a is None or d is None or t is None:
@@ -505,6 +559,8 @@ def _resolve_adapter(a: AdapterConfig, problems: list[str]) -> AdapterConfig:
     if a.method == "lors" and a.keep_sparsity is False:
         problems.append("adapter.keep_sparsity: method lors always keeps the base's zeros; remove the setting, or "
                         "use method lora for an update that may fill them")
+    if a.method == "sora" and a.target is not None:
+        _check_target(a, problems)
     a = with_method_defaults(a)
     if a.method == "roselora":
         _check_sparsify_window(a, problems)
@@ -563,6 +619,23 @@ def _check_strategy(t: TrainConfig, m: ModelConfig, a: AdapterConfig, edit: bool
                         f"parameter, which sharding drops{use}, or quantization nf4")
     if edit:
         problems.append(f"train.strategy: fsdp, but knowledge editing gives each process its own requests{use}")
+
+
+def _check_target(a: AdapterConfig, problems: list[str]) -> None:
+    """One unit of budget; reach_at a step or a fraction of training; λ left to the controller. (What needs the
+    model or the run's length, a budget above r · modules or reach_at past the end, SoRA.setup checks.)"""
+    t = a.target
+    assert t is not None
+    given = [name for name in ("ranks", "fraction", "params") if getattr(t, name) is not None]
+    if len(given) != 1:
+        problems.append("adapter.target: give exactly one of ranks, fraction or params, got "
+                        + (", ".join(given) if given else "none"))
+    if t.reach_at >= 1 and not float(t.reach_at).is_integer():
+        problems.append(f"adapter.target.reach_at: give a step (an integer) or a fraction of training below 1, "
+                        f"got {t.reach_at}")
+    if a.sparse_lambda is not None:
+        problems.append("adapter.sparse_lambda: adapter.target sets λ itself (the budget controller); remove "
+                        "sparse_lambda, or remove target to train with a fixed λ")
 
 
 def _check_keep_sparsity(a: AdapterConfig, problems: list[str]) -> None:
@@ -660,16 +733,23 @@ def _resolve_train(t: TrainConfig, problems: list[str], default_output: str) -> 
 
 def _check_schedule(sched: ScheduleConfig, a: AdapterConfig | None, t: TrainConfig | None,
                     problems: list[str]) -> None:
-    """Thresholds given one way, rising; a stage length; an LR that can still move the gates."""
+    """Thresholds given one way, rising (or budgets, falling); a stage length; an LR that can still move the
+    gates."""
     given = [sched.start is not None, sched.stop is not None, sched.num is not None]
-    if sched.thresholds is not None:
+    if a is not None and a.target is not None:
+        problems.append("adapter.target: a schedule sets each stage's budget (schedule.budgets); remove adapter.target")
+    if sched.budgets is None and sched.reach_at is not None:
+        problems.append("schedule.reach_at: only applies to schedule.budgets; remove it")
+    if sched.budgets is not None:
+        _check_budget_stages(sched, given, problems)
+    elif sched.thresholds is not None:
         if any(given):
             problems.append("schedule.thresholds: give either schedule.thresholds or start/stop/num, not both")
         values = sched.thresholds
         if not values or any(v < 0 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
             problems.append(f"schedule.thresholds: expected rising non-negative values, got {list(values)}")
     elif not all(given):
-        problems.append("schedule: give schedule.thresholds, or schedule.start, stop and num")
+        problems.append("schedule: give schedule.thresholds, or schedule.start, stop and num, or schedule.budgets")
     elif sched.stop is not None and sched.start is not None and sched.stop <= sched.start:
         problems.append(f"schedule.stop: must be above schedule.start ({sched.start}), got {sched.stop}")
     elif sched.spacing == "log" and sched.start == 0:
@@ -678,12 +758,25 @@ def _check_schedule(sched: ScheduleConfig, a: AdapterConfig | None, t: TrainConf
         problems.append("schedule.epochs_per_stage: give either steps_per_stage or epochs_per_stage, not both")
     if sched.steps_per_stage is None and sched.epochs_per_stage is None:
         problems.append("schedule: give schedule.steps_per_stage or schedule.epochs_per_stage")
-    if sched.thresholds is None and sched.num is not None and sched.num < 2:
+    if sched.thresholds is None and sched.budgets is None and sched.num is not None and sched.num < 2:
         problems.append(f"schedule.num: a schedule needs at least 2 stages, got {sched.num}")
     if (not sched.lr_reset and a is not None and a.threshold == "scaled" and t is not None
             and t.lr_scheduler != "constant"):
         problems.append("schedule.lr_reset: false keeps stage 0's decayed learning rate (0), so the scaled "
                         "threshold λ·lr never moves a gate; set adapter.threshold: fixed or reference")
+
+
+def _check_budget_stages(sched: ScheduleConfig, given: list[bool], problems: list[str]) -> None:
+    """Budgets instead of thresholds: falling fractions in (0, 1]; reach_at a step or a fraction of a stage."""
+    values = sched.budgets or ()
+    if sched.thresholds is not None or any(given):
+        problems.append("schedule.budgets: give either schedule.budgets or thresholds (or start/stop/num), not both")
+    if not values or any(not 0 < v <= 1 for v in values) or any(b >= a for a, b in zip(values, values[1:])):
+        problems.append(f"schedule.budgets: expected falling fractions of the initial ranks in (0, 1], e.g. "
+                        f"[0.9, 0.75, 0.5, 0.25], got {list(values)}")
+    if sched.reach_at is not None and sched.reach_at >= 1 and not float(sched.reach_at).is_integer():
+        problems.append(f"schedule.reach_at: give a step (an integer) or a fraction of each stage below 1, got "
+                        f"{sched.reach_at}")
 
 
 def dump_recipe(recipe: Recipe, header: str = "") -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -78,6 +79,10 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
     if stats.get("total_gates"):
         zero, total = stats["zero_gates"], stats["total_gates"]
         rows.append(("zero gates", f"{zero} / {total} ({100 * zero / total:.1f}%)"))
+    for unit in ("ranks", "params"):  # SoRA to a budget (adapter.target)
+        if f"budget_{unit}" in stats:
+            rows.append(("budget", f"{stats['budget_reached']:,d} of {stats[f'budget_{unit}']:,d} {unit}; the final "
+                         f"cut took {stats['budget_cut']} ranks (smallest |g|)"))
     if stats.get("adapter_numel"):  # RoseLoRA: the entries of A and B its masks kept
         nnz, numel = stats["adapter_nnz"], stats["adapter_numel"]
         rows.append(("adapter non-zeros", f"{nnz:,d} / {numel:,d} ({100 * nnz / numel:.1f}%)"))
@@ -133,12 +138,34 @@ def inspect_tables(report: dict[str, Any], sort: str = "name") -> None:
     console.print(f"surviving rank {s['rank']} / {s['r_max']} ({s['rank_kept_percent']:.1f}%) in "
                   f"{s['modules_alive']} of {s['modules']} modules; adapter parameters {s['params']:,d} now, "
                   f"{s['params_pruned']:,d} after pruning{of_base}", markup=False, soft_wrap=True)
+    if "budget" in report:
+        b = report["budget"]
+        console.print(budget_table(b))
+        console.print(f"budget {b['budget']:,d} {b['unit']} by step {b['reach_at']}; reached {b['reached']:,d}; the "
+                      f"final cut took {b['final_cut']} ranks (smallest |g|)", markup=False, soft_wrap=True)
     if report.get("quantization"):
         note(f"base: {report['base_model']}, {quantization_text(report['quantization'])}")
     if sparse:
         kept = ("the adapter keeps its zeros (keep_sparsity)" if report["keep_sparsity"] else
                 "the adapter does not keep its zeros: a merge fills them (train with keep_sparsity or method lors)")
         note(f"base sparsity of the adapted weights {_percent(s['base_sparsity'])}; {kept}")
+
+
+def budget_table(budget: dict[str, Any], points: int = 8) -> Table:
+    """SoRA to a budget: λ and the surviving count at a few steps of the recorded trajectory (`inspect --plot`
+    draws all of it), then the final cut."""
+    unit, trail = budget["unit"], budget["path"]
+    table = Table(title="SoRA to a budget: λ by step", title_justify="left")
+    for col in ("step", "λ", unit):
+        table.add_column(col, justify="right")
+    every = max(1, math.ceil(len(trail) / points))
+    shown = trail[::every] + ([trail[-1]] if trail and (len(trail) - 1) % every else [])
+    for step, lam, count in shown:
+        table.add_row(str(step), f"{lam:.4g}", f"{count:,d}")
+    if budget["settled"]:
+        table.add_row(f"{budget['reach_at']}, cut", "", f"{budget['reached']:,d}",
+                      style="bold")
+    return table
 
 
 def quantization_text(q: dict[str, Any]) -> str:
@@ -247,10 +274,12 @@ def sparsity_table(modules: dict[str, dict[str, int]]) -> Table:
 
 def schedule_plan(stages: list[Any], step_seconds: float) -> None:
     table = Table(title="sparsifying schedule (plan)", title_justify="left")
-    for col in ("stage", "λ", "steps", "learning rate"):
+    budgets = any(s.budget is not None for s in stages)
+    for col in ("stage", "budget" if budgets else "λ", "steps", "learning rate"):
         table.add_column(col, justify="right" if col != "learning rate" else "left")
     for s in stages:
-        table.add_row(str(s.k), f"{s.lam:g}", str(s.steps), s.lr)
+        what = f"{100 * s.budget:g}% of the ranks" if s.budget is not None else f"{s.lam:g}"
+        table.add_row(str(s.k), what, str(s.steps), s.lr)
     console.print(table)
     total = sum(s.steps for s in stages)
     console.print(f"{total} training steps at {step_seconds:.3f} s/step (measured): about "
@@ -261,11 +290,13 @@ def schedule_plan(stages: list[Any], step_seconds: float) -> None:
 def schedule_table(records: list[dict[str, Any]]) -> None:
     """The stage table so far (printed again, one row longer, after every stage)."""
     table = Table(title="sparsifying schedule", title_justify="left")
-    for col in ("stage", "λ", "steps", "non-zero gates", "params", "memorization", "mem %", "generalization",
-                "gen %", "test"):
+    budgets = any(r.get("budget") is not None for r in records)
+    for col in ("stage", *(("budget",) if budgets else ()), "λ", "steps", "non-zero gates", "params", "memorization",
+                "mem %", "generalization", "gen %", "test"):
         table.add_column(col, justify="right")
     for r in records:
-        table.add_row(str(r["stage"]), f"{r['lambda']:g}", str(r["steps"]),
+        budget = (f"{100 * r['budget']:g}%" if r.get("budget") is not None else "–",) if budgets else ()
+        table.add_row(str(r["stage"]), *budget, _num(r["lambda"], "g"), str(r["steps"]),
                       f"{r['nonzero_gates']} / {r['total_gates']}", f"{r['params']:,d}", _num(r["memorization"], ".4f"),
                       _num(r["memorization_pct"], ".1f"), _num(r["generalization"], ".4f"),
                       _num(r["generalization_pct"], ".1f"), _num(r["test"], ".4f"))

@@ -74,6 +74,9 @@ def inspect_adapter(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     }
     if method.sparse_factors:  # other methods' reports keep exactly their keys
         report["support"] = update_support(tensors, meta)
+    budget = meta.get("method_config", {}).get("budget")
+    if budget:  # SoRA to a budget: the target, the final cut, λ's trajectory
+        report["budget"] = budget
     return report
 
 
@@ -161,7 +164,9 @@ def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -
     """PNG: heatmap layer × module type -> surviving rank, and beside it a histogram of |g| (SoRA) or, for sparse
     factors (RoseLoRA, no gates), a heatmap layer × module type -> % of the base matrix the update touches."""
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    budget = report.get("budget")
+    fig, axes = plt.subplots(1, 3 if budget else 2, figsize=(18 if budget else 12, 4.5))
+    ax1, ax2 = axes[0], axes[1]
     ranks = {r["module"]: float(r["rank"]) for r in report["modules"]}
     _heatmap(fig, ax1, report, ranks, "surviving rank", vmax=max(r["r_max"] for r in report["modules"]))
     if "support" in report:
@@ -170,6 +175,8 @@ def plot(report: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -
         _heatmap(fig, ax2, report, touched, f"% of W0 touched by ΔW (all modules: {100 * total:.2f}%)", vmax=None)
     else:
         _gate_histogram(ax2, report, tensors)
+    if budget:
+        _budget_path(axes[2], budget)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,3 +209,26 @@ def _gate_histogram(ax: Any, report: dict[str, Any], tensors: dict[str, torch.Te
     ax.hist(gates, bins=40)
     ax.set_xlabel("|g|")
     ax.set_title(f"gate magnitudes ({sum(1 for g in gates if g == 0)} of {len(gates)} exactly zero)")
+
+
+def _budget_path(ax: Any, budget: dict[str, Any]) -> None:
+    """The count against the path the controller followed (left axis) and λ (right axis, log) by step."""
+    from sora_cli.budget import path
+
+    steps = [p[0] for p in budget["path"]]
+    ax.plot(steps, [p[2] for p in budget["path"]], label=f"surviving {budget['unit']}")
+    if budget["start"] is not None:
+        ax.plot(steps, [path(budget["start"], budget["aim"], s, budget["reach_at"]) for s in steps], "--",
+                label="path (budget + 5% margin)")
+    ax.axhline(budget["budget"], color="black", linewidth=0.8, label=f"budget {budget['budget']:,d}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(budget["unit"])
+    ax.set_title(f"SoRA to a budget: the final cut took {budget['final_cut']} ranks")
+    ax.legend(loc="upper right", fontsize=8)
+    lam = ax.twinx()
+    lam.plot(steps, [p[1] for p in budget["path"]], color="tab:red", linewidth=1)
+    lam.set_yscale("log")
+    lam.yaxis.set_major_formatter("{x:g}")
+    lam.yaxis.set_minor_formatter("{x:g}")
+    lam.tick_params(axis="y", which="both", labelsize=7, colors="tab:red")
+    lam.set_ylabel("λ", color="tab:red")

@@ -29,12 +29,12 @@ import numpy as np
 from sora_cli import render
 from sora_cli.checkpoint import atomic_dir, load_adapter, step_checkpoints, write_text_atomic
 from sora_cli.dist import current, on_main
-from sora_cli.errors import InputError
+from sora_cli.errors import InputError, plural
 from sora_cli.optim import lr_factor, schedule_length, warmup_length
-from sora_cli.recipe import Recipe, ScheduleConfig, dump_recipe
+from sora_cli.recipe import Recipe, ScheduleConfig, TargetConfig, dump_recipe
 from sora_cli.report import pyplot
 
-RECORD_FIELDS = ["stage", "lambda", "steps", "nonzero_gates", "total_gates", "params", "memorization",
+RECORD_FIELDS = ["stage", "budget", "lambda", "steps", "nonzero_gates", "total_gates", "params", "memorization",
                  "memorization_pct", "generalization", "generalization_pct", "test", "checkpoint"]
 
 
@@ -58,10 +58,11 @@ def stage_thresholds(cfg: ScheduleConfig) -> list[float]:
 @dataclasses.dataclass(frozen=True)
 class Stage:
     k: int
-    lam: float
+    lam: float | None  # None: a budget stage, whose λ the controller finds
     steps: int
     lr: str  # how the LR behaves in this stage, for --plan
     lr_scale: float | None = None  # a constant LR factor (lr_reset: false, later stages); None: the LR schedule
+    budget: float | None = None  # schedule.budgets: the fraction of the initial ranks this stage ends with
 
 
 def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[Stage]:
@@ -69,14 +70,22 @@ def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[St
     first = schedule_length(t.max_steps, t.epochs, n_train, t.batch_size, t.grad_accum)
     later = schedule_length(cfg.steps_per_stage, cfg.epochs_per_stage or 1.0, n_train, t.batch_size, t.grad_accum)
     decayed = None if cfg.lr_reset else _decayed(recipe, first)
+    values: list[tuple[float | None, float | None]] = (  # (λ, budget) of each stage
+        [(None, b) for b in cfg.budgets] if cfg.budgets is not None else [(lam, None) for lam in stage_thresholds(cfg)])
     stages = []
-    for k, lam in enumerate(stage_thresholds(cfg)):
+    for k, (lam, budget) in enumerate(values):
         if k == 0:
             steps, lr = (0, "none: the given checkpoint") if from_checkpoint else (first, f"{t.lr_scheduler} schedule")
-            stages.append(Stage(k, lam, steps, lr))
+            stages.append(Stage(k, lam, steps, lr, budget=budget))
         else:
             lr = f"{t.lr_scheduler} schedule, restarted" if decayed is None else f"constant {decayed:g}× lr"
-            stages.append(Stage(k, lam, later, lr, lr_scale=decayed))
+            stages.append(Stage(k, lam, later, lr, lr_scale=decayed, budget=budget))
+    if cfg.reach_at is not None and cfg.reach_at >= 1:
+        for stage in stages:
+            if 0 < stage.steps < cfg.reach_at:
+                raise InputError(f"schedule.reach_at: step {int(cfg.reach_at)} is past the end of stage {stage.k} "
+                                 f"({plural(stage.steps, 'step')}); give a step up to {stage.steps}, or a fraction "
+                                 "below 1")
     return stages
 
 
@@ -94,8 +103,13 @@ def checked_train_size(recipe: Recipe, out: Path) -> int:
     is written or replaced; returns the training set's size. Costs one extra model load."""
     from sora_cli.engine import prepare
 
-    first = Stage(0, stage_thresholds(_schedule(recipe))[0], 0, "")
-    run = prepare(stage_recipe(recipe, out, first), out / "runs" / "0", total_steps=1)
+    cfg = _schedule(recipe)
+    first = Stage(0, None, 0, "", budget=cfg.budgets[0]) if cfg.budgets else Stage(0, stage_thresholds(cfg)[0], 0, "")
+    probe = stage_recipe(recipe, out, first)
+    if probe.adapter.target is not None:  # a one-step probe: plan() checks reach_at against the stages' lengths
+        probe = dataclasses.replace(probe, adapter=dataclasses.replace(
+            probe.adapter, target=dataclasses.replace(probe.adapter.target, reach_at=0.5)))
+    run = prepare(probe, out / "runs" / "0", total_steps=1)
     return run.task.train_size()
 
 
@@ -119,8 +133,12 @@ def _decayed(recipe: Recipe, first_steps: int) -> float:
 
 
 def stage_recipe(recipe: Recipe, out: Path, stage: Stage) -> Recipe:
-    """Stage k's own recipe: λ_k, its run directory, seed + k; later stages run their full length (no early stop)."""
+    """Stage k's own recipe: λ_k (or its budget, as adapter.target), its run directory, seed + k; later stages run
+    their full length (no early stop)."""
     adapter = dataclasses.replace(recipe.adapter, sparse_lambda=stage.lam)
+    if stage.budget is not None:
+        reach_at = recipe.schedule.reach_at if recipe.schedule and recipe.schedule.reach_at else 0.8
+        adapter = dataclasses.replace(adapter, target=TargetConfig(fraction=stage.budget, reach_at=reach_at))
     train = dataclasses.replace(recipe.train, output_dir=str(out / "runs" / str(stage.k)),
                                 seed=recipe.train.seed + stage.k,
                                 patience=recipe.train.patience if stage.k == 0 else None)
@@ -200,9 +218,11 @@ def keep_stage(recipe: Recipe, out: Path, stage: Stage, result: Any, from_ckpt: 
     with atomic_dir(out / "stages" / str(stage.k)) as tmp:
         for name in ("adapter.safetensors", "adapter.json"):
             shutil.copy2(kept / name, tmp / name)
-    lam = stage.lam
-    if kept == from_ckpt:
-        lam = load_adapter(kept)[1].get("method_config", {}).get("sparse_lambda", stage.lam)
+    config = load_adapter(kept)[1].get("method_config", {})
+    # --from: the checkpoint's own λ; a budget stage: the λ its controller ended with
+    lam = config.get("sparse_lambda", stage.lam) if kept == from_ckpt else stage.lam
+    if config.get("budget") and (kept == from_ckpt or stage.budget is not None):
+        lam = config["budget"]["lambda"]
     record = _record(dataclasses.replace(stage, lam=lam, steps=result.step), out, result, recipe, records)
     _write_records(out, records + [record])
     return record
@@ -240,7 +260,7 @@ def _record(stage: Stage, out: Path, result: Any, recipe: Recipe, earlier: list[
     per_module = {row["module"]: {"nonzero_gates": row["rank"], "params": row["params_pruned"]}
                   for row in report["modules"]}
     return {
-        "stage": stage.k, "lambda": stage.lam, "steps": stage.steps,
+        "stage": stage.k, "budget": stage.budget, "lambda": stage.lam, "steps": stage.steps,
         "nonzero_gates": report["summary"]["rank"], "total_gates": report["summary"]["r"],
         "params": report["summary"]["params_pruned"],
         "memorization": memorization,
@@ -267,7 +287,9 @@ def percent_of_best(value: float | None, earlier: list[float | None], higher_is_
 def _write_records(out: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(out / "schedule.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RECORD_FIELDS, extrasaction="ignore")
+    budgets = any(r.get("budget") is not None for r in records)  # a λ schedule's CSV keeps its columns
+    fields = RECORD_FIELDS if budgets else [f for f in RECORD_FIELDS if f != "budget"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
     write_text_atomic(out / "schedule.csv", buffer.getvalue())

@@ -447,7 +447,47 @@ SCHEDULE = [
                                                 "schedule", "{recipe}"), ("schedule.steps_per_stage",)),
 ]
 
-CORPUS = RECIPES + CLASSIFIER_DATA + CAUSAL_DATA + EDIT_FILES + CHECKPOINTS + SPARSIFY + SCHEDULE
+
+
+def budget(target: Any, *extra: str, **sections: dict[str, Any]) -> Callable[[World, Path], list[str]]:
+    """`sora train` with adapter.target (and no sparse_lambda, which a target replaces)."""
+    def build(w: World, d: Path) -> list[str]:
+        adapter = {"sparse_lambda": None, "target": target, **sections.pop("adapter", {})}
+        return ["train", str(causal_recipe(w, d, adapter=adapter, **sections)), *extra]
+    return build
+
+
+BUDGET = [  # the tiny Llama: 14 modules at r = 2, 28 ranks
+    Case("budget-on-lora", budget({"ranks": 4}, adapter={"method": "lora"}),
+         ("adapter.target", "only applies to method sora, not lora")),
+    Case("budget-above-the-adapter", budget({"ranks": 1000}),
+         ("adapter.target.ranks", "1,000 is more than the adapter has", "28 ranks", "give at most 28")),
+    Case("budget-zero-ranks", budget({"ranks": 0}), ("adapter.target.ranks", "must be positive")),
+    Case("budget-zero-fraction", budget({"fraction": 0}), ("adapter.target.fraction", "(0, 1]")),
+    Case("budget-fraction-keeps-none", budget({"fraction": 0.01}), ("adapter.target.fraction", "keeps none")),
+    Case("budget-params-below-one-rank", budget({"params": 10}),
+         ("adapter.target.params", "less than one rank")),
+    Case("budget-two-units", budget({"ranks": 4, "fraction": 0.5}), ("adapter.target", "exactly one of")),
+    Case("budget-reach-past-the-end", budget({"ranks": 4, "reach_at": 50}, train={"max_steps": 4}),
+         ("adapter.target.reach_at", "step 50 is past the end of training (4 steps)")),
+    Case("budget-with-sparse-lambda", budget({"ranks": 4}, adapter={"sparse_lambda": 2.0}),
+         ("adapter.sparse_lambda", "adapter.target sets λ")),
+    Case("budget-override-not-a-number", budget({"ranks": 4}, "adapter.target.ranks=many"),
+         ("adapter.target.ranks", "many")),
+    Case("budget-on-an-edit-task", lambda w, d: ["train", str(causal_recipe(
+        w, d, {"train_file": str(write(d / "e.jsonl", jsonl([EDIT, EDIT]))), "task_type": "edit", "max_length": 32},
+        adapter={"sparse_lambda": None, "target": {"ranks": 4}}))], ("adapter.target", "knowledge editing")),
+    Case("schedule-budgets-rising", with_recipe(schedule_recipe({"budgets": [0.25, 0.5], "steps_per_stage": 1}),
+                                                "schedule", "{recipe}"), ("schedule.budgets", "falling")),
+    Case("schedule-budgets-and-a-target", lambda w, d: ["schedule", str(causal_recipe(
+        w, d, adapter={"sparse_lambda": None, "target": {"ranks": 4}},
+        schedule={"budgets": [0.5, 0.25], "steps_per_stage": 1}))], ("adapter.target", "schedule.budgets")),
+    Case("schedule-reach-past-a-stage", with_recipe(schedule_recipe({"budgets": [0.5, 0.25], "steps_per_stage": 2,
+                                                                     "reach_at": 5}), "schedule", "{recipe}"),
+         ("schedule.reach_at", "past the end of stage 0 (1 step)")),
+]
+
+CORPUS = RECIPES + CLASSIFIER_DATA + CAUSAL_DATA + EDIT_FILES + CHECKPOINTS + SPARSIFY + SCHEDULE + BUDGET
 
 
 # ---------------------------------------------------------------------------------------------

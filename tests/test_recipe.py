@@ -121,10 +121,26 @@ def test_override_into_a_section_left_empty(tmp_path: Path) -> None:
 def test_override_errors(tmp_path: Path) -> None:
     found = problems(tmp_path, BASE, ("train.lr", "adapter.rr=3", "train.seed=true"))
     assert found == [
-        "override 'train.lr': expected section.field=value, e.g. train.lr=5e-4",
+        "override 'train.lr': expected section.field=value, e.g. train.lr=5e-4 (or section.field.key=value, e.g. "
+        "adapter.target.ranks=64)",
         "adapter.rr: unknown field; did you mean 'r'?",
         "train.seed: expected an integer, got True",
     ]
+
+
+def test_a_budget_target_nests_overrides_and_round_trips(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, BASE + "adapter:\n  target:\n    fraction: 0.5\n"), ["adapter.target.reach_at=300"])
+    assert r.adapter.target is not None and (r.adapter.target.fraction, r.adapter.target.reach_at) == (0.5, 300.0)
+    assert r.adapter.sparse_lambda is None and r.adapter.threshold == "scaled"  # λ is the controller's
+    assert load_recipe(write(tmp_path, dump_recipe(r))) == r
+    built = load_recipe(write(tmp_path, BASE), ["adapter.target.params=150000"])  # the mapping made by the override
+    assert built.adapter.target is not None and built.adapter.target.params == 150000
+    assert built.adapter.target.unit == "params" and built.adapter.target.reach_at == 0.8
+    assert problems(tmp_path, BASE + "adapter:\n  target: {ranks: 8, reach_at: 2.5, size: 3}\n") == [
+        "adapter.target.size: unknown field; known: ranks, fraction, params, reach_at"]
+    assert problems(tmp_path, BASE + "adapter:\n  target: {ranks: 8, reach_at: 2.5}\n") == [
+        "adapter.target.reach_at: give a step (an integer) or a fraction of training below 1, got 2.5"]
+    assert problems(tmp_path, BASE + "adapter:\n  r: 4\n", ("adapter.r.x=1",)) == ["adapter.r: expected a mapping, got 4"]
 
 
 def test_defaults_and_round_trip(tmp_path: Path) -> None:

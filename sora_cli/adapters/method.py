@@ -97,6 +97,11 @@ class Method:
         """Runs right after `optimizer.step()`; returns numbers worth logging."""
         return {}
 
+    def settled(self, step: int) -> bool:
+        """Whether the adapter's structure after `step` steps is the one the run ends with (SoRA to a budget: from
+        reach_at on), so that an evaluation there may become best/ and count towards early stopping."""
+        return True
+
     def state_dict(self) -> Tensors:
         """Running statistics the method keeps between steps, saved with the training state (exact resume)."""
         return {}
@@ -131,6 +136,11 @@ class Method:
     def surviving(cls, tensors: Tensors, name: str, module: dict[str, Any], eps: float) -> torch.Tensor:
         """Indices of the ranks that `prune` keeps (ascending). Default: every rank."""
         return torch.arange(module["r"])
+
+    @classmethod
+    def checkpoint_totals(cls, meta: dict[str, Any]) -> dict[str, int]:
+        """Totals beyond the ranks that the run summary shows, read back from a checkpoint's adapter.json."""
+        return {}
 
     @classmethod
     def gate_values(cls, tensors: Tensors, name: str) -> torch.Tensor | None:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from sora_cli.adapters.lora import LoRALinear
-from sora_cli.adapters.method import Method, Tensors, adapter_layers
-from sora_cli.optim import proximal_step
+from sora_cli.adapters.method import Calibration, Method, Tensors, adapter_layers
+from sora_cli.adapters.sora_budget import BudgetRun, resolve
+from sora_cli.optim import lr_factor, proximal_step, warmup_length
 from sora_cli.precision import wide
 from sora_cli.reference_adamw import REFERENCE_GATE_EPS
 
@@ -48,6 +49,7 @@ class SoRA(Method):
     name = "sora"
     layer = SoRALinear
     rank_dims = {"lora_A": 0, "lora_B": 1, "gate": 0}
+    budget: BudgetRun | None = None  # adapter.target's controller (setup builds it)
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         a = self.adapter
@@ -73,21 +75,56 @@ class SoRA(Method):
         g = torch.cat([p.reshape(-1) for p in gates(model)])
         return weight * g.abs().sum() / g.numel()
 
+    def setup(self, model: nn.Module, total_steps: int, calibration: Calibration | None) -> None:
+        """With adapter.target: the budget resolved against the adapted modules and the run's length (refused in one
+        line when it cannot be met), and its controller."""
+        if self.adapter.target is None:
+            return
+        layers = list(adapter_layers(model))
+        t = self.train
+        warmup = warmup_length(t.warmup_steps, t.warmup_ratio, total_steps)
+        lr = self.adapter.gate_lr or t.lr
+        self.budget = BudgetRun(resolve(self.adapter.target, layers, total_steps), layers,
+                                self.adapter.threshold or "scaled",
+                                lambda step: lr * lr_factor(step, total_steps, warmup, t.lr_scheduler))
+
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         (group,) = [g for g in optimizer.param_groups if g.get("name") == "gate"]
+        if self.budget is not None:
+            return self.budget.after_step(group["lr"], step)
         tau = proximal_step(group["params"], self.adapter.threshold or "scaled", self.adapter.sparse_lambda or 0.0,
                             lr=group["lr"])
         return {"threshold": tau}
 
+    def settled(self, step: int) -> bool:
+        return self.budget is None or self.budget.settled
+
+    def state_dict(self) -> Tensors:
+        return self.budget.state_dict() if self.budget is not None else {}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        if self.budget is not None:
+            self.budget.load_state_dict(state)
+
     def stats(self, model: nn.Module) -> dict[str, int]:
         ranks = [(m.r, m.active_rank()) for _, m in adapter_layers(model)]  # one host sync per layer
         active, total = sum(a for _, a in ranks), sum(r for r, _ in ranks)
-        return {"active_rank": active, "max_rank": total, "zero_gates": total - active, "total_gates": total}
+        totals = {"active_rank": active, "max_rank": total, "zero_gates": total - active, "total_gates": total}
+        return {**totals, **(self.budget.totals() if self.budget is not None else {})}
 
     def describe(self) -> dict[str, Any]:
         a = self.adapter
-        return {"gate_init": a.gate_init, "sparse_lambda": a.sparse_lambda, "threshold": a.threshold,
-                "gate_lr": a.gate_lr, "l1_loss_weight": a.l1_loss_weight}
+        described = {"gate_init": a.gate_init, "sparse_lambda": a.sparse_lambda, "threshold": a.threshold,
+                     "gate_lr": a.gate_lr, "l1_loss_weight": a.l1_loss_weight}
+        return {**described, "budget": self.budget.describe()} if self.budget is not None else described
+
+    @classmethod
+    def checkpoint_totals(cls, meta: dict[str, Any]) -> dict[str, int]:
+        budget = meta.get("method_config", {}).get("budget")
+        if not budget:
+            return {}
+        return {f"budget_{budget['unit']}": budget["budget"], "budget_reached": budget["reached"],
+                "budget_cut": budget["final_cut"]}
 
     # -- rules over checkpoints: the gate scales B's columns, and a zero gate is a rank that prune cuts
 
