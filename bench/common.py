@@ -40,7 +40,7 @@ from sora_cli.merge import merge
 from sora_cli.models import load_model, resolve_model_path
 from sora_cli.optim import build_optimizer, lr_factor, set_lr, trainable_parameters, warmup_length
 from sora_cli.prune import prune
-from sora_cli.recipe import ModelConfig, Recipe, load_recipe
+from sora_cli.recipe import AdapterConfig, ModelConfig, Recipe, load_recipe
 from sora_cli.tasks.classification import ClassificationTask, Encoded, collate, compute_metrics, encode
 
 # PEFT 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns on every get_peft_model.
@@ -226,33 +226,13 @@ def adalora_schedule(steps: int) -> dict[str, int]:
 
 def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
     """One contestant on a fresh deep copy of the seed's base model (same weights, same head init)."""
-    model = copy.deepcopy(setup.base(seed))
-    lr = s.lrs[key]
-    if key.startswith("peft-"):
-        from peft import AdaLoraConfig, LoraConfig, get_peft_model
-
-        common = {"lora_alpha": s.alpha, "lora_dropout": 0.0, "target_modules": list(setup.targets),
-                  "modules_to_save": list(setup.heads), "task_type": "SEQ_CLS"}
-        if key == "peft-lora":
-            model = get_peft_model(model, LoraConfig(r=s.r, **common))
-            with torch.no_grad():
-                for name in setup.targets:
-                    layer = model.base_model.model.get_submodule(name)
-                    layer.lora_A["default"].weight.copy_(reference_a(seed, name, s.r, layer.in_features))
-            hooks = Hooks(key)
-        elif key == "peft-adalora":
-            torch.manual_seed(seed)
-            model = get_peft_model(model, AdaLoraConfig(init_r=12, target_r=s.r, beta1=0.85, beta2=0.85,
-                                                        orth_reg_weight=0.5, **adalora_schedule(s.steps), **common))
-            hooks = Hooks(key, model.base_model.update_and_allocate)
-        else:
-            raise KeyError(key)
-        model.to(setup.device)
-        optimizer = build_optimizer(model, [], lr, s.recipe.train.weight_decay)
-        return Contestant(key, LABELS[key].format(r=s.r), model, hooks, optimizer, lr)
-
-    adapter = dataclasses.replace(s.recipe.adapter, target_modules=tuple(setup.targets),
-                                  modules_to_save=tuple(setup.heads))
+    lr, label = s.lrs[key], LABELS[key].format(r=s.r)
+    if key == "peft-lora":
+        return peft_contestant(key, label, setup, s, seed, lr, s.r)
+    if key == "peft-adalora":
+        return peft_contestant(key, label, setup, s, seed, lr, 12, adalora={"target_r": s.r,
+                                                                           **adalora_schedule(s.steps)})
+    adapter = s.recipe.adapter
     if key == "sora-lora":
         adapter = dataclasses.replace(adapter, method="lora", gate_init=None, sparse_lambda=None, threshold=None,
                                       gate_lr=None, l1_loss_weight=None)
@@ -263,6 +243,41 @@ def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
                                       gate_lr=None, l1_loss_weight=None, density=ROSELORA[key])
     else:
         raise KeyError(key)
+    return sora_contestant(key, label, adapter, setup, s, seed, lr)
+
+
+def peft_contestant(key: str, label: str, setup: Setup, s: Settings, seed: int, lr: float, r: int,
+                    adalora: dict[str, Any] | None = None) -> Contestant:
+    """PEFT's LoRA at rank r (A set to the shared initial A), or with `adalora` (target_r and its schedule) PEFT's
+    AdaLoRA from init_r = r, its budget step after every optimizer step."""
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    model = copy.deepcopy(setup.base(seed))
+    common = {"lora_alpha": s.alpha, "lora_dropout": 0.0, "target_modules": list(setup.targets),
+              "modules_to_save": list(setup.heads), "task_type": "SEQ_CLS"}
+    if adalora is None:
+        model = get_peft_model(model, LoraConfig(r=r, **common))
+        with torch.no_grad():
+            for name in setup.targets:
+                layer = model.base_model.model.get_submodule(name)
+                layer.lora_A["default"].weight.copy_(reference_a(seed, name, r, layer.in_features))
+        hooks = Hooks(key)
+    else:
+        torch.manual_seed(seed)
+        model = get_peft_model(model, AdaLoraConfig(init_r=r, beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
+                                                    **adalora, **common))
+        hooks = Hooks(key, model.base_model.update_and_allocate)
+    model.to(setup.device)
+    optimizer = build_optimizer(model, [], lr, s.recipe.train.weight_decay)
+    return Contestant(key, label, model, hooks, optimizer, lr)
+
+
+def sora_contestant(key: str, label: str, adapter: AdapterConfig, setup: Setup, s: Settings, seed: int,
+                    lr: float) -> Contestant:
+    """sora's method of `adapter` on the bench's targets and head, every plain A the shared initial A; the method's
+    setup as the engine's prepare runs it (RoseLoRA's mask schedule, SoRA's budget controller)."""
+    model = copy.deepcopy(setup.base(seed))
+    adapter = dataclasses.replace(adapter, target_modules=tuple(setup.targets), modules_to_save=tuple(setup.heads))
     train_cfg = dataclasses.replace(s.recipe.train, lr=lr)
     method = get_method(adapter, train_cfg)
     torch.manual_seed(seed)
@@ -271,9 +286,9 @@ def build(key: str, setup: Setup, s: Settings, seed: int) -> Contestant:
         for name, layer in adapter_layers(model):
             layer.lora_A.copy_(reference_a(seed, name, layer.r, layer.in_features))
     model.to(setup.device)
-    method.setup(model, s.steps, None)  # as the engine's prepare does: RoseLoRA's layers and mask schedule
+    method.setup(model, s.steps, None)
     optimizer = build_optimizer(model, method.param_groups(model), lr, train_cfg.weight_decay)
-    return Contestant(key, LABELS[key].format(r=s.r), model, method, optimizer, lr)
+    return Contestant(key, label, model, method, optimizer, lr)
 
 
 def frozen_floor(setup: Setup, s: Settings, seed: int) -> Contestant:
@@ -309,7 +324,7 @@ def adapter_copies(c: Contestant, setup: Setup, seed: int, which: tuple[str, ...
 def initial_hashes(c: Contestant) -> dict[str, str]:
     """sha256 of the head's and of every plain LoRA A's initial values (for the fairness test)."""
     head, a = hashlib.sha256(), hashlib.sha256()
-    adalora = c.key == "peft-adalora"  # its A is its own (Gaussian, with E = 0): nothing to share
+    adalora = any("lora_E" in n for n, _ in c.model.named_parameters())  # its own A (Gaussian, E = 0): not shared
     for name, p in c.model.named_parameters():
         if not p.requires_grad:
             continue
