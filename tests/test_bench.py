@@ -322,3 +322,45 @@ def test_fsdp_smoke_measures_each_strategy_and_the_shards_are_the_plans(tmp_path
     assert rows["fsdp"]["weights_vs_ddp"] < 0.55
     table = table_rows((out / "fsdp.md").read_text(), fsdp.COLUMNS)
     assert len(table) == 3 and all(len(r) == len(fsdp.COLUMNS) and all(r) for r in table)
+
+
+def test_budget_smoke_writes_every_row_and_the_search(tmp_path: Path) -> None:
+    """bench/budget.py on the tiny model: four contestants per budget, the targets on their budgets exactly, the
+    λ search's runs counted and reused across budgets, every row's counts from its own runs."""
+    import budget
+
+    out = budget.main(["--smoke", "--budgets", "0.25", "0.5", "--out", str(tmp_path)])
+    data = json.loads((out / "budget.json").read_text())
+    rows = data["rows"]
+    assert [r["key"].split("-")[0] for r in rows] == ["target", "lambda", "adalora", "lora"] * 2
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert len({(r["key"], r["seed"]) for r in runs}) == len(runs)  # no run trained twice
+    by_key = {r["key"]: r for r in runs}
+    for row in rows:
+        assert row["ranks"] == [by_key[row["key"]]["ranks"]]
+        if row["key"].startswith(("target", "lora")):  # a target lands on its budget; uniform LoRA is the budget
+            assert row["ranks"] == [row["budget_ranks"]]
+        if row["search"] is not None:
+            assert row["runs"] == len(row["search"]) and all(by_key[f"lambda-{lam:g}"]["ranks"] == n
+                                                              for lam, n in row["search"])
+            assert row["seconds_to_adapter"] == pytest.approx(sum(by_key[f"lambda-{lam:g}"]["train_seconds"]
+                                                                  for lam, _ in row["search"]))
+    table = table_rows((out / "budget.md").read_text(), budget.COLUMNS)
+    assert len(table) == 8 and all(len(r) == len(budget.COLUMNS) and all(r) for r in table)
+
+
+def test_the_lambda_search_brackets_then_interpolates() -> None:
+    import budget
+
+    counts = {1.0: 200, 2.0: 160, 4.0: 120, 3.0: 138}  # a made-up count(λ), falling
+    seen: list[float] = []
+
+    def measure(lam: float) -> int:
+        seen.append(lam)
+        return counts[lam]
+
+    # budget 140 (lands in [137.2, 140]): 1 → 200 and 2 → 160 too many, 4 → 120 too few; between 2 and 4 in log λ
+    # at the count 138.6: log 2 + (log 4 − log 2) · (160 − 138.6) / 40 → 2.899, rounded 2.9; then 3.0 … is not asked
+    counts[2.9] = 139
+    assert budget.search(140, measure) == [(1.0, 200), (2.0, 160), (4.0, 120), (2.9, 139)]
+    assert seen == [1.0, 2.0, 4.0, 2.9] and budget.best_found(budget.search(140, counts.__getitem__), 140) == (2.9, 139)
