@@ -150,10 +150,12 @@ def by_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and bytes (flattened first: a 0-dim tensor, such as the budget's cut count, has no byte
+    view)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
-        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

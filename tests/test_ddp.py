@@ -237,6 +237,29 @@ def test_two_processes_equal_one_with_the_same_micro_batches_bit_for_bit(tmp_pat
     assert [e["loss"] for e in events(one, "train")] == [e["loss"] for e in events(two, "train")]
 
 
+def test_a_budget_on_two_processes_equals_one_bit_for_bit(tmp_path: Path, bert_dir: Path, tiny_csv: Path) -> None:
+    """SoRA to a budget under torchrun: every rank reads the same count from the same reduced gates, so λ's path,
+    the final cut and the adapter equal one process's on the same micro-batches, bit for bit; rank 0's training
+    state holds the controller that every rank agreed on."""
+    recipe = bert_recipe(tmp_path / "r.yaml", bert_dir, tiny_csv, adapter={"sparse_lambda": None,
+                                                                           "target": {"ranks": 20, "reach_at": 15}},
+                         train={"batch_size": 16, "grad_accum": 1})
+    one = tmp_path / "one"
+    ok(subprocess.run([sys.executable, "-m", "sora_cli", "train", str(recipe), "-o", str(one), "train.batch_size=8",
+                       "train.grad_accum=2"], capture_output=True, text=True,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    two = tmp_path / "two"
+    ok(torchrun(["train", str(recipe), "-o", str(two)]))
+    ta, tb = tensors(one / "final"), tensors(two / "final")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert [e["lambda"] for e in events(one, "train")] == [e["lambda"] for e in events(two, "train")]
+    budget = load_adapter(two / "final")[1]["method_config"]["budget"]
+    assert budget == load_adapter(one / "final")[1]["method_config"]["budget"]
+    assert budget["reached"] == 20 == sum(int(torch.count_nonzero(v)) for k, v in tb.items() if k.endswith("gate"))
+    state, _ = load_training_state(two / "checkpoints" / "step-20")
+    assert state["method.budget.trajectory"].shape == (15, 3) and int(state["method.budget.cut"]) == budget["final_cut"]
+
+
 @pytest.mark.parametrize("method", ["lora", "roselora", "lors"])
 def test_causal_methods_on_two_processes_match_one(method: str, tmp_path: Path, tiny_llama_dir: Path,
                                                    uneven_file: Path) -> None:
