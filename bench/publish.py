@@ -3,7 +3,7 @@
     python bench/publish.py bench/results/<date>-<machine> [more folders ...]
 
 Replaces everything between the two markers below with each folder's quality.md, speed.md, speed_causal.md,
-editing.md, lors.md, ddp.md, memory.md and fsdp.md (whichever exist), each folder headed by its name. The rest of the README is left as it was.
+editing.md, lors.md, ddp.md, memory.md, fsdp.md and budget.md (whichever exist), each folder headed by its name. The rest of the README is left as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ END = "<!-- bench results: end -->"
 REPO = Path(__file__).resolve().parent.parent
 
 
-TABLES = ("quality.md", "speed.md", "speed_causal.md", "editing.md", "lors.md", "ddp.md", "memory.md", "fsdp.md")
+TABLES = ("quality.md", "speed.md", "speed_causal.md", "editing.md", "lors.md", "ddp.md", "memory.md", "fsdp.md",
+          "budget.md")
 
 
 def section(*folders: Path) -> str:
@@ -28,7 +29,7 @@ def folder_section(results: Path) -> str:
     parts = [results / name for name in TABLES if (results / name).is_file()]
     if not parts:
         raise SystemExit(f"{results}: has none of {', '.join(TABLES)}; run bench/quality.py, speed.py, "
-                         "speed_causal.py, editing.py, lors.py, ddp.py, memory.py or fsdp.py")
+                         "speed_causal.py, editing.py, lors.py, ddp.py, memory.py, fsdp.py or budget.py")
     try:
         where = results.resolve().relative_to(REPO)
     except ValueError:
