@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sora_cli.budget import Controller, final_cut, initial_lambda, path, smooth
+from sora_cli.budget import Controller, final_cut, floor, initial_lambda, path, smooth
 
 
 def test_the_path_is_smooth_and_arrives() -> None:
@@ -83,8 +83,10 @@ def test_a_closed_loop_on_simulated_gates_lands_on_the_budget(keep: float, seed:
     worst = 0.0
     for step in range(1, steps + 1):
         g = g - eta * 0.5 * torch.randn(g.shape, generator=gen, dtype=torch.float64)  # the loss's pull: noise
-        g = torch.sign(g) * (g.abs() - c.lam * eta).clamp(min=0)
+        before, g = g, torch.sign(g) * (g.abs() - c.lam * eta).clamp(min=0)
+        g = floor({"g": before}, {"g": g}, {"g": 1}, budget)[0]["g"]
         count = int(torch.count_nonzero(g))
+        assert count >= budget
         worst = max(worst, abs(c.error(count, step)))
         c.update(count, step)
     assert worst < 0.15  # the count never strays more than 15 % of the start from the path
@@ -92,3 +94,18 @@ def test_a_closed_loop_on_simulated_gates_lands_on_the_budget(keep: float, seed:
     cut, n = final_cut({"g": g}, {"g": 1}, budget)
     kept = int(torch.count_nonzero(cut["g"]))
     assert 0.98 * budget <= kept <= budget and n == count - kept
+
+
+def test_the_floor_puts_back_what_a_step_zeroed_largest_first() -> None:
+    before = {"a": torch.tensor([0.5, -0.1, 0.0, 2.0], dtype=torch.float64),
+              "b": torch.tensor([0.3, -0.3, 0.05], dtype=torch.float64)}
+    after = {"a": torch.tensor([0.4, 0.0, 0.0, 1.9], dtype=torch.float64),
+             "b": torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)}
+    # 2 alive, budget 4: of those this step zeroed (a[1], b[0], b[1], b[2]; a[2] was zero already) the two largest
+    # |g| come back at their values before the step: the tie |0.3| by name and index, b[0] then b[1]
+    out, n = floor(before, after, {"a": 1, "b": 1}, budget=4)
+    assert n == 2 and out["a"].tolist() == [0.4, 0.0, 0.0, 1.9] and out["b"].tolist() == [0.3, -0.3, 0.0]
+    out, n = floor(before, after, {"a": 10, "b": 3}, budget=26)  # 20 alive: b[0] → 23, b[1] → 26: enough
+    assert n == 2 and out["b"].tolist() == [0.3, -0.3, 0.0]
+    same, n = floor(before, after, {"a": 1, "b": 1}, budget=2)
+    assert n == 0 and all(torch.equal(same[k], after[k]) for k in after)

@@ -5,6 +5,7 @@ after the cut; best/ waits for the budget; `inspect` shows λ's trajectory; `sor
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -80,9 +81,16 @@ def test_the_cut_keeps_the_largest_gates_and_holds_the_rest_at_zero() -> None:
         layers[0][1].gate.add_(0.01)
     stats = run.after_step(lr=1e-3, step=5)
     assert layers[0][1].gate.tolist() == pytest.approx([0.91, 0.0, 0.0, 2.01]) and stats["threshold"] == 0.0
+    floored = BudgetRun(Target("ranks", budget=3, reach_at=10), layers, "fixed", lambda step: 0.0)
+    floored.controller = floored.start(0)
+    floored.controller.log_lambda = math.log(100.0)  # a threshold of 100 would zero every gate
+    floored.after_step(lr=1e-3, step=0)  # the floor keeps the three largest |g| at their values
+    assert [m.gate.tolist() for _, m in layers] == [pytest.approx([0.91, 0.0, 0.0, 2.01]),
+                                                     pytest.approx([0.0, 0.0, 1.1, 0.0])]
+    assert floored.count() == 3 and floored.restored == 3 and floored.trajectory[-1][1:] == pytest.approx((100.0, 3.0))
     params = BudgetRun(Target("params", budget=2 * 12, reach_at=1), layers, "scaled", lambda step: 0.0)
     params.start(0)
-    params.settle()  # 12 parameters a rank (6 + 5 + 1): two ranks fit, 2.0 and 1.1
+    params.settle()  # 12 parameters a rank (6 + 5 + 1): two ranks fit, 2.01 and 1.1
     assert [int(torch.count_nonzero(m.gate)) for _, m in layers] == [1, 1] and params.count() == 24
 
 

@@ -1,7 +1,7 @@
 """SoRA to a budget in a training run (`adapter.target`): budget.py's law reading the live gates.
 
-Each optimizer step before `reach_at`: the proximal step with the controller's λ, the surviving count read (one
-host sync), λ updated. At `reach_at` the final cut zeroes the smallest |g| until the count is within the budget, and
+Each optimizer step before `reach_at`: the proximal step with the controller's λ (never below the budget: the
+floor puts back what it zeroed past it), the surviving count read (one host sync), λ updated. At `reach_at` the final cut zeroes the smallest |g| until the count is within the budget, and
 the surviving set is fixed: the remaining steps train the survivors with no threshold, the cut gates held at zero
 (as AdaLoRA fixes its budget after t_final and RoseLoRA its masks after t_f). So from `reach_at` on, every
 checkpoint, evaluation and best/ meets the budget exactly.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sora_cli.budget import MARGIN, Controller, final_cut, initial_lambda
+from sora_cli.budget import MARGIN, Controller, final_cut, floor, initial_lambda
 from sora_cli.errors import InputError, plural
 from sora_cli.optim import proximal_step
 
@@ -84,6 +84,7 @@ class BudgetRun:
         self.controller: Controller | None = None
         self.alive: list[torch.Tensor] | None = None  # after the cut: 1 where a gate survives
         self.cut = 0
+        self.restored = 0  # gates the floor put back, over the run
         self.trajectory: list[tuple[float, float, float]] = []  # (steps done, λ used, count after)
 
     def count(self) -> float:
@@ -110,13 +111,26 @@ class BudgetRun:
         if self.controller is None:
             self.controller = self.start(step)
         done, lam = step + 1, self.controller.lam
+        before = [g.detach().clone() for g in self.gates]  # (Σ r,) in all: cheap
         tau = proximal_step(self.gates, self.threshold, lam, lr=lr)
         count = self.count()
+        if count < self.target.budget:  # the floor: never below the budget before the cut
+            count = self.hold_floor(before)
         self.trajectory.append((float(done), lam, count))
         self.controller.update(count, done)
         if done >= self.target.reach_at:
             self.settle()
         return {"threshold": tau, "lambda": lam}
+
+    def hold_floor(self, before: list[torch.Tensor]) -> float:
+        """Put back the gates this step zeroed, largest |g| first, until the budget holds; the count after."""
+        kept, restored = floor({n: b.cpu() for n, b in zip(self.names, before)},
+                               {n: g.detach().cpu() for n, g in zip(self.names, self.gates)}, self.costs,
+                               self.target.budget)
+        for name, g in zip(self.names, self.gates):
+            g.data.copy_(kept[name])
+        self.restored += restored
+        return self.count()
 
     def settle(self) -> None:
         """The final cut (smallest |g| first, ties by module name and index) and the fixed surviving set."""
@@ -144,7 +158,7 @@ class BudgetRun:
         state = {"budget.controller": torch.tensor([c.start, c.budget, c.reach_at, c.log_lambda, c.low, c.high,
                                                     c.last_error], dtype=torch.float64),
                  "budget.trajectory": torch.tensor(self.trajectory, dtype=torch.float64).reshape(-1, 3),
-                 "budget.cut": torch.tensor(self.cut, dtype=torch.int64)}
+                 "budget.cut": torch.tensor([self.cut, self.restored], dtype=torch.int64)}
         if self.alive is not None:
             state["budget.alive"] = torch.cat([a.reshape(-1) for a in self.alive]).to(torch.uint8).cpu()
         return state
@@ -155,7 +169,7 @@ class BudgetRun:
         start, budget, reach_at, u, low, high, e = state["budget.controller"].tolist()
         self.controller = Controller(start, budget, int(reach_at), u, low, high, e)
         self.trajectory = [(a, b, c) for a, b, c in state["budget.trajectory"].tolist()]
-        self.cut = int(state["budget.cut"])
+        self.cut, self.restored = state["budget.cut"].tolist()
         if "budget.alive" in state:
             flat = state["budget.alive"].to(self.gates[0].device)
             sizes = [g.numel() for g in self.gates]
@@ -171,7 +185,7 @@ class BudgetRun:
         return {"unit": t.unit, "budget": t.budget, "reach_at": t.reach_at, "reached": round(self.count()),
                 "start": c.start if c else None, "aim": c.budget if c else None,
                 "lambda_start": points[0][1] if points else None, "lambda": self.last_lambda,
-                "final_cut": self.cut, "settled": self.settled,
+                "final_cut": self.cut, "floor_restored": self.restored, "settled": self.settled,
                 "path": [[int(s), lam, round(n)] for s, lam, n in points]}
 
     def totals(self) -> dict[str, int]:
