@@ -1,10 +1,11 @@
 """SoRA to a budget in a training run (`adapter.target`): budget.py's law reading the live gates.
 
 Each optimizer step before `reach_at`: the proximal step with the controller's λ (never below the budget: the
-floor puts back what it zeroed past it), the surviving count read (one host sync), λ updated. At `reach_at` the final cut zeroes the smallest |g| until the count is within the budget, and
-the surviving set is fixed: the remaining steps train the survivors with no threshold, the cut gates held at zero
-(as AdaLoRA fixes its budget after t_final and RoseLoRA its masks after t_f). So from `reach_at` on, every
-checkpoint, evaluation and best/ meets the budget exactly.
+floor puts back what it zeroed past it), the surviving count read (one host sync), λ updated. At `reach_at`
+the final cut zeroes the smallest |g| until the count is within the budget, and the surviving set is fixed:
+the remaining steps train the survivors with no threshold, the cut gates held at zero (as AdaLoRA fixes its
+budget after t_final and RoseLoRA its masks after t_f). So from `reach_at` on, every checkpoint, evaluation
+and best/ meets the budget exactly.
 """
 
 from __future__ import annotations
