@@ -3,13 +3,16 @@
     python bench/budget.py                 # MiniLM quickstart: budgets 25/50/75% of r_max = 8, seeds 0 1 2
     python bench/budget.py --seeds 0       # one seed (the λ search runs on the first seed given)
     python bench/budget.py --smoke         # CI: tiny random BERT, 1 seed x 8 steps
+    python bench/budget.py --causal        # the causal quickstart (SmolLM2-135M-Instruct, 120 steps), seed 0
 
-For each budget B (a fraction of the 8 · 37 initial ranks), on the quickstart model and data, every contestant
-stepped by the engine's own `train_step` on the same batches (bench/common.py):
+For each budget B (a fraction of the initial ranks: 8 · 37 on MiniLM, 8 · 210 on SmolLM2), on the quickstart's
+model and data, every contestant stepped by the engine's own `train_step` on the same batches (bench/common.py;
+bench/causal_setup.py for the causal LM, scored by greedy exact match on 300 test prompts as `sora train` does):
 
 - **SoRA, adapter.target**: `fraction: B`, reached at 80% of training (then the surviving set trains on): one run.
 - **SoRA, hand-searched λ**: what a user does without a target: train with a λ, count the surviving ranks, change λ
-  and train again, until the count lands within 2% below B (or MAX_SEARCH runs). The search runs on the first
+  and train again, until the count lands within 2% below B (or MAX_SEARCH runs), starting from the recipe's λ
+  (1 on MiniLM, 4 on SmolLM2). The search runs on the first
   seed (doubling or halving λ until the count is bracketed, then interpolating in log λ), and the other seeds
   train with the λ it found; every run of the search is counted.
 - **PEFT AdaLoRA**, init_r = 8 and target_r = 8 · B (its budget is target_r per module on average), its schedule
@@ -17,7 +20,7 @@ stepped by the engine's own `train_step` on the same batches (bench/common.py):
 - **PEFT LoRA** at the uniform rank 8 · B: the same ranks as the budget, with no gate (d_in + d_out a rank).
 
 Finished runs are kept in runs.jsonl and skipped when the command runs again (the λ search resumes too). Writes
-budget.json and budget.md.
+budget.json and budget.md (runs-causal.jsonl, budget-causal.json and budget-causal.md with --causal).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import causal_setup  # noqa: E402
 import common  # noqa: E402
 
 from sora_cli.adapters import adapter_layers  # noqa: E402
@@ -93,12 +97,16 @@ def ranks_and_parameters(c: common.Contestant) -> tuple[int, int]:
     return ranks, params
 
 
-def run_one(key: str, setup: common.Setup, s: common.Settings, seed: int) -> dict[str, Any]:
+def run_one(key: str, setup: Any, s: common.Settings, seed: int) -> dict[str, Any]:
     c = contestant(key, setup, s, seed)
     record: dict[str, Any] = {"key": key, "label": c.label, "seed": seed, "lr": c.lr, "steps": s.steps,
                               "trainable_params": c.trainable(), "initial_sha256": common.initial_hashes(c)}
     record.update(common.train(c, setup, s, seed))
-    record["accuracy"], _ = common.held_out_accuracy(c.model, setup)
+    if isinstance(setup, causal_setup.CausalSetup):  # the quickstart's metric: greedy exact match
+        record["metrics"] = causal_setup.held_out(c.model, setup, s.recipe.train.eval_batch_size)
+        record["accuracy"] = record["metrics"]["exact_match"]
+    else:
+        record["accuracy"], _ = common.held_out_accuracy(c.model, setup)
     record["ranks"], record["inference_params"] = ranks_and_parameters(c)
     budget = getattr(c.hooks, "budget", None)
     if budget is not None:
@@ -110,12 +118,12 @@ def landed(count: int, budget: int) -> bool:
     return (1 - TOLERANCE) * budget <= count <= budget
 
 
-def search(budget: int, measure: Callable[[float], int]) -> list[tuple[float, int]]:
-    """The λ search a user runs by hand: from λ = 1 (the quickstart's), double λ while too many ranks survive and
-    halve it while too few, then interpolate log λ linearly in the count between the closest λ on either side,
-    aiming at the middle of the landing window; λ rounded to 3 significant digits. Returns every (λ, count)."""
+def search(budget: int, measure: Callable[[float], int], start: float = 1.0) -> list[tuple[float, int]]:
+    """The λ search a user runs by hand: from the recipe's λ, double λ while too many ranks survive and halve it
+    while too few, then interpolate log λ linearly in the count between the closest λ on either side, aiming at
+    the middle of the landing window; λ rounded to 3 significant digits. Returns every (λ, count)."""
     tried: list[tuple[float, int]] = []
-    lam = 1.0
+    lam = start
     for _ in range(MAX_SEARCH):
         count = measure(lam)
         tried.append((lam, count))
@@ -146,7 +154,7 @@ def best_found(tried: list[tuple[float, int]], budget: int) -> tuple[float, int]
 class Runs:
     """runs.jsonl: finished runs, looked up by (key, seed, steps); a missing one is trained and appended."""
 
-    def __init__(self, path: Path, setup: common.Setup, s: common.Settings):
+    def __init__(self, path: Path, setup: Any, s: common.Settings):
         self.path, self.setup, self.s = path, setup, s
         self.done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -168,7 +176,8 @@ def rows_for(budget: float, total_ranks: int, runs: Runs, seeds: tuple[int, ...]
     count = math.floor(budget * total_ranks + 1e-9)
     r = round(budget * runs.s.r)
     first = seeds[0]
-    tried = search(count, lambda lam: runs.get(f"lambda-{lam:g}", first)["ranks"])
+    start = runs.s.recipe.adapter.sparse_lambda or 1.0
+    tried = search(count, lambda lam: runs.get(f"lambda-{lam:g}", first)["ranks"], start)
     lam, _ = best_found(tried, count)
     search_seconds = sum(runs.get(f"lambda-{t:g}", first)["train_seconds"] for t, _ in tried)
     rows = []
@@ -207,7 +216,10 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
 
 
 def markdown(rows: list[dict[str, Any]], s: common.Settings, setup_text: str, facts: dict[str, Any],
-             command: str) -> str:
+             command: str, causal: bool = False) -> str:
+    columns = [c.replace("accuracy", "exact match") for c in COLUMNS] if causal else COLUMNS
+    metric = ("Exact match of the greedy answer on the test prompts" if causal
+              else "Accuracy on the test split") + " in %, mean ± std over seeds"
     table = [[f"{r['budget']:.0%} ({r['budget_ranks']} ranks)", r["label"], f"{r['lr']:g}", str(r["runs"]),
               ", ".join(map(str, r["ranks"])), f"{r['inference_params_mean']:,.0f}", mean_std(r["accuracy"]),
               f"{r['train_seconds_mean']:.1f}", f"{r['seconds_to_adapter']:.1f}"] for r in rows]
@@ -215,12 +227,13 @@ def markdown(rows: list[dict[str, Any]], s: common.Settings, setup_text: str, fa
                        for what, value, ok in targets(rows))
     searches = "\n".join(f"- {r['budget']:.0%}: " + ", ".join(f"λ = {lam:g} → {n}" for lam, n in r["search"])
                          for r in rows if r["search"])
-    return (f"### SoRA to a budget\n\n{setup_text}; {s.steps} steps of {s.batch_size}, max_length {s.max_length}, "
+    title = "SoRA to a budget, causal LM" if causal else "SoRA to a budget"
+    return (f"### {title}\n\n{setup_text}; {s.steps} steps of {s.batch_size}, max_length {s.max_length}, "
             f"linear LR with {s.warmup_ratio:g} warm-up, r_max = {s.r}, seeds {', '.join(map(str, s.seeds))}. "
             f"Machine: {facts['cpu']} ({facts['torch_threads']} threads, {facts['device']}); commit "
             f"{facts['commit']}; torch {facts['torch']}, transformers {facts.get('transformers')}, peft "
-            f"{facts.get('peft')}.\n\n`{command}`\n\n" + common.markdown_table(COLUMNS, table)
-            + "\n\nAccuracy on the test split in %, mean ± std over seeds. Ranks: what survives at the end, per seed "
+            f"{facts.get('peft')}.\n\n`{command}`\n\n" + common.markdown_table(columns, table)
+            + f"\n\n{metric}. Ranks: what survives at the end, per seed "
               "(AdaLoRA: triplets with E ≠ 0). Inference params: the adapter as shipped, pruned, head excluded. Runs: "
               "training runs to get this adapter for one seed (the λ search's on the first seed; the other seeds "
               "reuse its λ). Time to this adapter: the training time of those runs.\n\n"
@@ -230,38 +243,44 @@ def markdown(rows: list[dict[str, Any]], s: common.Settings, setup_text: str, fa
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random model, 1 seed x 8 steps (CI)")
+    parser.add_argument("--causal", action="store_true", help="the causal quickstart (one seed unless --seeds)")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     args = parser.parse_args(argv)
-    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.smoke else (0, 1, 2))
-    s = common.settings(args.smoke, seeds, args.steps or (8 if args.smoke else None))
+    seeds = tuple(args.seeds) if args.seeds else ((0,) if args.smoke or args.causal else (0, 1, 2))
+    steps = args.steps or (8 if args.smoke else None)
+    s = causal_setup.settings(args.smoke, seeds, steps) if args.causal else common.settings(args.smoke, seeds, steps)
     facts = common.machine(torch.device(args.device))
     out = common.results_dir(args.out, facts, args.smoke)
     with tempfile.TemporaryDirectory() as tmp:
-        setup = common.load_setup(s, args.smoke, Path(tmp), args.device, "test")
+        setup = (causal_setup.load_setup(s, args.smoke, Path(tmp), args.device) if args.causal
+                 else common.load_setup(s, args.smoke, Path(tmp), args.device, "test"))
         total = s.r * len(setup.targets)
         print(f"{setup.description}; {len(setup.targets)} target modules, {total} ranks; {s.steps} steps; "
               f"seeds {seeds}", flush=True)
-        runs = Runs(out / "runs.jsonl", setup, s)
+        suffix = "-causal" if args.causal else ""
+        runs = Runs(out / f"runs{suffix}.jsonl", setup, s)
         command = "python bench/budget.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
         for n in range(1, len(seeds) + 1):  # every contestant on the first seed, then the next: tables as it goes
             rows = [row for budget in args.budgets for row in rows_for(budget, total, runs, seeds[:n])]
-            text = write(out, rows, dataclasses.replace(s, seeds=seeds[:n]), setup.description, facts, command)
+            text = write(out / f"budget{suffix}", rows, dataclasses.replace(s, seeds=seeds[:n]), setup.description,
+                         facts, command)
     print(text)
     return out
 
 
-def write(out: Path, rows: list[dict[str, Any]], s: common.Settings, setup: str, facts: dict[str, Any],
+def write(stem: Path, rows: list[dict[str, Any]], s: common.Settings, setup: str, facts: dict[str, Any],
           command: str) -> str:
-    common.write_json(out / "budget.json", {"machine": facts, "setup": setup, "command": command, "steps": s.steps,
-                                           "seeds": list(s.seeds), "rows": rows,
-                                           "targets": [{"target": t, "measured": v, "met": ok}
-                                                       for t, v, ok in targets(rows)]})
-    text = markdown(rows, s, setup, facts, command)
-    (out / "budget.md").write_text(text)
+    """stem.json and stem.md (budget or budget-causal)."""
+    checks = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets(rows)]
+    common.write_json(stem.with_suffix(".json"), {"machine": facts, "setup": setup, "command": command,
+                                                  "steps": s.steps, "seeds": list(s.seeds), "rows": rows,
+                                                  "targets": checks})
+    text = markdown(rows, s, setup, facts, command, causal=stem.name.endswith("-causal"))
+    stem.with_suffix(".md").write_text(text)
     return text
 
 

@@ -254,7 +254,7 @@ def peft_contestant(key: str, label: str, setup: Setup, s: Settings, seed: int, 
 
     model = copy.deepcopy(setup.base(seed))
     common = {"lora_alpha": s.alpha, "lora_dropout": 0.0, "target_modules": list(setup.targets),
-              "modules_to_save": list(setup.heads), "task_type": "SEQ_CLS"}
+              "modules_to_save": list(setup.heads) or None, "task_type": setup.task.peft_task_type}
     if adalora is None:
         model = get_peft_model(model, LoraConfig(r=r, **common))
         with torch.no_grad():
@@ -267,6 +267,8 @@ def peft_contestant(key: str, label: str, setup: Setup, s: Settings, seed: int, 
         model = get_peft_model(model, AdaLoraConfig(init_r=r, beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
                                                     **adalora, **common))
         hooks = Hooks(key, model.base_model.update_and_allocate)
+    if setup.task.peft_task_type == "CAUSAL_LM":  # stepped unwrapped: the causal loss calls the decoder itself
+        model = model.get_base_model()
     model.to(setup.device)
     optimizer = build_optimizer(model, [], lr, s.recipe.train.weight_decay)
     return Contestant(key, label, model, hooks, optimizer, lr)
@@ -374,7 +376,7 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
     t0 = time.perf_counter()
     for step in range(s.steps):
         set_lr(c.optimizer, lr_factor(step, s.steps, warmup, s.recipe.train.lr_scheduler))
-        batch = collate(setup.train, order.indices(step)[1], setup.pad_id)
+        batch = setup.task.collate(setup.train, order.indices(step)[1], setup.pad_id)
         seen.update(batch["input_ids"].numpy().tobytes())
         seen.update(batch["labels"].numpy().tobytes())
         step_once({k: v.to(setup.device) for k, v in batch.items()}, step)

@@ -31,6 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import causal_setup  # noqa: E402
 import common  # noqa: E402
 from speed import interleaved_steps, ratio  # noqa: E402
 
@@ -68,15 +69,8 @@ class FullLogits(CausalLMTask):
 def recipe(smoke: bool, workdir: Path) -> Recipe:
     overrides = ["data.max_train_samples=400", "data.max_eval_samples=8"]
     if smoke:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
-
-        tiny = save_tiny_causal_model(workdir / "tiny-llama", tiny_causal_tokenizer())
-        rows = [{"instruction": "classify the sentiment of this review", "input": f"the film was {w}",
-                 "output": "positive" if w in ("good", "great") else "negative"}
-                for w in ["good", "bad", "great", "awful"] * 16]
-        (workdir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        overrides += [f"model.name_or_path={tiny}", f"data.train_file={workdir / 'data.jsonl'}", "data.dataset=null"]
+        model, data = causal_setup.smoke_data(workdir)
+        overrides += [f"model.name_or_path={model}", f"data.train_file={data}", "data.dataset=null"]
     return load_recipe(RECIPE, overrides)
 
 

@@ -349,6 +349,27 @@ def test_budget_smoke_writes_every_row_and_the_search(tmp_path: Path) -> None:
     assert len(table) == 8 and all(len(r) == len(budget.COLUMNS) and all(r) for r in table)
 
 
+def test_budget_causal_smoke_scores_exact_match_and_steps_peft_unwrapped(tmp_path: Path) -> None:
+    """bench/budget.py --causal on the tiny Llama: its own files, the λ search from the causal recipe's λ (4), every
+    target on its budget, AdaLoRA's triplets on target_r, and the record's accuracy the exact match it scored."""
+    import budget
+
+    out = budget.main(["--causal", "--smoke", "--budgets", "0.5", "--out", str(tmp_path)])
+    assert not (out / "budget.json").exists() and not (out / "runs.jsonl").exists()
+    rows = json.loads((out / "budget-causal.json").read_text())["rows"]
+    assert [r["key"] for r in rows][::2] == ["target-0.5", "adalora-4"] and rows[1]["search"][0][0] == 4.0
+    total = 8 * 14  # 2 layers x 7 linears
+    assert [r["ranks"] for r in rows if r["key"] in ("target-0.5", "adalora-4", "lora-4")] == [[total // 2]] * 3
+    runs = [json.loads(line) for line in (out / "runs-causal.jsonl").read_text().splitlines()]
+    assert all(r["accuracy"] == r["metrics"]["exact_match"] and 0 <= r["accuracy"] <= 1 for r in runs)
+    assert all({"loss", "choice_accuracy"} <= set(r["metrics"]) for r in runs)
+    lora = next(r for r in runs if r["key"] == "lora-4")
+    per_rank = 2 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 48) * 3)  # q o, k v (2 kv heads of 8), gate up down
+    assert lora["inference_params"] == 4 * per_rank == 3712
+    text = (out / "budget-causal.md").read_text()
+    assert text.startswith("### SoRA to a budget, causal LM") and "| exact match |" in text
+
+
 def test_the_lambda_search_brackets_then_interpolates() -> None:
     import budget
 
