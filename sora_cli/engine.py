@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli import __version__, quantization, render
+from sora_cli import __version__, packing, quantization, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
@@ -101,6 +101,7 @@ class TrainState:
     window_loss: float = 0.0
     window_steps: int = 0
     window_examples: int = 0
+    window_tokens: int = 0  # the batches' tokens, padding excluded
     window_seconds: float = 0.0
     nonfinite: int = 0  # train.on_nonfinite skip: steps dropped in a row
 
@@ -136,15 +137,16 @@ class Run:
     strategy: Strategy = ONE  # how the run is spread over torchrun's processes (one: no other)
     # (n, main warm-up, gate warm-up) of the reference's LR schedule, for a method that asks for it (linear only)
     reference_schedule: tuple[int, int, int] | None = None
+    lengths: list[int] = field(default_factory=list)  # tokens of each training item (example, or packed row)
 
     @property
     def world(self) -> World:
         return self.strategy.world
 
-    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    def micro_batches(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int, int, int]:
         """The device batches of optimizer step `step`: this rank's slice of each global micro-batch (all of it in one
         process; a rank whose slice is empty gets no batch, or under FSDP2 a placeholder, weighted 0, put last);
-        how many of them are placeholders; the step's example count over every rank."""
+        how many of them are placeholders; the step's examples and tokens (padding excluded) over every rank."""
         accum = self.recipe.train.grad_accum
         indices = [self.order.indices(step * accum + micro)[1] for micro in range(accum)]
         pad = self.tokenizer.pad_token_id
@@ -154,7 +156,8 @@ class Run:
             if mine:
                 batch = {k: v.to(self.ctx.device) for k, v in self.task.collate(self.data.train, mine, pad).items()}
                 (idle if placeholder else real).append(batch)
-        return real + idle, len(idle), sum(len(i) for i in indices)
+        examples = sum(self.task.example_count(self.data.train, i) for i in indices)
+        return real + idle, len(idle), examples, sum(self.lengths[k] for i in indices for k in i)
 
     def lr_factor(self, step: int) -> float | dict[str, float]:
         """The LR factor of optimizer step `step`: the recipe's schedule, or (a method that asks for it, with a linear
@@ -238,6 +241,8 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, strategy: Strategy)
     metric = task.metric(cfg.metric_for_best)
     model, tokenizer = load_model(recipe.model, task, device)
     check_length(model, recipe.data.max_length)
+    if recipe.data.packing:
+        packing.check_model(model)
     method = get_method(recipe.adapter, cfg)
     base_parameters = count_parameters(model)[1]
     injection = inject(model, method, task.task_heads)
@@ -255,7 +260,8 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, strategy: Strategy)
                                   cfg.batch_size) if method.reference and cfg.lr_scheduler == "linear" else None
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
-               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, strategy, reference)
+               warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, strategy, reference,
+               list(data.train.lengths))
 
 
 def synchronise(run: Run) -> None:
@@ -497,7 +503,7 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
         while state.step < run.total and not state.stopped:
             started = time.perf_counter()
             set_lr(run.optimizer, lr_scale if lr_scale is not None else run.lr_factor(state.step))
-            batches, idle, examples = run.micro_batches(state.step)
+            batches, idle, examples, tokens = run.micro_batches(state.step)
             try:
                 loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
                                          cfg.max_grad_norm, run.ctx.autocast, state.step, run.strategy, idle)
@@ -507,7 +513,7 @@ def loop(run: Run, state: TrainState, log: MetricsLog, lr_scale: float | None) -
                 stats = {}
                 skip_or_stop(run, state, log, progress, e)
             state.step += 1
-            state.window_examples += examples
+            state.window_examples, state.window_tokens = state.window_examples + examples, state.window_tokens + tokens
             state.window_seconds += time.perf_counter() - started
             step = state.step
             if step % cfg.log_every == 0 or step == run.total:
@@ -532,6 +538,8 @@ def skip_or_stop(run: Run, state: TrainState, log: MetricsLog, progress: render.
     skip, below max_nonfinite in a row; else the run stops here, its last checkpoint whole for --resume."""
     cfg = run.recipe.train
     step, first = state.step + 1, run.order.indices(state.step * cfg.grad_accum)[1][0]
+    if isinstance(run.data.train, packing.PackedData):  # a packed row: name its first example
+        first = run.data.train.rows[first][0]
     state.nonfinite += 1
     log.emit({"event": "nonfinite", "step": step, "loss": json_number(e.loss), "grad_norm": json_number(e.norm),
               "first_example": first, "in_a_row": state.nonfinite})
@@ -563,7 +571,7 @@ def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.Tr
                window_loss: torch.Tensor, stats: dict[str, float]) -> None:
     if state.window_steps == 0:  # every step of the window was dropped (train.on_nonfinite: skip): nothing to log
         progress.update(state.step)
-        state.window_examples, state.window_seconds = 0, 0.0
+        state.window_examples, state.window_tokens, state.window_seconds = 0, 0, 0.0
         return
     state.window_loss += float(window_loss)  # the one host sync, off the per-step path
     window_loss.zero_()
@@ -573,10 +581,12 @@ def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.Tr
              "loss": state.window_loss / state.window_steps, "lr": run.optimizer.param_groups[0]["lr"], **stats,
              **{k: v for k, v in totals.items() if k != "max_rank"},
              **({"nonzero_gates": totals["total_gates"] - totals["zero_gates"]} if "total_gates" in totals else {}),
-             "examples_per_s": round(state.window_examples / max(state.window_seconds, 1e-9), 2)}
+             "examples_per_s": round(state.window_examples / max(state.window_seconds, 1e-9), 2),
+             "tokens_per_s": round(state.window_tokens / max(state.window_seconds, 1e-9), 1)}
     log.emit(event)
     progress.update(state.step, event["loss"], event["lr"], (totals["active_rank"], totals["max_rank"]))
-    state.window_loss, state.window_steps, state.window_examples, state.window_seconds = 0.0, 0, 0, 0.0
+    state.window_loss, state.window_steps, state.window_seconds = 0.0, 0, 0.0
+    state.window_examples = state.window_tokens = 0
 
 
 def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.TrainProgress) -> None:

@@ -151,6 +151,7 @@ class DataConfig:
     choices: tuple[str, ...] | None = None  # a fixed answer set: also score accuracy by the choices' likelihoods
     max_new_tokens: int = field(default=16, metadata=_check("positive"))  # greedy generation for exact match
     exact_match: bool = True  # generate and score exact match (off for long free-form answers)
+    packing: bool = False  # training rows of several examples, up to max_length tokens (evaluation stays unpacked)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ class EditConfig:
 
 
 CAUSAL_FIELDS = ("format", "prompt_field", "completion_field", "chat_template", "train_on_prompt", "choices",
-                 "max_new_tokens", "exact_match")
+                 "max_new_tokens", "exact_match", "packing")
 
 # Names users know from transformers / PEFT, accepted as synonyms of a field.
 _ALIASES: dict[str, dict[str, str]] = {"train": {"learning_rate": "lr"}, "adapter": {"lora_alpha": "alpha"}}

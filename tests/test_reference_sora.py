@@ -148,7 +148,7 @@ def test_a_reference_run_follows_the_reference_equations_bit_for_bit(make_recipe
     state: dict[int, list] = {}
     zero_seen = 0
     for step in range(8):
-        (batch,), _, _ = run.micro_batches(step)
+        (batch,), _, _, _ = run.micro_batches(step)
         set_lr(run.optimizer, run.lr_factor(step))  # what the engine's loop does before each step
         train_step(run.model, run.task, run.method, run.optimizer, [batch], run.params, 0.1, run.ctx.autocast, step)
         lrs = (reference_lr(lr, step, 8, 3), reference_lr(gate_lr, step, 8, 2))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sora_cli import render
+from sora_cli import packing, render
 from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
@@ -90,15 +90,16 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys([*ids, tokenizer.eos_token_id]))
 
 
-def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V), target ids (N,)) at the N positions whose next token is a target (!= IGNORE_INDEX).
 
     `targets` (B, T) is aligned with `input_ids` (the label of token t is targets[:, t]); the prediction for token t
-    is read at position t - 1. The decoder runs once; the LM head only on the N selected positions.
+    is read at position t - 1. The decoder runs once; the LM head only on the N selected positions. Packed rows
+    (packing.py) give position_ids and no attention_mask.
     """
     # no KV cache: transformers would otherwise keep every block's keys and values until the forward returns
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # (B, T, H)
     return labelled_logits(model, hidden, targets)
 
@@ -175,7 +176,10 @@ class CausalLMTask(Task):
         names = {"train": "train", "validation": "dev", "test": "test"}
         out = {name: self._encode_split(name, names[name], tokenizer, max_length) if name in self.records else None
                for name in names}
-        return EncodedSplits(out["train"], out["validation"], out["test"])
+        train: CausalData | packing.PackedData | None = out["train"]
+        if self.data.packing and isinstance(train, CausalData):
+            train = packing.pack(train.examples, max_length)
+        return EncodedSplits(train, out["validation"], out["test"])
 
     def _encode_split(self, split: str, label: str, tokenizer: Any, max_length: int) -> CausalData:
         data = CausalData([])
@@ -211,11 +215,20 @@ class CausalLMTask(Task):
         """Whether evaluation generates and scores exact match (text records have no prompt / reference)."""
         return self.data.exact_match and self.format != "text"
 
-    def collate(self, data: CausalData, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    def collate(self, data: CausalData | packing.PackedData, indices: list[int],
+                pad_id: int) -> dict[str, torch.Tensor]:
+        if isinstance(data, packing.PackedData):
+            return packing.collate_rows(data, indices, pad_id)
         return collate(data, indices, pad_id)
 
-    def subset(self, data: CausalData, indices: list[int]) -> CausalData:
+    def subset(self, data: CausalData | packing.PackedData, indices: list[int]) -> CausalData:
+        """The examples at `indices` (of packed training rows: the rows' examples, unpacked, for evaluation)."""
+        if isinstance(data, packing.PackedData):
+            return CausalData(data.unpacked(indices))
         return CausalData([data.examples[i] for i in indices])
+
+    def example_count(self, data: Any, indices: list[int]) -> int:
+        return data.example_count(indices) if isinstance(data, packing.PackedData) else len(indices)
 
     # -- loss
 
@@ -223,7 +236,9 @@ class CausalLMTask(Task):
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, targets = selected_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        """Σ cross-entropy over the labelled tokens; a packed batch (position_ids, no attention_mask) as well."""
+        logits, targets = selected_logits(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                          batch.get("position_ids"))
         if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax in float32 at least (float64 stays)
             logits = logits.float()
         return F.cross_entropy(logits, targets, reduction="sum")

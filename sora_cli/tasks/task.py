@@ -79,6 +79,10 @@ class Task:
     def subset(self, data: Any, indices: list[int]) -> Any:
         raise NotImplementedError
 
+    def example_count(self, data: Any, indices: list[int]) -> int:
+        """Examples in these training items (a packed row holds several)."""
+        return len(indices)
+
     # -- loss and evaluation
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """What the loss is averaged over in this batch: examples, or label tokens."""
