@@ -61,12 +61,7 @@ def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    path, packaged_gguf = _resolve(cfg.name_or_path)
-    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-    gguf = cfg.gguf_file or packaged_gguf
-    if gguf:
-        _check_gguf()
-        common["gguf_file"] = gguf
+    path, common, gguf = _sources(cfg)
     if cfg.quantization:
         quantization.require_bitsandbytes()
     try:
@@ -112,6 +107,29 @@ def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _sources(cfg: ModelConfig) -> tuple[str, dict[str, Any], str | None]:
+    """(local path or hub id, the from_pretrained arguments every file of the model shares, its GGUF file)."""
+    path, packaged_gguf = _resolve(cfg.name_or_path)
+    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    gguf = cfg.gguf_file or packaged_gguf
+    if gguf:
+        _check_gguf()
+        common["gguf_file"] = gguf
+    return path, common, gguf
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The recipe's tokenizer alone, as load_model loads it (to count tokens without loading the weights)."""
+    from transformers import AutoTokenizer
+
+    path, common, _ = _sources(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"model.name_or_path: could not load {cfg.name_or_path!r}'s tokenizer: {first}") from None
 
 
 def _check_gguf() -> None:

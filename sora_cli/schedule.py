@@ -90,17 +90,21 @@ def plan(recipe: Recipe, n_train: int, from_checkpoint: bool = False) -> list[St
 
 
 def train_size(recipe: Recipe) -> int:
-    """Training examples of the recipe's data (the stage lengths of a schedule in epochs depend on it)."""
+    """Training items of the recipe's data, examples or packed rows (the stage lengths of a schedule in epochs
+    depend on it); packed rows need the tokenizer, not the model."""
+    from sora_cli.models import load_tokenizer
     from sora_cli.tasks import get_task
 
     task = get_task(recipe.data)
     task.load_data()
-    return task.train_size()
+    if not recipe.data.packing:
+        return task.train_size()
+    return len(task.encode(load_tokenizer(recipe.model), recipe.data.max_length).train)
 
 
 def checked_train_size(recipe: Recipe, out: Path) -> int:
     """Stage 0 prepared as the engine will (data, model, adapters: every input check) before the schedule directory
-    is written or replaced; returns the training set's size. Costs one extra model load."""
+    is written or replaced; returns the training set's size in items. Costs one extra model load."""
     from sora_cli.engine import prepare
 
     cfg = _schedule(recipe)
@@ -110,7 +114,7 @@ def checked_train_size(recipe: Recipe, out: Path) -> int:
         probe = dataclasses.replace(probe, adapter=dataclasses.replace(
             probe.adapter, target=dataclasses.replace(probe.adapter.target, reach_at=0.5)))
     run = prepare(probe, out / "runs" / "0", total_steps=1)
-    return run.task.train_size()
+    return len(run.data.train)  # what an epoch steps over: examples, or packed rows
 
 
 def _schedule(recipe: Recipe) -> ScheduleConfig:

@@ -141,3 +141,16 @@ def test_a_packed_run_resumes_mid_epoch_bit_for_bit(causal_recipe: Any) -> None:
     assert (again.resumed_from, again.step) == (4, 12)
     a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_schedule_counts_packed_rows(causal_recipe: Any) -> None:
+    """Stage lengths in epochs step over rows: the plan's count (the tokenizer only) is the engine's."""
+    from sora_cli import schedule
+    from sora_cli.engine import prepare
+
+    packed = load_recipe(causal_recipe("p", data={"packing": True, "max_length": 128}))
+    rows = schedule.train_size(packed)
+    run = prepare(packed, Path(packed.train.output_dir), total_steps=1)
+    assert rows == len(run.data.train) and run.data.train.example_count(range(rows)) == 160
+    assert 160 / 4 <= rows <= 160 / 3 + 1  # 3 or 4 examples of 32–35 tokens a row of 128
+    assert schedule.train_size(load_recipe(causal_recipe("u"))) == 160
