@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli import __version__, packing, quantization, render
+from sora_cli import __version__, compiled, packing, quantization, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
@@ -219,6 +219,8 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, strategy:
     run = strategy.load(load, recipe, out, total_steps, strategy)
     strategy.prepare(run.model, run.ctx.device)
     cfg = recipe.train
+    if cfg.compile:
+        compiled.compile_blocks(run.model, cfg.gradient_checkpointing)
     run.method.setup(run.model, run.total, calibration(run.task, run.data.train, run.tokenizer,
                                                        run.method.calibration_samples(), cfg, run.ctx, strategy.world))
     return run
@@ -251,6 +253,8 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, strategy: Strategy)
     strategy.check(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.compile:
+        compiled.check(model, device, recipe.model.quantization is not None)
     data = task.encode(tokenizer, recipe.data.max_length)
     total = total_steps if total_steps is not None else schedule_length(
         cfg.max_steps, cfg.epochs, len(data.train), cfg.batch_size, cfg.grad_accum)
@@ -622,6 +626,10 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
         state.last_dev = run.evaluate(data.dev)
         log.emit({"event": "eval", "split": "dev", "step": step, **state.last_dev})
     result = RunResult(run.out, step, dev=state.last_dev, best_step=state.best_step, stats=run.method.stats(run.model))
+    if run.recipe.train.compile:  # torch's count for this process: a break runs part of a block in Python
+        result.stats.update(compiled_blocks=len(compiled.blocks(run.model)), graph_breaks=compiled.graph_breaks())
+        log.emit({"event": "compile", "step": step, "blocks": result.stats["compiled_blocks"],
+                  "graph_breaks": result.stats["graph_breaks"]})
     if data.test is not None:
         result.test = run.evaluate(data.test)
         log.emit({"event": "test", "checkpoint": "final", "step": step, **result.test})

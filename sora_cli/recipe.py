@@ -178,6 +178,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    compile: bool = False  # torch.compile each repeated block for training (evaluation stays eager)
     report_to: tuple[Literal["tensorboard"], ...] = ()  # also log to TensorBoard (<output_dir>/tensorboard)
     # under torchrun: auto / ddp, every process holds the whole model; fsdp, FSDP2 shards the frozen base
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"

@@ -83,6 +83,8 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
         if f"budget_{unit}" in stats:
             rows.append(("budget", f"{stats['budget_reached']:,d} of {stats[f'budget_{unit}']:,d} {unit}; the final "
                          f"cut took {stats['budget_cut']} ranks (smallest |g|)"))
+    if "graph_breaks" in stats:  # train.compile
+        rows.append(("compiled", f"{stats['compiled_blocks']} blocks, {stats['graph_breaks']} graph breaks"))
     if stats.get("adapter_numel"):  # RoseLoRA: the entries of A and B its masks kept
         nnz, numel = stats["adapter_nnz"], stats["adapter_numel"]
         rows.append(("adapter non-zeros", f"{nnz:,d} / {numel:,d} ({100 * nnz / numel:.1f}%)"))

@@ -1,0 +1,100 @@
+"""train.compile: a compiled run against the eager run on the same batches, its graph-break count, and the
+one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sora_cli import compiled
+from sora_cli.cli import app
+from sora_cli.engine import train
+from sora_cli.recipe import load_recipe
+
+from .conftest import events
+
+runner = CliRunner()
+
+
+def test_the_blocks_are_the_longest_list_of_one_class(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert compiled.blocks(model) == list(model.model.layers) and len(model.model.layers) == 2
+    assert compiled.blocks(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.ReLU()]))) == []
+
+
+def test_a_compiled_sora_run_is_the_eager_run(causal_recipe: Any) -> None:
+    """SoRA (proximal step on the gates) with gradient checkpointing, 6 steps over batches of changing length: the
+    compiled blocks give the eager run's losses and adapter to float32 tolerance. Inductor fuses and reorders
+    float32 arithmetic (a few units of 6e-8 per op); over 6 AdamW steps of lr 1e-2 that leaves ~1e-6 on the
+    weights, and Adam's normalised steps keep it there (a gradient that differed in sign would show as 2e-2)."""
+    sections: dict[str, Any] = {"train": {"max_steps": 6, "eval_every": 6, "save_every": 6, "log_every": 1,
+                                          "gradient_checkpointing": True}}
+    eager = load_recipe(causal_recipe("eager", **sections))
+    train(eager)
+    fast = load_recipe(causal_recipe("fast", **sections), ["train.compile=true"])
+    result = train(fast)
+    assert result.stats["compiled_blocks"] == 2 and result.stats["graph_breaks"] == 0
+    a_run, b_run = Path(eager.train.output_dir), Path(fast.train.output_dir)
+    [event] = events(b_run, "compile")
+    assert (event["blocks"], event["graph_breaks"]) == (2, 0)
+    losses = [(a["loss"], b["loss"]) for a, b in zip(events(a_run, "train"), events(b_run, "train"), strict=True)]
+    assert len(losses) == 6 and all(abs(a - b) < 1e-5 for a, b in losses), losses
+    a, b = load_file(a_run / "final" / "adapter.safetensors"), load_file(b_run / "final" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    gaps = {k: float((a[k] - b[k]).abs().max()) for k in a}
+    assert max(gaps.values()) < 2e-5, gaps
+    gates = [k for k in a if k.endswith(".gate")]
+    assert gates and all(torch.equal(a[k] == 0, b[k] == 0) for k in gates)  # the same ranks switched off
+    assert json.loads((b_run / "final" / "adapter.json").read_text())["method"] == "sora"
+
+
+def test_compile_is_refused_on_a_quantized_base(causal_recipe: Any) -> None:
+    recipe = causal_recipe("q", model={"quantization": "nf4"}, train={"compile": True})
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: train.compile: a bitsandbytes-quantized base does not compile (its 4-bit and 8-bit kernels are "
+        "opaque to torch.compile); remove train.compile or model.quantization")
+
+
+def test_compile_is_refused_without_a_cpp_compiler(causal_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    result = runner.invoke(app, ["train", str(causal_recipe("c", train={"compile": True}))])
+    assert result.exit_code == 2 and "train.compile: torch.compile on CPU builds C++ kernels and no C++ " in result.output
+    assert not (Path(load_recipe(causal_recipe("c")).train.output_dir)).exists()  # nothing written
+
+
+def test_compiled_blocks_are_checkpointed_from_outside(tiny_llama_dir: Path) -> None:
+    """With checkpointing, autograd keeps (outside the checkpoints) only what enters each block: a fraction of
+    what the compiled blocks keep without it; eval mode runs the class's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    kept = {}
+    for checkpointing in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        model.model.embed_tokens.weight.requires_grad_(True)  # something upstream needs a gradient
+        compiled.compile_blocks(model, checkpointing)
+        model.train()
+        count = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=torch.tensor([[3, 5, 7, 9, 11]]), use_cache=False).logits
+        out.sum().backward()
+        kept[checkpointing] = count[0]
+        assert model.model.embed_tokens.weight.grad is not None
+    assert kept[True] < kept[False] / 2, kept
+    model.eval()
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[3, 5]])).logits.shape == (1, 2, model.config.vocab_size)
