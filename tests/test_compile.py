@@ -68,8 +68,18 @@ def test_compile_is_refused_on_a_quantized_base(causal_recipe: Any) -> None:
 def test_compile_is_refused_without_a_cpp_compiler(causal_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     result = runner.invoke(app, ["train", str(causal_recipe("c", train={"compile": True}))])
-    assert result.exit_code == 2 and "train.compile: torch.compile on CPU builds C++ kernels and no C++ " in result.output
+    assert result.exit_code == 2
+    assert "train.compile: torch.compile on CPU builds C++ kernels and no C++ " in result.output
     assert not (Path(load_recipe(causal_recipe("c")).train.output_dir)).exists()  # nothing written
+
+
+def saved_by_autograd(model: Any) -> int:
+    """Tensors autograd keeps for backward outside any checkpoint, in one forward; then the backward."""
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        out = model(input_ids=torch.tensor([[3, 5, 7, 9, 11]]), use_cache=False).logits
+    out.sum().backward()
+    return len(saved)
 
 
 def test_compiled_blocks_are_checkpointed_from_outside(tiny_llama_dir: Path) -> None:
@@ -83,18 +93,55 @@ def test_compiled_blocks_are_checkpointed_from_outside(tiny_llama_dir: Path) -> 
         model.model.embed_tokens.weight.requires_grad_(True)  # something upstream needs a gradient
         compiled.compile_blocks(model, checkpointing)
         model.train()
-        count = [0]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            count[0] += 1
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(input_ids=torch.tensor([[3, 5, 7, 9, 11]]), use_cache=False).logits
-        out.sum().backward()
-        kept[checkpointing] = count[0]
+        kept[checkpointing] = saved_by_autograd(model)
         assert model.model.embed_tokens.weight.grad is not None
     assert kept[True] < kept[False] / 2, kept
     model.eval()
     with torch.no_grad():
         assert model(input_ids=torch.tensor([[3, 5]])).logits.shape == (1, 2, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("method", ["lora", "roselora", "lors"])
+def test_every_method_compiles_without_a_graph_break(tiny_llama_dir: Path, method: str) -> None:
+    """RoseLoRA's masks (from step 1: they change every step) and LoRS's recompute (its own autograd Function):
+    4 steps over lengths 20–29, compiled against eager, with no graph break."""
+    import contextlib
+    import copy
+
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from sora_cli.adapters import adapter_layers, get_method
+    from sora_cli.adapters.inject import inject
+    from sora_cli.engine import train_step
+    from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig
+    from sora_cli.tasks.causal_lm import CausalLMTask
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    extra: dict[str, Any] = {"density": 0.5, "sparsify_start": 0, "sparsify_end": 3} if method == "roselora" else {}
+    task = CausalLMTask(DataConfig(train_file="x", task_type="causal_lm"))
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for k in range(4):
+        ids = torch.randint(3, 60, (4, 20 + 3 * k), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    losses = {}
+    for mode in ("eager", "compiled"):
+        model = copy.deepcopy(base)
+        adapter = get_method(AdapterConfig(method=method, r=4, alpha=8.0, **extra), TrainConfig(max_steps=4))
+        torch.manual_seed(1)
+        inject(model, adapter, ())
+        with torch.no_grad():
+            for _, layer in adapter_layers(model):
+                layer.lora_B.normal_(0, 0.1)
+        adapter.setup(model, 4, None)
+        if mode == "compiled":
+            compiled.compile_blocks(model)
+        params, optimizer = [p for p in model.parameters() if p.requires_grad], adapter.optimizer(model)
+        model.train()
+        losses[mode] = [float(train_step(model, task, adapter, optimizer, [b], params, 1.0, contextlib.nullcontext(),
+                                         k)[0]) for k, b in enumerate(batches)]
+    assert compiled.graph_breaks() == 0, dict(counters["graph_break"])
+    assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-5, rel=0)
