@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,18 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sora_cli.blocks import transformer_blocks
 from sora_cli.errors import InputError
-
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: the longest nn.ModuleList whose members are all of one class."""
-    best: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best):
-            kinds = Counter(type(m) for m in module)
-            if len(kinds) == 1:
-                best = list(module)
-    return best
 
 
 def check(model: nn.Module, device: torch.device, quantized: bool) -> None:
@@ -45,9 +34,9 @@ def check(model: nn.Module, device: torch.device, quantized: bool) -> None:
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise InputError("train.compile: torch.compile on CPU builds C++ kernels and no C++ compiler (g++, c++ or "
                          "clang++) is on PATH; install one or remove train.compile")
-    if not blocks(model):
-        raise InputError(f"train.compile: {type(model).__name__} has no list of repeated blocks to compile; remove "
-                         "train.compile")
+    if not transformer_blocks(model):
+        raise InputError(f"train.compile: {type(model).__name__} names no transformer blocks to compile "
+                         "(transformers' _no_split_modules); remove train.compile")
 
 
 def compile_blocks(model: nn.Module, checkpointing: bool = False) -> int:
@@ -57,7 +46,7 @@ def compile_blocks(model: nn.Module, checkpointing: bool = False) -> int:
     as it is, the checkpoint would be traced too, and a context variable it mutates breaks the graph. So the
     class's own forward (under the wrapper) is compiled, and with `checkpointing` the compiled call is
     checkpointed here, outside the graph (non-reentrant, as engine.enable_checkpointing asks)."""
-    found = blocks(model)
+    found = transformer_blocks(model)
     for block in found:
         own = type(block).forward
         own = getattr(own, "__wrapped__", own)  # under transformers' checkpointing wrapper, if there is one

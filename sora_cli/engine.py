@@ -138,6 +138,7 @@ class Run:
     # (n, main warm-up, gate warm-up) of the reference's LR schedule, for a method that asks for it (linear only)
     reference_schedule: tuple[int, int, int] | None = None
     lengths: list[int] = field(default_factory=list)  # tokens of each training item (example, or packed row)
+    compiled_blocks: int = 0  # train.compile: the blocks compiled
 
     @property
     def world(self) -> World:
@@ -220,7 +221,7 @@ def prepare(recipe: Recipe, out: Path, total_steps: int | None = None, strategy:
     strategy.prepare(run.model, run.ctx.device)
     cfg = recipe.train
     if cfg.compile:
-        compiled.compile_blocks(run.model, cfg.gradient_checkpointing)
+        run.compiled_blocks = compiled.compile_blocks(run.model, cfg.gradient_checkpointing)
     run.method.setup(run.model, run.total, calibration(run.task, run.data.train, run.tokenizer,
                                                        run.method.calibration_samples(), cfg, run.ctx, strategy.world))
     return run
@@ -627,7 +628,7 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
         log.emit({"event": "eval", "split": "dev", "step": step, **state.last_dev})
     result = RunResult(run.out, step, dev=state.last_dev, best_step=state.best_step, stats=run.method.stats(run.model))
     if run.recipe.train.compile:  # torch's count for this process: a break runs part of a block in Python
-        result.stats.update(compiled_blocks=len(compiled.blocks(run.model)), graph_breaks=compiled.graph_breaks())
+        result.stats.update(compiled_blocks=run.compiled_blocks, graph_breaks=compiled.graph_breaks())
         log.emit({"event": "compile", "step": step, "blocks": result.stats["compiled_blocks"],
                   "graph_breaks": result.stats["graph_breaks"]})
     if data.test is not None:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from sora_cli import blocks
 from sora_cli.dist import World
 from sora_cli.errors import InputError
 from sora_cli.strategy import Strategy, assemble, shares
@@ -100,12 +101,9 @@ class FullyShard(Strategy):
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks: modules of the classes in transformers' `_no_split_modules` that are items of
-    a ModuleList (the decoder or encoder layers; an embeddings class in that list is left to the root)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for holder in model.modules() if isinstance(holder, nn.ModuleList)
-              for m in holder if type(m).__name__ in names]
-    if not blocks:
+    """The units FSDP2 shards (blocks.py); a model without them is refused."""
+    found = blocks.transformer_blocks(model)
+    if not found:
         raise InputError(f"train.strategy: fsdp shards a model block by block, but {type(model).__name__} names no "
                          "transformer blocks to shard (transformers' _no_split_modules); use strategy: ddp")
-    return blocks
+    return found

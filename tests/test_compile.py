@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sora_cli import compiled
 from sora_cli.cli import app
 from sora_cli.engine import train
+from sora_cli.errors import InputError
 from sora_cli.recipe import load_recipe
 
 from .conftest import events
@@ -22,12 +23,13 @@ from .conftest import events
 runner = CliRunner()
 
 
-def test_the_blocks_are_the_longest_list_of_one_class(tiny_llama_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
+def test_a_model_without_transformer_blocks_is_refused() -> None:
+    from transformers import AlbertConfig, AlbertModel
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    assert compiled.blocks(model) == list(model.model.layers) and len(model.model.layers) == 2
-    assert compiled.blocks(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(1, 1), torch.nn.ReLU()]))) == []
+    albert = AlbertModel(AlbertConfig(hidden_size=32, num_attention_heads=2, intermediate_size=37, embedding_size=16))
+    with pytest.raises(InputError, match=r"^train.compile: AlbertModel names no transformer blocks to compile "
+                                         r"\(transformers' _no_split_modules\); remove train.compile$"):
+        compiled.check(albert, torch.device("cpu"), quantized=False)
 
 
 def test_a_compiled_sora_run_is_the_eager_run(causal_recipe: Any) -> None:
