@@ -35,6 +35,7 @@ import causal_setup  # noqa: E402
 import common  # noqa: E402
 from speed import interleaved_steps, ratio  # noqa: E402
 
+from sora_cli import compiled  # noqa: E402
 from sora_cli.adapters import get_method  # noqa: E402
 from sora_cli.adapters.inject import inject, select_targets  # noqa: E402
 from sora_cli.data import TrainOrder  # noqa: E402
@@ -74,22 +75,28 @@ def recipe(smoke: bool, workdir: Path) -> Recipe:
     return load_recipe(RECIPE, overrides)
 
 
-def setup(smoke: bool, workdir: Path, steps: int) -> tuple[Recipe, nn.Module, list[str], list[dict[str, Any]]]:
-    """The recipe, the loaded base model, its target Linears and the first `steps` training batches."""
+def load(smoke: bool, workdir: Path) -> tuple[Recipe, CausalLMTask, nn.Module, Any, list[str], Any]:
+    """The recipe, its task, the loaded base model, the tokenizer, its target Linears and the encoded train split."""
     r = recipe(smoke, workdir)
     task = CausalLMTask(r.data)
     task.load_data()
     torch.manual_seed(0)
     base, tokenizer = load_model(r.model, task)
     targets = select_targets(base, "all-linear", [])
-    data = task.encode(tokenizer, r.data.max_length).train
+    return r, task, base, tokenizer, targets, task.encode(tokenizer, r.data.max_length).train
+
+
+def setup(smoke: bool, workdir: Path, steps: int) -> tuple[Recipe, nn.Module, list[str], list[dict[str, Any]]]:
+    """The recipe, the loaded base model, its target Linears and the first `steps` training batches."""
+    r, task, base, tokenizer, targets, data = load(smoke, workdir)
     order = TrainOrder(len(data), r.train.batch_size, 0)
     batches = [task.collate(data, order.indices(k)[1], tokenizer.pad_token_id) for k in range(steps)]
     return r, base, targets, batches
 
 
-def contestant(key: str, r: Recipe, base: nn.Module, targets: list[str]) -> Any:
-    """`step(batch)`: one engine step of a fresh copy of the base adapted as `key` says."""
+def contestant(key: str, r: Recipe, base: nn.Module, targets: list[str], compile: bool = False) -> Any:
+    """`step(batch)`: one engine step of a fresh copy of the base adapted as `key` says (`compile`: its blocks
+    compiled as train.compile compiles them)."""
     model = copy.deepcopy(base)
     task = (FullLogits if key.endswith("-full") else CausalLMTask)(r.data)
     if key.startswith("peft-lora"):
@@ -115,6 +122,8 @@ def contestant(key: str, r: Recipe, base: nn.Module, targets: list[str]) -> Any:
         if key.endswith("-ckpt"):
             enable_checkpointing(model)
         optimizer, stepped = build_optimizer(model, method.param_groups(model), r.train.lr, 0.0), model
+    if compile:
+        compiled.compile_blocks(model)
     stepped.train()
     params = [p for p in stepped.parameters() if p.requires_grad]
     counter = iter(range(10**9))

@@ -385,3 +385,21 @@ def test_the_lambda_search_brackets_then_interpolates() -> None:
     counts[2.9] = 139
     assert budget.search(140, measure) == [(1.0, 200), (2.0, 160), (4.0, 120), (2.9, 139)]
     assert seen == [1.0, 2.0, 4.0, 2.9] and budget.best_found(budget.search(140, counts.__getitem__), 140) == (2.9, 139)
+
+
+def test_throughput_smoke_packs_the_same_tokens_into_fewer_steps(tmp_path: Path) -> None:
+    import throughput
+
+    out = throughput.main(["--smoke", "--no-compile", "--examples", "16", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((out / "throughput.json").read_text())
+    rows = {(r["method"], r["batches"]): r for r in data["rows"]}
+    assert len(rows) == 8 and {r["blocks"] for r in data["rows"]} == {"eager"}
+    for method in throughput.METHODS:
+        padded, packed = rows[(method, "padded")], rows[(method, "packed")]
+        assert padded["steps_per_pass"] == 2 and packed["steps_per_pass"] < 2  # 16 short examples fit 8 rows
+        assert padded["tokens_per_s"] == pytest.approx(data["tokens"] / padded["repeats_s"][0])
+        assert packed["speedup"] == pytest.approx(padded["repeats_s"][0] / packed["repeats_s"][0])
+        assert rows[("floor", "packed")]["time_vs_floor"] == 1.0
+    assert data["tokens"] > 16 * 5 and len(data["targets"]) == 4
+    table = table_rows((out / "throughput.md").read_text(), throughput.COLUMNS)
+    assert len(table) == 8 and all(len(r) == len(throughput.COLUMNS) and all(r) for r in table)
