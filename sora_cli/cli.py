@@ -138,6 +138,7 @@ def train(
         rows.append((f"test (best, step {result.best_step})", render.metrics_text(result.best_test)))
     if result.base_test:
         rows.append(("test (base model)", render.metrics_text(result.base_test)))
+    rows += render.constant_rows({"final/": (result.dev, result.test), "best/": (result.best_dev, result.best_test)})
     rows += render.stats_rows(result.stats)
     rows.append(("final adapter", str(result.output_dir / "final")))
     rows.append(("time", f"{result.seconds:.1f} s"))

@@ -11,7 +11,7 @@ A causal LM has no such level (its constant predictor depends on the text), so o
 - *back at chance*: a window's loss at least `BACK` × chance; a collapse is `WINDOWS` such windows in a row after
   the loss was clearly below. A noisy plateau that touches the chance level now and then resets the count.
 
-The step reported is the first of those windows: where the collapse began.
+The step reported is the first step of the first of those windows: where the collapse began.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ def label_variance(labels: Sequence[float]) -> float:
 
 @dataclass
 class Collapse:
-    step: int  # the first logged step of the run of windows at chance
+    step: int  # the first step of the first window back at chance: where the collapse began
     loss: float  # the last window's loss
     chance: float
 
     def message(self, what_to_try: str) -> str:
-        return (f"the training loss is back at the chance level ({self.loss:.3f}, chance {self.chance:.3f}) since "
-                f"step {self.step}, after it was clearly below it: the model predicts a constant; {what_to_try}")
+        return (f"the training loss has been back at the chance level or above since step {self.step} "
+                f"({self.loss:.3f}; a constant prediction scores {self.chance:.3f}), after it was clearly below "
+                f"it: the run has collapsed; {what_to_try}")
 
 
 @dataclass
@@ -58,14 +59,15 @@ class LossWatch:
     run_length: int = 0
     fired: bool = False
 
-    def update(self, step: int, loss: float) -> Collapse | None:
-        """The window ending at `step` had mean loss `loss`: a Collapse the first time the rule holds, else None."""
+    def update(self, first: int, loss: float) -> Collapse | None:
+        """The window from step `first` on had mean loss `loss`: a Collapse the first time the rule holds, else
+        None."""
         if self.chance <= 0 or not math.isfinite(loss) or self.fired:
             return None
         if loss <= BELOW * self.chance:
             self.was_below = True
         if self.was_below and loss >= BACK * self.chance:
-            self.run_start = step if self.run_length == 0 else self.run_start
+            self.run_start = first if self.run_length == 0 else self.run_start
             self.run_length += 1
         else:
             self.run_start, self.run_length = None, 0

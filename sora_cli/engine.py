@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli import __version__, compiled, packing, quantization, render
+from sora_cli import __version__, collapse, compiled, packing, quantization, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
 from sora_cli.checkpoint import (
     atomic_dir,
     load_adapter,
+    remove_dir,
     remove_old_checkpoints,
     save_adapter,
     save_training_state,
@@ -37,7 +38,7 @@ from sora_cli.checkpoint import (
 )
 from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, current
-from sora_cli.errors import DivergedError, InputError
+from sora_cli.errors import CollapseError, DivergedError, InputError
 from sora_cli.models import base_fingerprint, load_model
 from sora_cli.optim import (
     lr_factor,
@@ -139,6 +140,7 @@ class Run:
     reference_schedule: tuple[int, int, int] | None = None
     lengths: list[int] = field(default_factory=list)  # tokens of each training item (example, or packed row)
     compiled_blocks: int = 0  # train.compile: the blocks compiled
+    watch: collapse.LossWatch | None = None  # the training loss against the chance level (collapse.py)
 
     @property
     def world(self) -> World:
@@ -263,10 +265,11 @@ def load(recipe: Recipe, out: Path, total_steps: int | None, strategy: Strategy)
     optimizer = method.optimizer(model)
     reference = reference_lengths(cfg.epochs, cfg.max_steps, cfg.warmup_steps, cfg.warmup_ratio, len(data.train),
                                   cfg.batch_size) if method.reference and cfg.lr_scheduler == "linear" else None
+    chance = task.chance_loss(data.train)
     return Run(recipe, out, task, model, tokenizer, method, injection, data, optimizer, trainable_parameters(model),
                TrainOrder(len(data.train), cfg.batch_size, cfg.seed), total,
                warmup_length(cfg.warmup_steps, cfg.warmup_ratio, total), metric, ctx, facts, strategy, reference,
-               list(data.train.lengths))
+               list(data.train.lengths), watch=collapse.LossWatch(chance) if chance is not None else None)
 
 
 def synchronise(run: Run) -> None:
@@ -559,6 +562,32 @@ def skip_or_stop(run: Run, state: TrainState, log: MetricsLog, progress: render.
                         "set train.on_nonfinite: skip to drop such steps")
 
 
+def on_collapse(run: Run, state: TrainState, log: MetricsLog, progress: render.TrainProgress,
+                found: collapse.Collapse) -> None:
+    """The loss is back at chance (collapse.py): logged; a warning line, or (train.on_collapse: stop) the run stops
+    with the step checkpoints saved since the collapse began removed, so --resume takes the last one before it."""
+    cfg = run.recipe.train
+    log.emit({"event": "collapse", "step": state.step, "since": found.step, "loss": found.loss,
+              "chance": found.chance})
+    message = f"step {state.step}: {found.message(collapse_tip(run))}"
+    if cfg.on_collapse == "warn":
+        progress.log(f"warning: {message} (train.on_collapse: stop ends such a run)")
+        return
+    run.strategy.main(remove_checkpoints_since, run.out, found.step)
+    raise CollapseError(f"{message}. The run stopped (train.on_collapse: stop). {last_good(run)}")
+
+
+def collapse_tip(run: Run) -> str:
+    tip = f"try a lower train.lr (now {run.recipe.train.lr:g})"
+    return tip + (" or adapter.gate_lr" if run.method.name == "sora" else "")
+
+
+def remove_checkpoints_since(run_dir: Path, step: int) -> None:
+    for saved, path in step_checkpoints(run_dir):
+        if saved >= step:
+            remove_dir(path)
+
+
 def last_good(run: Run) -> str:
     """Where --resume would continue: the run's last step checkpoint (every one holds finite tensors only)."""
     saved = step_checkpoints(run.out)
@@ -590,6 +619,9 @@ def log_window(run: Run, state: TrainState, log: MetricsLog, progress: render.Tr
              "tokens_per_s": round(state.window_tokens / max(state.window_seconds, 1e-9), 1)}
     log.emit(event)
     progress.update(state.step, event["loss"], event["lr"], (totals["active_rank"], totals["max_rank"]))
+    found = run.watch.update(state.step - state.window_steps + 1, event["loss"]) if run.watch is not None else None
+    if found is not None:
+        on_collapse(run, state, log, progress, found)
     state.window_loss, state.window_steps, state.window_seconds = 0.0, 0, 0.0
     state.window_examples = state.window_tokens = 0
 
@@ -601,6 +633,9 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
     state.last_dev = dev = run.evaluate(run.data.dev)
     log.emit({"event": "eval", "split": "dev", "step": state.step, **dev})
     progress.log(f"step {state.step}  dev  {render.metrics_text(dev)}")
+    if dev.get("constant_predictor"):
+        progress.log(f"warning: step {state.step}: every dev example gets the same class, the model is a constant "
+                     f"predictor; {collapse_tip(run)}")
     value = dev[run.metric]
     better = state.best_metric is None or (value > state.best_metric if run.task.greater_is_better(run.metric)
                                            else value < state.best_metric)

@@ -34,6 +34,10 @@ class DivergedError(SoraError):
     """Training produced a non-finite loss or gradient (train.on_nonfinite): the run stopped, nothing of it applied."""
 
 
+class CollapseError(SoraError):
+    """The training loss came back to the chance level (train.on_collapse: stop): the run stopped."""
+
+
 class CheckpointError(SoraError):
     """A checkpoint or run directory that is missing, incomplete or inconsistent."""
 

@@ -187,6 +187,9 @@ class TrainConfig:
     # update and go on, ending the run after max_nonfinite such steps in a row
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite: int = field(default=5, metadata=_check("positive"))
+    # a collapse (the training loss back at the chance level after it was clearly below it, collapse.py): warn, or
+    # stop with the last checkpoint from before it as --resume's
+    on_collapse: Literal["warn", "stop"] = "warn"
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,12 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
     return rows
 
 
+def constant_rows(checkpoints: dict[str, tuple[dict[str, float], ...]]) -> list[tuple[str, str]]:
+    """A warning row for each checkpoint whose dev or test predictions were all one class (collapse.py)."""
+    return [("warning", f"{name} gives every example the same class: a constant predictor")
+            for name, splits in checkpoints.items() if any(m.get("constant_predictor") for m in splits)]
+
+
 def run_summary(rows: list[tuple[str, str]], title: str) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("what", style="bold")

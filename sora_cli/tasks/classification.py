@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sora_cli import collapse
 from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
@@ -359,7 +360,15 @@ class ClassificationTask(Task):
         return {"logits": out.numpy(), "labels": data.labels.cpu().numpy()}
 
     def score(self, rows: Rows) -> dict[str, float]:
-        return compute_metrics(self.task_type, rows["logits"], rows["labels"])
+        """The metrics; with `constant_predictor: 1` when a classifier gives every example the same class."""
+        metrics = compute_metrics(self.task_type, rows["logits"], rows["labels"])
+        if self.task_type == "classification" and collapse.constant(rows["logits"].argmax(-1).tolist()):
+            metrics["constant_predictor"] = 1.0
+        return metrics
+
+    def chance_loss(self, train: Encoded) -> float | None:
+        labels = train.labels.tolist()
+        return collapse.label_variance(labels) if self.task_type == "regression" else collapse.label_entropy(labels)
 
     def metric(self, metric_for_best: str | None) -> str:
         metric = selection_metric(metric_for_best, self.data.task, self.task_type)

@@ -79,6 +79,10 @@ class Task:
     def subset(self, data: Any, indices: list[int]) -> Any:
         raise NotImplementedError
 
+    def chance_loss(self, train: Any) -> float | None:
+        """The training loss of the best constant predictor on `train` (collapse.py), or None where none exists."""
+        return None
+
     def example_count(self, data: Any, indices: list[int]) -> int:
         """Examples in these training items (a packed row holds several)."""
         return len(indices)
