@@ -392,23 +392,24 @@ def train_step(model: nn.Module, task: Task, method: Method, optimizer: torch.op
     if extra is not None:
         extra.backward()
         loss += extra.detach()
-    check_finite(loss, params, optimizer)
+    norm = check_finite(loss, params, optimizer)
     method.after_backward(model, step)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # gates included
+    if max_grad_norm:  # gates included; with the norm just checked (after_backward changes no gradient's norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     optimizer.step()
     stats = method.after_step(model, optimizer, step)
     optimizer.zero_grad(set_to_none=True)
     return loss, stats
 
 
-def check_finite(loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Raise NonFiniteStep (the gradients cleared) unless the step's loss and every gradient are finite: checked
-    before the method's hooks, clipping and the optimizer see them, so a non-finite value never reaches a weight,
-    an optimizer state or a method's state. One host sync a step (every rank holds the same summed values)."""
+def check_finite(loss: torch.Tensor, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The gradients' total norm; raise NonFiniteStep (the gradients cleared) unless the step's loss and every
+    gradient are finite: checked before the method's hooks, clipping and the optimizer see them, so a non-finite
+    value never reaches a weight, an optimizer state or a method's state. One host sync a step (every rank holds
+    the same summed values)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if bool(torch.isfinite(loss) & torch.isfinite(norm)):
-        return
+        return norm
     optimizer.zero_grad(set_to_none=True)
     raise NonFiniteStep(float(loss), float(norm))
 
