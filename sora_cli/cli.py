@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from enum import Enum
@@ -26,6 +27,9 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
+# Seconds a quiet rank waits before it exits: torchrun stops the whole launch at the first exit, and a silent rank that
+# left first could take rank 0 down before it printed the error (seen on a loaded 2-core machine).
+QUIET_EXIT_GRACE_S = 10.0
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
 
@@ -63,7 +67,8 @@ def _report(message: str, e: BaseException, debug: bool, quiet: bool) -> None:
     from sora_cli import dist
 
     if dist.rank() != 0:
-        if quiet:
+        if quiet:  # rank 0 prints it, then exits, and torchrun ends this wait
+            time.sleep(QUIET_EXIT_GRACE_S)
             return
         message = f"rank {dist.rank()}: {message}"
     if debug:

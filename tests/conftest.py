@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,20 @@ def causal_recipe(tmp_path: Path, tiny_llama_dir: Path, alpaca_file: Path):
         return write_recipe(tmp_path / f"{name}.yaml", recipe, sections)
 
     return make
+
+
+def killed_at_step_4_and_resumed(recipe: Any) -> Path:
+    """Train `recipe` (12 steps, a checkpoint every 4), remove what steps 8 and 12 wrote, as if killed right after
+    step 4's checkpoint, and resume: the run directory."""
+    from sora_cli.engine import train
+
+    train(recipe)
+    run = Path(recipe.train.output_dir)
+    for name in ("checkpoints/step-8", "checkpoints/step-12", "final", "best"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    again = train(recipe, resume=True)
+    assert (again.resumed_from, again.step) == (4, 12)
+    return run
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

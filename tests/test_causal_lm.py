@@ -5,7 +5,6 @@ a golden run with exact resume, evaluation metrics by hand, PEFT / merge round t
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
 from sora_cli.tasks.causal_lm import CausalLMTask, normalize_answer
 from sora_cli.tasks.classification import ClassificationTask
 
-from .conftest import INSTRUCTION, events, sentiment_records, write_jsonl
+from .conftest import INSTRUCTION, events, killed_at_step_4_and_resumed, sentiment_records, write_jsonl
 from .tiny_causal import save_tiny_causal_model, tiny_causal_tokenizer
 
 runner = CliRunner()
@@ -176,13 +175,7 @@ def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:
     assert meta["modules_to_save"] == []
     assert "lm_head" not in meta["modules"] and len(meta["modules"]) == 14  # 7 projections x 2 layers
     assert set(result.test) == {"loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"}
-    part = load_recipe(causal_recipe("part", model={"dtype": "float64"}))
-    train(part)
-    resumed = Path(part.train.output_dir)
-    for name in ("checkpoints/step-8", "checkpoints/step-12", "final", "best"):
-        shutil.rmtree(resumed / name, ignore_errors=True)  # as if killed right after step 4's checkpoint
-    again = train(part, resume=True)
-    assert (again.resumed_from, again.step) == (4, 12)
+    resumed = killed_at_step_4_and_resumed(load_recipe(causal_recipe("part", model={"dtype": "float64"})))
     a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -451,4 +451,4 @@ def test_a_bad_input_stops_every_rank_with_one_line(tmp_path: Path, bert_dir: Pa
     assert not (tmp_path / "run").exists()
     p = torchrun(["train", str(recipe), "-o", str(tmp_path / "run"), "train.lr=fast"])  # before the group forms
     assert [line for line in p.stderr.splitlines() if "error:" in line] == \
-        [f"error: {recipe}: train.lr: expected a finite number, got 'fast'"]
+        [f"error: {recipe}: train.lr: expected a finite number, got 'fast'"], p.stderr[-2000:]

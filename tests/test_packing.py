@@ -3,7 +3,6 @@ a packed run's resume, and the recipe's refusals."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from sora_cli.recipe import AdapterConfig, DataConfig, TrainConfig, load_recipe
 from sora_cli.tasks.causal_lm import CausalLMTask
 from sora_cli.tasks.formats import IGNORE_INDEX, Encoded
 
-from .conftest import events, sentiment_records
+from .conftest import events, killed_at_step_4_and_resumed, sentiment_records
 
 runner = CliRunner()
 
@@ -132,13 +131,7 @@ def test_a_packed_run_resumes_mid_epoch_bit_for_bit(causal_recipe: Any) -> None:
     run = Path(full.train.output_dir)
     packed = events(run, "train")
     assert packed[-1]["epoch"] == round(12 / 13, 4) and all(e["tokens_per_s"] > 0 for e in packed)
-    part = load_recipe(causal_recipe("part", **sections))
-    train(part)
-    resumed = Path(part.train.output_dir)
-    for name in ("checkpoints/step-8", "checkpoints/step-12", "final", "best"):
-        shutil.rmtree(resumed / name, ignore_errors=True)  # as if killed right after step 4's checkpoint
-    again = train(part, resume=True)
-    assert (again.resumed_from, again.step) == (4, 12)
+    resumed = killed_at_step_4_and_resumed(load_recipe(causal_recipe("part", **sections)))
     a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
