@@ -125,10 +125,21 @@ def contestant(key: str, r: Recipe, base: nn.Module, targets: list[str], compile
     if compile:
         compiled.compile_blocks(model)
     stepped.train()
-    params = [p for p in stepped.parameters() if p.requires_grad]
-    counter = iter(range(10**9))
-    return lambda batch: train_step(stepped, task, method, optimizer, [batch], params, 1.0,
-                                    contextlib.nullcontext(), next(counter))
+    return Step(stepped, task, method, optimizer)
+
+
+class Step:
+    """`step(batch)`: one engine `train_step` of a contestant (max_grad_norm 1, no autocast), steps counted."""
+
+    def __init__(self, model: nn.Module, task: CausalLMTask, method: Any, optimizer: torch.optim.Optimizer):
+        self.model, self.task, self.method, self.optimizer = model, task, method, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.count = 0
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        self.count += 1
+        return train_step(self.model, self.task, self.method, self.optimizer, [batch], self.params, 1.0,
+                          contextlib.nullcontext(), self.count - 1)
 
 
 def time_steps(keys: list[str], r: Recipe, base: nn.Module, targets: list[str], batches: list[dict[str, Any]],

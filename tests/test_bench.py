@@ -403,3 +403,27 @@ def test_throughput_smoke_packs_the_same_tokens_into_fewer_steps(tmp_path: Path)
     assert data["tokens"] > 16 * 5 and len(data["targets"]) == 4
     table = table_rows((out / "throughput.md").read_text(), throughput.COLUMNS)
     assert len(table) == 8 and all(len(r) == len(throughput.COLUMNS) and all(r) for r in table)
+
+
+def test_profile_smoke_puts_the_adapters_work_where_it_ran(tmp_path: Path) -> None:
+    import profile_causal
+
+    out = profile_causal.main(["--smoke", "--steps", "1", "--out", str(tmp_path)])
+    results = json.loads((out / "profile.json").read_text())["results"]
+    assert list(results) == list(profile_causal.CONTESTANTS)
+    for key, r in results.items():
+        cells = r["cells"]
+        assert r["outside_ms"] + sum(cells.values()) == pytest.approx(r["wall_ms"])
+        adapters = [c for c in cells if c.endswith("adapter matmuls")]
+        assert bool(adapters) == (key != "floor"), (key, adapters)  # the floor has no rank-8 operand
+        if key != "floor":
+            assert {"forward | adapter matmuls", "backward | adapter matmuls"} <= set(cells)
+        # SoRA's proximal step runs in the method's hooks; LoRA's and PEFT's hooks do no work
+        hooks = "method hooks | element-wise" in cells or "method hooks | other operators" in cells
+        assert hooks == (key == "sora-r8"), (key, cells)
+        assert cells.get("optimizer | element-wise", 0) + cells.get("optimizer | other operators", 0) > 0
+    import speed_causal
+
+    header = ["phase: kind (ms / step)", *(speed_causal.LABELS[c] for c in results), "SoRA − floor", "LoRA − floor"]
+    table = table_rows((out / "profile.md").read_text(), header)
+    assert table[-1][0] == "**step (wall, profiled)**" and all(len(row) == 7 for row in table)
