@@ -264,3 +264,27 @@ def test_a_killed_rank_stops_the_sharded_launch_with_checkpoints_whole(tmp_path:
     step = max(int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*"))
     assert 10 <= step < 200
     json.loads((cut / "metrics.jsonl").read_text().splitlines()[-1])  # the log's last line is whole
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_blocks_under_torchrun_are_the_eager_run(strategy: str, tmp_path: Path, tiny_llama_dir: Path,
+                                                          odd_file: Path) -> None:
+    """train.compile under torchrun: DDP's gradient sums and FSDP2's all-gather and reduce-scatter hooks run around
+    the compiled blocks (FSDP2's per-block hooks stay outside the graph). Float32 SoRA, 6 steps with a placeholder
+    micro-batch: the losses and adapter are one eager process's to the tolerance test_compile.py argues (inductor's
+    float32 reordering, ~1e-6 on the weights), no block breaks its graph, and the same ranks switch off."""
+    recipe = causal_recipe(tmp_path / "r.yaml", tiny_llama_dir, odd_file,
+                           adapter={"method": "sora", "sparse_lambda": 0.5},
+                           train={"batch_size": 5, "max_steps": 6, "eval_every": 6, "save_every": 6})
+    eager = one_process(recipe, tmp_path / "eager")
+    fast = tmp_path / "fast"
+    p = ok(torchrun(["train", str(recipe), "-o", str(fast), f"train.strategy={strategy}", "train.compile=true"]))
+    assert f"({strategy} over 2 processes)" in p.stdout
+    [event] = events(fast, "compile")
+    assert (event["blocks"], event["graph_breaks"]) == (2, 0)
+    losses = [(a["loss"], b["loss"]) for a, b in zip(events(eager, "train"), events(fast, "train"), strict=True)]
+    assert len(losses) == 6 and all(abs(a - b) < 1e-5 for a, b in losses), losses
+    a, b = tensors(eager / "final"), tensors(fast / "final")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    gates = [k for k in a if k.endswith(".gate")]
+    assert gates and all(torch.equal(a[k] == 0, b[k] == 0) for k in gates)
