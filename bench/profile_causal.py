@@ -1,5 +1,6 @@
 """Where an adapter step's time goes: torch.profiler over the engine's `train_step` on a causal LM, for the frozen
-floor, sora's LoRA and SoRA and PEFT LoRA, split into the step's phases and the kinds of work in each.
+floor, sora's LoRA and SoRA and PEFT LoRA, split into the step's phases and the kinds of work in each; and SoRA
+with its layers as autograd's graph of their ops (before adapters/fused.py), to show what fusing cut.
 
     python bench/profile_causal.py            # SmolLM2-135M-Instruct, the causal quickstart's batches
     python bench/profile_causal.py --smoke    # CI: a tiny random Llama
@@ -37,7 +38,7 @@ import speed_causal  # noqa: E402
 
 from sora_cli import engine  # noqa: E402
 
-CONTESTANTS = ("floor", "sora-lora", "sora-r8", "peft-lora")
+CONTESTANTS = ("floor", "sora-lora", "sora-r8", "peft-lora", "sora-r8-graph")
 RANK = 8  # the contestants' r: a 2-D matmul operand with a dimension of 8 is an adapter's
 PHASES = ("forward", "backward", "gradient norm", "clip", "method hooks", "optimizer", "zero_grad")
 KINDS = ("adapter matmuls", "base matmuls", "attention", "element-wise", "other operators")
@@ -121,11 +122,14 @@ def profile_one(step: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
         for batch in batches:
             step(batch)
         wall = time.perf_counter() - t0
+    events = list(prof.events())
     cells: dict[str, float] = defaultdict(float)
-    for e in leaves(list(prof.events())):
+    for e in leaves(events):
         cells[f"{phase(e)} | {kind(e)}"] += e.self_cpu_time_total / 1000 / len(batches)  # µs → ms per step
     wall_ms = 1000 * wall / len(batches)
-    return {"wall_ms": wall_ms, "cells": dict(cells), "outside_ms": wall_ms - sum(cells.values())}
+    fused = sum(e.name == "autograd::engine::evaluate_function: LowRankLinearBackward" for e in events)
+    return {"wall_ms": wall_ms, "cells": dict(cells), "outside_ms": wall_ms - sum(cells.values()),
+            "fused_backward_nodes_per_step": fused / len(batches)}
 
 
 def rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:

@@ -204,7 +204,10 @@ def test_causal_speed_smoke_writes_every_row_and_column(tmp_path: Path) -> None:
         assert row["vs_peft_lora"] == pytest.approx(statistics.median(a / b for a, b in pairs)), key
         assert row["memory_vs_peft_lora"] == pytest.approx(row["peak_mib"] / rows["peft-lora"]["peak_mib"])
     assert [t["target"] for t in data["targets"]] == ["sora LoRA step time ≤ 1.0 × PEFT LoRA's",
-                                                      "SoRA step time ≤ 1.05 × sora LoRA's"]
+                                                      "SoRA step time ≤ 1.05 × sora LoRA's",
+                                                      "SoRA step time ≤ 1.2 × the frozen floor's",
+                                                      "sora LoRA step time ≤ 1.15 × the frozen floor's",
+                                                      "SoRA step time ≤ PEFT LoRA's"]
     table = table_rows((out / "speed_causal.md").read_text(), speed_causal.COLUMNS)
     assert [r[0] for r in table] == list(speed_causal.LABELS.values())
     assert all(len(r) == len(speed_causal.COLUMNS) and all(r) for r in table)
@@ -420,7 +423,10 @@ def test_profile_smoke_puts_the_adapters_work_where_it_ran(tmp_path: Path) -> No
             assert {"forward | adapter matmuls", "backward | adapter matmuls"} <= set(cells)
         # SoRA's proximal step runs in the method's hooks; LoRA's and PEFT's hooks do no work
         hooks = "method hooks | element-wise" in cells or "method hooks | other operators" in cells
-        assert hooks == (key == "sora-r8"), (key, cells)
+        assert hooks == key.startswith("sora-r8"), (key, cells)
+        # every adapted layer (14 in the tiny Llama) is one fused node, but in the unfused contestant
+        fused = 14 if key in ("sora-lora", "sora-r8") else 0
+        assert r["fused_backward_nodes_per_step"] == fused, key
         assert cells.get("optimizer | element-wise", 0) + cells.get("optimizer | other operators", 0) > 0
     import speed_causal
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sora_cli import quantization
+from sora_cli.adapters import fused
 from sora_cli.adapters.masked import masked_lowrank_linear
 from sora_cli.adapters.method import Method
 
@@ -21,7 +22,9 @@ class LoRALinear(nn.Module):
         h = W0 x + b + s · B (A · dropout(x))        A: (r, d_in)  B: (d_out, r)  s = alpha / r
 
     computed as h = W0 x + b + B (s · A dropout(x)): the scale is applied to the r-wide activations, and the
-    sum is the accumulate of the last GEMM (addmm), so nothing d_out-wide is made twice.
+    sum is the accumulate of the last GEMM (addmm), so nothing d_out-wide is made twice. Without dropout, autocast
+    or a dtype change (the usual float32 or float64 step), forward and backward are one autograd node (fused.py),
+    which also accumulates the adapter's ∂x into the base's.
 
     `weight` and `bias` are the base layer's own parameters under their original names,
     so a base checkpoint loads into the adapted model without key remapping. A quantized base layer (bitsandbytes'
@@ -64,9 +67,11 @@ class LoRALinear(nn.Module):
         if self.keep_sparsity and not self.disabled:
             return masked_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale_vector(),
                                          self.exact)
-        h = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)  # (..., d_out)
         if self.disabled:
-            return h
+            return self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
+        if not self.quantized and isinstance(self.dropout, nn.Identity) and fused.applies(x, self.weight, self.lora_A):
+            return fused.lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.rank_scale())
+        h = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)  # (..., d_out)
         a: torch.Tensor = self.lora_A
         b: torch.Tensor = self.lora_B
         scale = self.rank_scale()

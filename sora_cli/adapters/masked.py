@@ -57,10 +57,10 @@ def approx_grads(gh: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Te
     """(∂A, ∂B, ∂g) with the mask taken as identity: LoRA's factored gradients, nothing d_out × d_in.
     gh: (N, d_out), x: (N, d_in), both in the matmul dtype."""
     dt = gh.dtype
-    u = gh @ b.to(dt)  # (N, r)
+    u = (b.to(dt).t() @ gh.t()).t()  # (N, r), computed as (r, N): r as the output's rows (fused.py, "Layouts")
     z = x @ a.to(dt).t()  # (N, r)
     gs = g.to(dt)
-    return (u * gs).t() @ x, gh.t() @ (z * gs), (u * z).sum(0)
+    return (u * gs).t() @ x, ((z * gs).t() @ gh).t(), (u * z).sum(0)
 
 
 def exact_grads(gh: torch.Tensor, x: torch.Tensor, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
