@@ -2,8 +2,8 @@
 
     python bench/publish.py bench/results/<date>-<machine> [more folders ...]
 
-Replaces everything between the two markers below with each folder's quality.md, speed.md, speed_causal.md,
-editing.md, lors.md, ddp.md, memory.md, fsdp.md and budget.md (whichever exist), each folder headed by its name. The rest of the README is left as it was.
+Replaces everything between the two markers below with each folder's tables (TABLES, whichever exist), each folder
+headed by its name. The rest of the README is left as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 TABLES = ("quality.md", "speed.md", "speed_causal.md", "editing.md", "lors.md", "ddp.md", "memory.md", "fsdp.md",
-          "budget.md", "budget-causal.md")
+          "budget.md", "budget-causal.md", "throughput.md", "profile.md", "probe.md")
 
 
 def section(*folders: Path) -> str:
@@ -28,8 +28,7 @@ def section(*folders: Path) -> str:
 def folder_section(results: Path) -> str:
     parts = [results / name for name in TABLES if (results / name).is_file()]
     if not parts:
-        raise SystemExit(f"{results}: has none of {', '.join(TABLES)}; run bench/quality.py, speed.py, "
-                         "speed_causal.py, editing.py, lors.py, ddp.py, memory.py, fsdp.py or budget.py")
+        raise SystemExit(f"{results}: has none of {', '.join(TABLES)}; run one of the benches in bench/")
     try:
         where = results.resolve().relative_to(REPO)
     except ValueError:

@@ -9,8 +9,9 @@ repeat: padded, in batches of 8 padded to their longest (sora's default); packed
 data.max_length = 160 tokens (`data.packing`), 8 rows a step. Tokens/s counts the examples' own tokens (padding
 excluded), so padded and packed divide the same number by their own time. Compiled: `train.compile`'s blocks
 (compiled.py), their compilation in the warm-up pass, not timed. Each step is the engine's `train_step`
-(speed_causal.py's contestants), interleaved, the order rotating and reversing every repeat. Writes
-throughput.json and throughput.md.
+(speed_causal.py's contestants), interleaved, the order rotating and reversing every repeat. Where trl imports,
+TRL's SFTTrainer with packing=True joins them on the same token ids (trl_contestant.py). Writes throughput.json
+and throughput.md.
 """
 
 from __future__ import annotations
@@ -30,26 +31,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import speed_causal  # noqa: E402
+import trl_contestant  # noqa: E402
 from speed import interleaved  # noqa: E402
 
 from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.packing import pack  # noqa: E402
 
 METHODS = ("peft-lora", "sora-lora", "sora-r8", "floor")
+LABELS = {"trl": trl_contestant.LABEL}
 COLUMNS = ["contestant", "batches", "blocks", "tokens / s", "speed-up over padded eager", "time / PEFT LoRA's",
            "time / floor's"]
 
 
-def batches(smoke: bool, workdir: Path, n: int) -> tuple[Any, Any, list[str], dict[str, list[dict[str, Any]]], int]:
+def batches(smoke: bool, workdir: Path, n: int) -> tuple[Any, Any, list[str], dict[str, list[dict[str, Any]]], Any,
+                                                        Any]:
     """The recipe, base model, targets, the first `n` examples of the seed-0 order as padded batches and as packed
-    rows, and their token count."""
+    rows, the examples themselves and the tokenizer."""
     r, task, base, tokenizer, targets, data = speed_causal.load(smoke, workdir)
     examples = task.subset(data, TrainOrder(len(data), n, 0).indices(0)[1])
     size, pad = r.train.batch_size, tokenizer.pad_token_id
     padded = [task.collate(examples, list(range(i, min(i + size, n))), pad) for i in range(0, n, size)]
     rows = pack(examples.examples, r.data.max_length)
     packed = [task.collate(rows, list(range(i, min(i + size, len(rows)))), pad) for i in range(0, len(rows), size)]
-    return r, base, targets, {"padded": padded, "packed": packed}, sum(examples.lengths)
+    return r, base, targets, {"padded": padded, "packed": packed}, examples, tokenizer
 
 
 def one_pass(step: Any, batches: list[dict[str, Any]]) -> Callable[[], float]:
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--examples", type=int, help="training examples per pass (default 64; smoke 16)")
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; smoke 2)")
     parser.add_argument("--no-compile", action="store_true", help="eager contestants only")
+    parser.add_argument("--no-trl", action="store_true", help="leave out TRL's SFTTrainer (run when trl imports)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     args = parser.parse_args(argv)
     n, repeats = args.examples or (16 if args.smoke else 64), args.repeats or (2 if args.smoke else 3)
@@ -77,7 +82,9 @@ def main(argv: list[str] | None = None) -> Path:
     out = common.results_dir(args.out, facts, args.smoke)
     modes = ("eager",) if args.no_compile else ("eager", "compiled")
     with tempfile.TemporaryDirectory() as tmp:
-        r, base, targets, shaped, tokens = batches(args.smoke, Path(tmp), n)
+        r, base, targets, shaped, examples, tokenizer = batches(args.smoke, Path(tmp), n)
+        tokens = sum(examples.lengths)
+        steps = {k: len(v) for k, v in shaped.items()}
         runs: dict[Any, Callable[[], float]] = {}
         for method in METHODS:
             for mode in modes:
@@ -86,8 +93,16 @@ def main(argv: list[str] | None = None) -> Path:
                     print(f"warm-up: {method}, {kind}, {mode}", flush=True)
                     one_pass(step, group)()  # compiles, allocates AdamW's state
                     runs[(method, kind, mode)] = one_pass(step, group)
+        if not args.no_trl and trl_contestant.available():
+            print("warm-up: TRL SFTTrainer, packed, eager", flush=True)
+            trl = trl_contestant.contestant(base, tokenizer, targets, examples, r.data.max_length,
+                                            r.train.batch_size, r.train.lr, Path(tmp))
+            trl()
+            runs[("trl", "packed", "eager")], steps["trl"] = trl, trl.clock.steps
+            trl_tokens = sum(len(ids) for ids in trl.trainer.train_dataset["input_ids"])  # its packed rows'
+            assert trl_tokens == tokens, (trl_tokens, tokens)  # TRL trains on exactly the same tokens
         times = interleaved(runs, repeats)
-    table = rows(times, tokens, {k: len(v) for k, v in shaped.items()})
+    table = rows(times, tokens, steps)
     return write(out, table, r, n, tokens, repeats, facts, argv)
 
 
@@ -101,9 +116,11 @@ def rows(times: dict[Any, list[float]], tokens: int, steps: dict[str, int]) -> l
     out = []
     for key, t in times.items():
         method, kind, mode = key
-        out.append({"method": method, "label": speed_causal.LABELS[method], "batches": kind, "blocks": mode,
-                    "steps_per_pass": steps[kind], "tokens_per_s": tokens / statistics.median(t),
-                    "speedup": 1 / over(key, (method, "padded", "eager")),
+        padded = (method, "padded", "eager")  # TRL runs packed only: no speed-up of its own to give
+        out.append({"method": method, "label": LABELS.get(method) or speed_causal.LABELS[method], "batches": kind,
+                    "blocks": mode, "steps_per_pass": steps["trl" if method == "trl" else kind],
+                    "tokens_per_s": tokens / statistics.median(t),
+                    "speedup": 1 / over(key, padded) if padded in times else None,
                     "time_vs_peft_lora": over(key, ("peft-lora", kind, mode)),
                     "time_vs_floor": over(key, ("floor", kind, mode)), "repeats_s": t})
     return out
@@ -130,7 +147,8 @@ def write(out: Path, table: list[dict[str, Any]], r: Any, n: int, tokens: int, r
                                                "targets": [{"target": t, "measured": v, "met": ok}
                                                            for t, v, ok in checks]})
     lines = [[x["label"], f"{x['batches']} ({x['steps_per_pass']} steps)", x["blocks"], f"{x['tokens_per_s']:,.0f}",
-              f"{x['speedup']:.2f}×", f"{x['time_vs_peft_lora']:.3f}", f"{x['time_vs_floor']:.3f}"] for x in table]
+              "–" if x["speedup"] is None else f"{x['speedup']:.2f}×", f"{x['time_vs_peft_lora']:.3f}",
+              f"{x['time_vs_floor']:.3f}"] for x in table]
     text = (f"### Throughput: packing and compiled blocks\n\n{r.model.name_or_path}, {n} examples of the causal "
             f"quickstart's training data ({tokens:,d} tokens): padded batches of {r.train.batch_size}, or packed "
             f"rows of up to {r.data.max_length} tokens, {r.train.batch_size} a step; all linears, r=8; {repeats} "

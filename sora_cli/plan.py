@@ -298,6 +298,14 @@ class Setup:
     r: int
     keep_sparsity: bool
     exact: bool  # keep_sparsity's exact gradients (a d_out x d_in transient in backward)
+    dropout: bool = False  # adapter.dropout > 0
+
+    @property
+    def fused(self) -> bool:
+        """Whether the adapted linears run as one autograd node (adapters/fused.py: one dtype, no autocast, no
+        dropout, a dense, unquantized base), which saves only z = A x of the r-wide tensors."""
+        return not (self.keep_sparsity or self.autocast or self.dropout or self.quantization) and \
+            self.dtype in ("float32", "float64")
 
     @property
     def micro_batch(self) -> int:
@@ -326,7 +334,7 @@ def setup_of(recipe: Recipe, facts: Facts, processes: int, label_tokens: int | N
                  grad_accum=t.grad_accum, length=recipe.data.max_length, label_tokens=label_tokens,
                  processes=processes, strategy=strategy, cpu_offload=strategy == "fsdp" and t.fsdp_cpu_offload,
                  method=a.method, r=a.r, keep_sparsity=bool(a.keep_sparsity),
-                 exact=a.grad == "exact")
+                 exact=a.grad == "exact", dropout=bool(a.dropout))
 
 
 def quantized_bytes(d_in: int, d_out: int, s: Setup) -> int:
@@ -493,7 +501,10 @@ def block_adapters(f: Facts, s: Setup, k: Kinds, layer: list[Linear], n: int) ->
 
 def r_wide(s: Setup) -> int:
     """The (n, r) tensors an adapted linear saves: z = s·(A x) for B's gradient, and A x as well when the scale is a
-    trained tensor (the method's layer overrides LoRALinear.rank_scale, as SoRA's gate does)."""
+    trained tensor (the method's layer overrides LoRALinear.rank_scale, as SoRA's gate does); the fused node saves
+    A x alone and scales it again in backward."""
+    if s.fused:
+        return 1
     return 2 if getattr(method_class(s.method).layer, "rank_scale", None) is not LoRALinear.rank_scale else 1
 
 
@@ -616,10 +627,11 @@ def advise(f: Facts, s: Setup, memory: int) -> list[dict[str, Any]]:
     if (not fits(s) and s.strategy == "ddp" and not s.keep_sparsity and s.quantization != "int8"
             and budget(f, sharded)["peak"] < budget(f, s)["peak"]):  # a few blocks: the gathered units are all
         s = step("shard the base over the processes with FSDP2", sharded, "train.strategy=fsdp")
-    if not fits(s) and s.quantization is None and s.dtype != "float64" and not s.keep_sparsity:
-        s = step("quantize the base to 4-bit NF4", dataclasses.replace(
-            s, quantization="nf4", double_quantization=True, compute_dtype="bfloat16" if s.autocast else "float32"),
-            "model.quantization=nf4")
+    four_bit = dataclasses.replace(s, quantization="nf4", double_quantization=True,
+                                   compute_dtype="bfloat16" if s.autocast else "float32")
+    if (not fits(s) and s.quantization is None and s.dtype != "float64" and not s.keep_sparsity
+            and budget(f, four_bit)["peak"] < budget(f, s)["peak"]):  # a tiny model: the unfused adapters' z costs more
+        s = step("quantize the base to 4-bit NF4", four_bit, "model.quantization=nf4")
     if not fits(s) and not s.checkpointing:
         s = step("turn on gradient checkpointing", dataclasses.replace(s, checkpointing=True),
                  "train.gradient_checkpointing=true")

@@ -396,7 +396,11 @@ def test_throughput_smoke_packs_the_same_tokens_into_fewer_steps(tmp_path: Path)
     out = throughput.main(["--smoke", "--no-compile", "--examples", "16", "--repeats", "1", "--out", str(tmp_path)])
     data = json.loads((out / "throughput.json").read_text())
     rows = {(r["method"], r["batches"]): r for r in data["rows"]}
-    assert len(rows) == 8 and {r["blocks"] for r in data["rows"]} == {"eager"}
+    assert len(rows) == 9 and {r["blocks"] for r in data["rows"]} == {"eager"}
+    trl = rows[("trl", "packed")]  # TRL packs the same token ids itself: 16 short examples fit one step of 8 rows
+    assert trl["steps_per_pass"] == 1 and trl["speedup"] is None
+    assert trl["tokens_per_s"] == pytest.approx(data["tokens"] / trl["repeats_s"][0])
+    assert trl["time_vs_floor"] == pytest.approx(trl["repeats_s"][0] / rows[("floor", "packed")]["repeats_s"][0])
     for method in throughput.METHODS:
         padded, packed = rows[(method, "padded")], rows[(method, "packed")]
         assert padded["steps_per_pass"] == 2 and packed["steps_per_pass"] < 2  # 16 short examples fit 8 rows
@@ -405,7 +409,7 @@ def test_throughput_smoke_packs_the_same_tokens_into_fewer_steps(tmp_path: Path)
         assert rows[("floor", "packed")]["time_vs_floor"] == 1.0
     assert data["tokens"] > 16 * 5 and len(data["targets"]) == 4
     table = table_rows((out / "throughput.md").read_text(), throughput.COLUMNS)
-    assert len(table) == 8 and all(len(r) == len(throughput.COLUMNS) and all(r) for r in table)
+    assert len(table) == 9 and all(len(r) == len(throughput.COLUMNS) and all(r) for r in table)
 
 
 def test_profile_smoke_puts_the_adapters_work_where_it_ran(tmp_path: Path) -> None:
@@ -432,4 +436,4 @@ def test_profile_smoke_puts_the_adapters_work_where_it_ran(tmp_path: Path) -> No
 
     header = ["phase: kind (ms / step)", *(speed_causal.LABELS[c] for c in results), "SoRA − floor", "LoRA − floor"]
     table = table_rows((out / "profile.md").read_text(), header)
-    assert table[-1][0] == "**step (wall, profiled)**" and all(len(row) == 7 for row in table)
+    assert table[-1][0] == "**step (wall, profiled)**" and all(len(row) == len(header) for row in table)
