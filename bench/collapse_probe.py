@@ -7,8 +7,9 @@ head (issue 27, part 1).
 For each method and seed: `prepare` the recipe as `sora train` would (same data order, initialisation and
 optimizer), then step it with the engine's `train_step` and, after every step, record the training loss and:
 the norms of every A, B and gate (summed in squares over the adapted layers), of the update ΔW = s·B·diag(g)·A and of
-its change over the step (Adam's effective step on the product), the pooler's and the classifier's weight norms
-and their change, and the share of the pooler's tanh outputs within 0.01 of ±1 on the step's batch (saturated: their
+its change over the step (Adam's effective step on the product), the pooler's (where it trains: a checkpoint
+without one, as MiniLM's, gets a fresh pooler that trains with the head) and the classifier's weight norms and
+their change, and the share of the pooler's tanh outputs within 0.01 of ±1 on the step's batch (saturated: their
 gradient is < 2% of the unsaturated one). Writes probe.jsonl (one line per step) and probe.md (per run: the loss
 and those numbers at a few steps, and whether and when the loss returned to the chance level).
 """
@@ -35,6 +36,7 @@ from sora_cli.engine import prepare, train_step  # noqa: E402
 from sora_cli.optim import set_lr  # noqa: E402
 from sora_cli.recipe import load_recipe  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 SATURATED = 0.99  # |tanh| above this: its derivative 1 − tanh² is below 0.02
 
 
@@ -120,7 +122,7 @@ def chance(rows: list[dict[str, Any]], level: float, window: int = 20) -> int | 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", type=Path, nargs="?", default=Path("recipes/quickstart.yaml"))
+    parser.add_argument("recipe", type=Path, nargs="?", default=REPO / "recipes" / "quickstart.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--methods", nargs="+", default=["sora", "lora"])

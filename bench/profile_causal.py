@@ -42,7 +42,7 @@ CONTESTANTS = ("floor", "sora-lora", "sora-r8", "peft-lora", "sora-r8-graph")
 RANK = 8  # the contestants' r: a 2-D matmul operand with a dimension of 8 is an adapter's
 PHASES = ("forward", "backward", "gradient norm", "clip", "method hooks", "optimizer", "zero_grad")
 KINDS = ("adapter matmuls", "base matmuls", "attention", "element-wise", "other operators")
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}
 ATTENTION = ("attention", "sdpa", "flash", "softmax")
 ELEMENTWISE = {"aten::mul", "aten::add", "aten::add_", "aten::mul_", "aten::sub", "aten::div", "aten::neg",
                "aten::silu", "aten::silu_backward", "aten::pow", "aten::rsqrt", "aten::mean", "aten::sum",

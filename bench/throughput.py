@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> Path:
     facts = common.machine(torch.device("cpu"))
     out = common.results_dir(args.out, facts, args.smoke)
     modes = ("eager",) if args.no_compile else ("eager", "compiled")
+    # Every contestant compiles the same block code, and dynamo keeps one cache per code object: past its limit
+    # (8 variants) a later contestant's "compiled" blocks would silently run eagerly. A run trains one model and
+    # needs a few (the first block's input needs no gradient; a new length once).
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
     with tempfile.TemporaryDirectory() as tmp:
         r, base, targets, shaped, examples, tokenizer = batches(args.smoke, Path(tmp), n)
         tokens = sum(examples.lengths)

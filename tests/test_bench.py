@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -437,3 +438,32 @@ def test_profile_smoke_puts_the_adapters_work_where_it_ran(tmp_path: Path) -> No
     header = ["phase: kind (ms / step)", *(speed_causal.LABELS[c] for c in results), "SoRA − floor", "LoRA − floor"]
     table = table_rows((out / "profile.md").read_text(), header)
     assert table[-1][0] == "**step (wall, profiled)**" and all(len(row) == len(header) for row in table)
+
+
+def test_collapse_probe_smoke_measures_every_step(tmp_path: Path) -> None:
+    import collapse_probe
+
+    out = collapse_probe.main(["--smoke", "--steps", "4", "--seeds", "0", "--methods", "sora", "lora",
+                               "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["step"]) for r in rows] == [(m, s) for m in ("sora seed 0", "lora seed 0") for s in range(1, 5)]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and 0 <= r["pooler_saturated"] <= 1 and r["classifier"] > 0
+        assert ("g" in r) == r["run"].startswith("sora")
+        # the warm-up's first LR is 0: B stays 0 for a step; at the second B leaves 0, so ΔW is its own change
+        if r["step"] == 1:
+            assert r["dW"] == r["dW_step"] == 0.0
+        elif r["step"] == 2:
+            assert r["dW"] > 0 and r["dW_step"] == pytest.approx(r["dW"])
+        else:
+            assert r["dW_step"] > 0
+    assert "| sora seed 0 | 4 |" in (out / "probe.md").read_text()
+
+
+def test_collapse_probe_finds_the_return_to_chance() -> None:
+    import collapse_probe
+
+    level = math.log(2)
+    rows = [{"step": i + 1, "loss": x} for i, x in enumerate([0.7] * 20 + [0.4] * 20 + [0.69] * 20)]
+    assert collapse_probe.chance(rows, level) == 59  # (19 · 0.69 + 0.4) / 20 = 0.6755 > 0.97 ln 2 = 0.6723
+    assert collapse_probe.chance([{"step": i + 1, "loss": 0.69} for i in range(60)], level) is None  # never learnt
