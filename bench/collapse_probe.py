@@ -4,14 +4,15 @@ head (issue 27, part 1).
     python bench/collapse_probe.py recipes/quickstart.yaml --steps 200 --seeds 0 1 2 --methods sora lora
     python bench/collapse_probe.py --smoke       # CI: a tiny random BERT
 
-For each method and seed: `prepare` the recipe as `sora train` would (same data order, initialisation and
-optimizer), then step it with the engine's `train_step` and, after every step, record the training loss and:
-the norms of every A, B and gate (summed in squares over the adapted layers), of the update ΔW = s·B·diag(g)·A and of
-its change over the step (Adam's effective step on the product), the pooler's (where it trains: a checkpoint
-without one, as MiniLM's, gets a fresh pooler that trains with the head) and the classifier's weight norms and
-their change, and the share of the pooler's tanh outputs within 0.01 of ±1 on the step's batch (saturated: their
-gradient is < 2% of the unsaturated one). Writes probe.jsonl (one line per step) and probe.md (per run: the loss
-and those numbers at a few steps, and whether and when the loss returned to the chance level).
+For each method and seed: `prepare` the recipe as `sora train` would (same data order, initialisation, optimizer
+and LR schedule over the recipe's whole length), then take its first `--steps` steps with the engine's `train_step`
+and, after every step, record the training loss and: the norms of every A, B and gate (summed in squares over the
+adapted layers), of the update ΔW = s·B·diag(g)·A and of its change over the step (Adam's effective step on the
+product), the pooler's (where it trains: a checkpoint without one, as MiniLM's, gets a fresh pooler that trains
+with the head) and the classifier's weight norms and their change, and the share of the pooler's tanh outputs
+within 0.01 of ±1 on the step's batch (saturated: their gradient is < 2% of the unsaturated one). Writes
+probe.jsonl (one line per step) and probe.md (per run: the loss and those numbers at a few steps, and whether and
+when the loss returned to the chance level).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def saturation(model: nn.Module) -> tuple[list[float], Any]:
 
 
 def probe(recipe_path: Path, overrides: list[str], steps: int, workdir: Path) -> list[dict[str, Any]]:
-    recipe = load_recipe(recipe_path, [*overrides, f"train.max_steps={steps}", f"train.output_dir={workdir}"])
+    recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={workdir}"])  # its own LR schedule's length
     run = prepare(recipe, workdir)
     run.model.train()
     seen, handle = saturation(run.model)
