@@ -94,13 +94,15 @@ def probe(recipe_path: Path, overrides: list[str], steps: int, workdir: Path) ->
     run.model.train()
     seen, handle = saturation(run.model)
     rows = []
+    before = snapshot(run.model)
     for step in range(steps):
         batches, idle, _, _ = run.micro_batches(step)
         set_lr(run.optimizer, run.lr_factor(step))
-        before = snapshot(run.model)
-        loss, stats = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
-                                 recipe.train.max_grad_norm, run.ctx.autocast, step, idle=idle)
-        row = {"step": step + 1, "loss": float(loss), **norms(run.model, before, snapshot(run.model))}
+        loss, _ = train_step(run.model, run.task, run.method, run.optimizer, batches, run.params,
+                             recipe.train.max_grad_norm, run.ctx.autocast, step, idle=idle)
+        after = snapshot(run.model)  # the next step's "before"
+        row = {"step": step + 1, "loss": float(loss), **norms(run.model, before, after)}
+        before = after
         if seen:
             row["pooler_saturated"] = seen[-1]
         rows.append(row)

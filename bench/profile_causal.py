@@ -107,8 +107,8 @@ def kind(event: FunctionEvent) -> str:
 
 
 def leaves(events: list[FunctionEvent]) -> Iterator[FunctionEvent]:
-    """The operators whose self time counts: aten ops, outermost of a chain of aten ops (a matmul's inner mm is
-    not counted twice: self time already excludes children)."""
+    """The aten operators with self time: self time excludes children, so a matmul and the mm inside it are not
+    counted twice."""
     for e in events:
         if e.name.startswith("aten::") and e.self_cpu_time_total > 0:
             yield e

@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
                     runs[(method, kind, mode)] = one_pass(step, group)
         if not args.no_trl and trl_contestant.available():
             print("warm-up: TRL SFTTrainer, packed, eager", flush=True)
-            trl = trl_contestant.contestant(base, tokenizer, targets, examples, r.data.max_length,
-                                            r.train.batch_size, r.train.lr, Path(tmp))
+            trl = trl_contestant.TrlPass(base, tokenizer, targets, examples, r.data.max_length,
+                                         r.train.batch_size, r.train.lr, Path(tmp))
             trl()
             runs[("trl", "packed", "eager")], steps["trl"] = trl, trl.clock.steps
             trl_tokens = sum(len(ids) for ids in trl.trainer.train_dataset["input_ids"])  # its packed rows'

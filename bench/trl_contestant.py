@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
 
 LABEL = "TRL SFTTrainer packing=True, PEFT LoRA r=8"
 
@@ -28,42 +28,42 @@ def available() -> bool:
     return True
 
 
-def contestant(base: nn.Module, tokenizer: Any, targets: list[str], examples: Any, max_length: int,
-               batch_size: int, lr: float, workdir: Path) -> Any:
-    """`run()`: seconds of one pass of TRL's training steps over `examples` (sora's encoded CausalData)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+class StepClock(TrainerCallback):
+    """The seconds inside the trainer's training steps, and their count."""
 
-    class StepClock(TrainerCallback):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
+    def __init__(self) -> None:
+        self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
 
-        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
-            self._t0 = time.perf_counter()
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._t0 = time.perf_counter()
 
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self.seconds += time.perf_counter() - self._t0
-            self.steps += 1
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.seconds += time.perf_counter() - self._t0
+        self.steps += 1
 
-    rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in examples.examples]
-    config = SFTConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=batch_size,
-                       max_length=max_length, packing=True, packing_strategy="bfd", learning_rate=lr,
-                       lr_scheduler_type="constant", warmup_steps=0, num_train_epochs=1, max_grad_norm=1.0,
-                       weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=False, bf16=False, fp16=False,
-                       use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
-                       dataloader_num_workers=0, shuffle_dataset=False, seed=0, disable_tqdm=True)
-    clock = StepClock()
-    peft = LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=copy.deepcopy(base), args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=peft, callbacks=[clock])
 
-    def run() -> float:
-        before = clock.seconds
-        trainer.train()
-        return clock.seconds - before
+class TrlPass:
+    """`run()`: seconds of one pass of TRL's training steps over the examples (sora's encoded CausalData)."""
 
-    run.trainer = trainer  # type: ignore[attr-defined]
-    run.clock = clock  # type: ignore[attr-defined]
-    return run
+    def __init__(self, base: PreTrainedModel, tokenizer: Any, targets: list[str], examples: Any, max_length: int,
+                 batch_size: int, lr: float, workdir: Path):
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl import SFTConfig, SFTTrainer
+
+        rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels)} for e in examples.examples]
+        config = SFTConfig(output_dir=str(workdir / "trl"), per_device_train_batch_size=batch_size,
+                           max_length=max_length, packing=True, packing_strategy="bfd", learning_rate=lr,
+                           lr_scheduler_type="constant", warmup_steps=0, num_train_epochs=1, max_grad_norm=1.0,
+                           weight_decay=0.0, optim="adamw_torch", gradient_checkpointing=False, bf16=False,
+                           fp16=False, use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
+                           dataloader_num_workers=0, shuffle_dataset=False, seed=0, disable_tqdm=True)
+        self.clock = StepClock()
+        peft = LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM")
+        self.trainer = SFTTrainer(model=copy.deepcopy(base), args=config, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, peft_config=peft, callbacks=[self.clock])
+
+    def __call__(self) -> float:
+        before = self.clock.seconds
+        self.trainer.train()
+        return float(self.clock.seconds - before)

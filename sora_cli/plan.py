@@ -623,14 +623,17 @@ def advise(f: Facts, s: Setup, memory: int) -> list[dict[str, Any]]:
     def fits(setup: Setup) -> bool:
         return bool(budget(f, setup)["peak"] <= memory)
 
+    def lowers(new: Setup) -> bool:
+        return bool(budget(f, new)["peak"] < budget(f, s)["peak"])
+
     sharded = dataclasses.replace(s, strategy="fsdp")
     if (not fits(s) and s.strategy == "ddp" and not s.keep_sparsity and s.quantization != "int8"
-            and budget(f, sharded)["peak"] < budget(f, s)["peak"]):  # a few blocks: the gathered units are all
+            and lowers(sharded)):  # a few blocks: the gathered units are all
         s = step("shard the base over the processes with FSDP2", sharded, "train.strategy=fsdp")
     four_bit = dataclasses.replace(s, quantization="nf4", double_quantization=True,
                                    compute_dtype="bfloat16" if s.autocast else "float32")
     if (not fits(s) and s.quantization is None and s.dtype != "float64" and not s.keep_sparsity
-            and budget(f, four_bit)["peak"] < budget(f, s)["peak"]):  # a tiny model: the unfused adapters' z costs more
+            and lowers(four_bit)):  # a tiny model: its unfused adapters save more than 4 bits save
         s = step("quantize the base to 4-bit NF4", four_bit, "model.quantization=nf4")
     if not fits(s) and not s.checkpointing:
         s = step("turn on gradient checkpointing", dataclasses.replace(s, checkpointing=True),

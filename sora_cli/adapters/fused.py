@@ -38,9 +38,9 @@ class LowRankLinear(torch.autograd.Function):
         h = F.linear(xs, w0, bias)  # (N, d_out), a new tensor: safe to accumulate into
         z = xs @ a.t()  # (N, r)
         h.addmm_(z * scale, b.t())
-        scale_t = scale if isinstance(scale, torch.Tensor) else None
-        ctx.save_for_backward(xs, w0, a, b, z, scale_t)
-        ctx.scale, ctx.x_shape = scale, x.shape
+        tensor = isinstance(scale, torch.Tensor)
+        ctx.save_for_backward(xs, w0, a, b, z, scale if tensor else None)  # a tensor scale through autograd's saving
+        ctx.scale, ctx.x_shape = None if tensor else scale, x.shape
         return h.view(*x.shape[:-1], h.shape[-1])
 
     @staticmethod

@@ -67,11 +67,11 @@ class LoRALinear(nn.Module):
         if self.keep_sparsity and not self.disabled:
             return masked_lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scale_vector(),
                                          self.exact)
-        if self.disabled:
-            return self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)
-        if not self.quantized and isinstance(self.dropout, nn.Identity) and fused.applies(x, self.weight, self.lora_A):
+        if not self.disabled and self.fusable(x):
             return fused.lowrank_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.rank_scale())
         h = self.base_layer(x) if self.quantized else F.linear(x, self.weight, self.bias)  # (..., d_out)
+        if self.disabled:
+            return h
         a: torch.Tensor = self.lora_A
         b: torch.Tensor = self.lora_B
         scale = self.rank_scale()
@@ -82,6 +82,11 @@ class LoRALinear(nn.Module):
             return h + F.linear(z, b).to(h.dtype)
         # h + z Bᵀ in one GEMM with accumulate: no (..., d_out) temporaries for the scale and the sum
         return torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, self.r), b.t()).view(h.shape)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether forward and backward can be fused.py's one node: a dense base, no dropout, one dtype, no autocast."""
+        return not self.quantized and isinstance(self.dropout, nn.Identity) and fused.applies(x, self.weight,
+                                                                                              self.lora_A)
 
     @property
     def quantized(self) -> bool:
