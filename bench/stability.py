@@ -1,0 +1,221 @@
+"""Stability: how often SoRA, sora's LoRA and PEFT LoRA collapse to a constant predictor, by learning rate, seed
+and dataset, and their test accuracy, side by side (issue 27, part 2).
+
+    python bench/stability.py                                   # 3 datasets x 4 lrs x 5 seeds x 3 methods
+    python bench/stability.py --datasets rotten_tomatoes --lrs 2e-3 --methods sora lora
+    python bench/stability.py --smoke                           # CI: a tiny random BERT, a few steps
+
+Every run is the quickstart recipe (`recipes/quickstart.yaml`: all-MiniLM-L6-v2, r 8, alpha 16, all linears,
+600 steps of 16, linear LR with 6% warm-up) with the dataset, method, learning rate and seed changed. SoRA and
+sora's LoRA are whole `sora train` runs (the engine, its collapse watch and its test scores); PEFT LoRA is stepped by
+the engine's `train_step` on the same data and split (bench/common.py), its losses read by the same watch.
+
+A run *collapsed* when the training loss went back to the chance level after it was clearly below it (the engine's
+`collapse` event: sora_cli/collapse.py) or when its final model gives every test example the same class. Each cell:
+collapsed / runs, and the final model's test accuracy, mean ± std over seeds. Finished runs are kept in runs.jsonl
+and skipped when the command is run again, so the grid fills in over several sittings; cells run in the order of
+`--lrs` and `--datasets` (the shipped learning rate first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+from sora_cli import collapse  # noqa: E402
+from sora_cli.data import TrainOrder  # noqa: E402
+from sora_cli.engine import train  # noqa: E402
+from sora_cli.optim import lr_factor, set_lr, warmup_length  # noqa: E402
+from sora_cli.recipe import Recipe, load_recipe  # noqa: E402
+from sora_cli.rundir import read_events  # noqa: E402
+
+DATASETS = ("rotten_tomatoes", "convention_speeches", "debates_2016")
+LRS = (2e-3, 4e-3, 1e-3, 5e-4)  # the quickstart's first
+METHODS = ("sora", "lora", "peft-lora")
+LABELS = {"sora": "SoRA", "lora": "sora LoRA", "peft-lora": "PEFT LoRA"}
+LOG_EVERY = 10  # the engine's logged window (train.log_every's default): PEFT's losses are read in the same windows
+
+
+def recipe_for(dataset: str, method: str, lr: float, seed: int, steps: int | None, smoke: list[str],
+               out: Path) -> Recipe:
+    sets = [f"data.dataset=packaged:{dataset}", f"adapter.method={'lora' if method == 'peft-lora' else method}",
+            f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={out}", *smoke]
+    if method != "sora":
+        sets.append("adapter.sparse_lambda=null")
+    if steps is not None:
+        sets += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 3)}",
+                 f"train.save_every={max(1, steps // 3)}"]
+    return load_recipe(common.QUICKSTART, sets)
+
+
+def sora_run(recipe: Recipe) -> dict[str, Any]:
+    """One `sora train` run: its collapse event, logged losses and final/'s test scores."""
+    t0 = time.perf_counter()
+    result = train(recipe)
+    events = list(read_events(Path(recipe.train.output_dir or "") / "metrics.jsonl"))
+    fired = [e for e in events if e.get("event") == "collapse"]
+    return {"losses": [e["loss"] for e in events if e.get("event") == "train"],
+            "collapse_step": fired[0]["since"] if fired else None,
+            "accuracy": result.test["accuracy"], "constant": bool(result.test.get("constant_predictor")),
+            "seconds": time.perf_counter() - t0}
+
+
+def peft_run(recipe: Recipe, smoke: bool, workdir: Path) -> dict[str, Any]:
+    """PEFT LoRA on the recipe's data and split, stepped by the engine's train_step; the engine's watch reads its
+    losses in the engine's logged windows."""
+    t0 = time.perf_counter()
+    steps = int(recipe.train.max_steps or 0)
+    s = dataclasses.replace(common.settings(smoke), recipe=recipe, steps=steps, seeds=(recipe.train.seed,),
+                            lrs={"peft-lora": recipe.train.lr})
+    setup = common.load_setup(s, smoke, workdir)
+    c = common.build("peft-lora", setup, s, recipe.train.seed)
+    order = TrainOrder(len(setup.train), s.batch_size, recipe.train.seed)
+    warmup = warmup_length(recipe.train.warmup_steps, s.warmup_ratio, steps)
+    step_once = common.stepper(c, s, setup.task)
+    watch = collapse.LossWatch(collapse.label_entropy(setup.train.labels.tolist()))
+    torch.manual_seed(recipe.train.seed)
+    losses, window, fired = [], [], None
+    for step in range(steps):
+        set_lr(c.optimizer, lr_factor(step, steps, warmup, recipe.train.lr_scheduler))
+        batch = setup.task.collate(setup.train, order.indices(step)[1], setup.pad_id)
+        window.append(float(step_once(batch, step)[0]))
+        if len(window) == LOG_EVERY or step == steps - 1:
+            losses.append(sum(window) / len(window))
+            found = watch.update(step + 2 - len(window), losses[-1])
+            fired = fired or found
+            window = []
+    accuracy, logits = common.held_out_accuracy(c.model, setup)
+    return {"losses": losses, "collapse_step": fired.step if fired else None, "accuracy": accuracy,
+            "constant": collapse.constant(logits.argmax(-1).tolist()), "seconds": time.perf_counter() - t0}
+
+
+def run_one(dataset: str, method: str, lr: float, seed: int, steps: int | None, smoke: list[str],
+            tmp: Path) -> dict[str, Any]:
+    out = tmp / f"{dataset}-{method}-{lr:g}-{seed}"
+    recipe = recipe_for(dataset, method, lr, seed, steps, smoke, out)
+    found = peft_run(recipe, bool(smoke), tmp) if method == "peft-lora" else sora_run(recipe)
+    found["collapsed"] = found["collapse_step"] is not None or found["constant"]
+    return {"dataset": dataset, "method": method, "lr": lr, "seed": seed, "steps": int(recipe.train.max_steps or 0),
+            **found}
+
+
+def cells(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str, Any]]:
+    """(dataset, lr, method) -> runs, collapsed and accuracy mean / std."""
+    grouped: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in records:
+        grouped.setdefault((r["dataset"], r["lr"], r["method"]), []).append(r)
+    found = {}
+    for key, runs in grouped.items():
+        acc = [r["accuracy"] for r in runs]
+        found[key] = {"runs": len(runs), "collapsed": sum(r["collapsed"] for r in runs),
+                      "seeds": sorted(r["seed"] for r in runs), "accuracy_mean": statistics.fmean(acc),
+                      "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0}
+    return found
+
+
+def targets(found: dict[tuple[str, float, str], dict[str, Any]], shipped_lr: float) -> list[tuple[str, str, bool]]:
+    """Issue 27's targets over the cells run so far."""
+    checks = []
+    for (dataset, lr, method), c in sorted(found.items()):
+        if method != "sora":
+            continue
+        lora = found.get((dataset, lr, "lora"))
+        if lora is not None:
+            rate, lora_rate = c["collapsed"] / c["runs"], lora["collapsed"] / lora["runs"]
+            checks.append((f"{dataset}, lr {lr:g}: SoRA's collapse rate ≤ LoRA's",
+                           f"{c['collapsed']}/{c['runs']} vs {lora['collapsed']}/{lora['runs']}", rate <= lora_rate))
+            if lora["collapsed"] == 0:
+                gap = 100 * (c["accuracy_mean"] - lora["accuracy_mean"])
+                checks.append((f"{dataset}, lr {lr:g}: SoRA's accuracy ≥ LoRA's − 0.5 point", f"{gap:+.2f} points",
+                               gap >= -0.5))
+        if dataset == "rotten_tomatoes" and lr == shipped_lr:
+            checks.append(("the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses",
+                           f"{c['collapsed']}/{c['runs']}", c["collapsed"] == 0))
+    return checks
+
+
+def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[str, Any], command: str,
+             shipped_lr: float, methods: list[str]) -> str:
+    rows = []
+    for dataset in DATASETS:
+        for lr in sorted({k[1] for k in found if k[0] == dataset}):
+            row = [dataset, f"{lr:g}"]
+            for method in methods:
+                c = found.get((dataset, lr, method))
+                row.append("–" if c is None else f"{c['collapsed']}/{c['runs']} · {100 * c['accuracy_mean']:.2f} ± "
+                                                 f"{100 * c['accuracy_std']:.2f}")
+            rows.append(row)
+    checks = common.target_lines(targets(found, shipped_lr))
+    return ("### Stability: collapse rate and test accuracy\n\n"
+            f"`{command}`; machine {facts['cpu']} ({facts['torch_threads']} threads), commit {facts['commit']}; "
+            f"torch {facts['torch']}, transformers {facts.get('transformers')}, peft {facts.get('peft')}.\n\n"
+            + common.markdown_table(["dataset", "lr", *(LABELS[m] for m in methods)], rows)
+            + "\n\nEach cell: runs collapsed / runs, then the final model's test accuracy in %, mean ± std over "
+              "those runs, collapsed ones included. The quickstart recipe with the dataset, method, lr and seed "
+              "changed; collapsed: the loss back at chance after it was clearly below it (the engine's collapse "
+              "watch), or one class for every test example.\n"
+            + (f"\n{checks}\n" if checks else ""))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(LRS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--steps", type=int, help="train.max_steps (default: the recipe's)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random BERT, 256 examples (CI)")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
+    args = parser.parse_args(argv)
+    facts = common.machine(torch.device("cpu"))
+    out = common.results_dir(args.out, facts, args.smoke)
+    log = out / "stability-runs.jsonl"
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    shipped_lr = load_recipe(common.QUICKSTART).train.lr
+    with tempfile.TemporaryDirectory() as tmp:
+        smoke = []
+        if args.smoke:
+            tiny = common.tiny_model_dir(Path(tmp) / "tiny-bert")
+            smoke = [f"model.name_or_path={tiny}", "data.max_train_samples=256", "data.max_eval_samples=64"]
+        for lr in args.lrs:
+            for dataset in args.datasets:
+                for seed in args.seeds:
+                    for method in args.methods:
+                        steps = args.steps or int(load_recipe(common.QUICKSTART).train.max_steps or 0)
+                        if any((r["dataset"], r["method"], r["lr"], r["seed"], r["steps"]) ==
+                               (dataset, method, lr, seed, steps) for r in done):
+                            continue
+                        print(f"{dataset} {method} lr {lr:g} seed {seed}", flush=True)
+                        record = run_one(dataset, method, lr, seed, args.steps, smoke, Path(tmp))
+                        done.append(record)
+                        with log.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+    steps = args.steps or int(load_recipe(common.QUICKSTART).train.max_steps or 0)
+    found = cells([r for r in done if r["steps"] == steps])
+    command = "python bench/stability.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    common.write_json(out / "stability.json", {"machine": facts, "command": command, "steps": steps,
+                                               "cells": [{"dataset": d, "lr": lr, "method": m, **c}
+                                                         for (d, lr, m), c in sorted(found.items())],
+                                               "targets": [{"target": t, "measured": v, "met": ok}
+                                                           for t, v, ok in targets(found, shipped_lr)]})
+    text = markdown(found, facts, command, shipped_lr, [m for m in METHODS if any(k[2] == m for k in found)])
+    (out / "stability.md").write_text(text)
+    print(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()
