@@ -635,8 +635,8 @@ def evaluate_dev(run: Run, state: TrainState, log: MetricsLog, progress: render.
     log.emit({"event": "eval", "split": "dev", "step": state.step, **dev})
     progress.log(f"step {state.step}  dev  {render.metrics_text(dev)}")
     if dev.get("constant_predictor"):
-        progress.log(f"warning: step {state.step}: every dev example gets the same class, the model is a constant "
-                     f"predictor; {collapse_tip(run)}")
+        progress.log(f"warning: step {state.step}: the model gives every dev example the same prediction "
+                     f"(a constant predictor); {collapse_tip(run)}")
     value = dev[run.metric]
     better = state.best_metric is None or (value > state.best_metric if run.task.greater_is_better(run.metric)
                                            else value < state.best_metric)

@@ -92,8 +92,8 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
 
 
 def constant_rows(checkpoints: dict[str, tuple[dict[str, float], ...]]) -> list[tuple[str, str]]:
-    """A warning row for each checkpoint whose dev or test predictions were all one class (collapse.py)."""
-    return [("warning", f"{name} gives every example the same class: a constant predictor")
+    """A warning row for each checkpoint whose dev or test predictions were all the same (collapse.py)."""
+    return [("warning", f"{name} gives every example the same prediction: a constant predictor")
             for name, splits in checkpoints.items() if any(m.get("constant_predictor") for m in splits)]
 
 

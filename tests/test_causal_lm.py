@@ -205,24 +205,32 @@ def test_evaluation_metrics_equal_one_prompt_at_a_time(causal_recipe) -> None:
     metrics = task.evaluate(model, test, EvalContext(8, torch.device("cpu"), torch.autocast("cpu", enabled=False), tok))
     exact = chosen = 0
     loss = tokens = 0.0
+    answers, picks = set(), set()
     with torch.no_grad():
         for e in test.examples:
             out = model.generate(torch.tensor([e.prompt_ids]), max_new_tokens=4, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             answer = tok.decode(out[0, len(e.prompt_ids):], skip_special_tokens=True)
             exact += normalize_answer(answer) == normalize_answer(e.reference)
+            answers.add(normalize_answer(answer))
             scores = []
             for choice in ("positive", "negative"):
                 ids = e.prompt_ids + tok(choice, add_special_tokens=False)["input_ids"]
                 logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
                 scores.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(e.prompt_ids), len(ids))))
             chosen += ("positive", "negative")[scores.index(max(scores))] == e.reference
+            picks.add(scores.index(max(scores)))
             positions = [t for t in range(1, len(e.labels)) if e.labels[t] != -100]
             loss += hand_ce(model, e.input_ids, positions) * len(positions)
             tokens += len(positions)
     assert metrics["exact_match"] == exact / len(test) and metrics["choice_accuracy"] == chosen / len(test)
     assert metrics["loss"] == pytest.approx(loss / tokens, rel=1e-5)  # float32 model: batched vs single sums
     assert 0 < exact < len(test) and 0 < chosen < len(test)  # neither trivially all nor nothing
+    assert metrics.get("constant_predictor") == (1.0 if len(answers) == 1 or len(picks) == 1 else None)
+    with torch.no_grad():  # zero final norm: every logit 0, so greedy picks token 0 at every step, for every prompt
+        model.model.norm.weight.zero_()
+    ctx = EvalContext(8, torch.device("cpu"), torch.autocast("cpu", enabled=False), tok)
+    assert task.evaluate(model, test, ctx)["constant_predictor"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

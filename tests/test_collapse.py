@@ -80,7 +80,30 @@ def test_a_classifier_answering_one_class_is_marked() -> None:
     mixed = task.score({"logits": np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.4, 0.6]]), "labels": labels})
     assert "constant_predictor" not in mixed
     assert constant_rows({"final/": ({}, one_class), "best/": (mixed, mixed)}) == [
-        ("warning", "final/ gives every example the same class: a constant predictor")]
+        ("warning", "final/ gives every example the same prediction: a constant predictor")]
+
+
+def test_a_causal_lm_answering_alike_is_marked() -> None:
+    import numpy as np
+
+    from sora_cli.recipe import DataConfig
+    from sora_cli.tasks.causal_lm import CausalLMTask, answer_id
+
+    task = CausalLMTask(DataConfig(train_file="x.jsonl", choices=("positive", "negative")))
+    task.format = "alpaca"
+    n = 4
+
+    def rows(answers: list[str], repeated: list[bool], picks: list[int]) -> dict[str, np.ndarray]:
+        return {"loss": np.ones(n), "correct": np.ones(n), "tokens": np.ones(n), "exact": np.zeros(n),
+                "chosen": np.zeros(n), "answer": np.array([answer_id(a) for a in answers]),
+                "repeated": np.array(repeated, dtype=float), "pick": np.array(picks, dtype=float)}
+
+    varied = ["positive", "Negative.", "negative", "positive"]
+    assert "constant_predictor" not in task.score(rows(varied, [False, True, False, True], [0, 1, 1, 0]))
+    same = ["Positive!", "positive", "the positive", "positive"]  # alike after normalize_answer
+    assert task.score(rows(same, [False] * n, [0, 1, 1, 0]))["constant_predictor"] == 1.0
+    assert task.score(rows(varied, [True] * n, [0, 1, 1, 0]))["constant_predictor"] == 1.0  # "a a a", "b b b", ...
+    assert task.score(rows(varied, [False] * n, [1] * n))["constant_predictor"] == 1.0  # one choice for all
 
 
 def collapsing(make_recipe: Any, name: str, on_collapse: str) -> Path:

@@ -10,6 +10,9 @@ Evaluation (`evaluate`), all over response tokens:
 - exact match of greedy generation (batched, left-padded) against the reference, after `normalize_answer`;
 - with data.choices, accuracy by the choices' summed log-likelihoods after the prompt (lm-evaluation-harness's
   `acc` for multiple choice); the reference must be one of the choices.
+
+A collapsed LM (collapse.py) is marked `constant_predictor: 1`: every generated answer the same after normalisation,
+every one a single token repeated ("the the the"), or the same choice picked for every example.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sora_cli import packing, render
+from sora_cli import collapse, packing, render
 from sora_cli.data import eval_order, load_raw, split_fractions, split_indices
 from sora_cli.errors import InputError
 from sora_cli.recipe import DataConfig
@@ -70,6 +73,11 @@ def collate(data: CausalData, indices: list[int], pad_id: int) -> dict[str, torc
         labels[row, : len(e.labels)] = torch.tensor(e.labels)
         mask[row, : len(e.input_ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_id(answer: str) -> int:
+    """A normalised answer as a number (int64), so that answers gather across ranks with the other rows."""
+    return int.from_bytes(hashlib.sha256(normalize_answer(answer).encode()).digest()[:8], "little", signed=True)
 
 
 def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -252,7 +260,8 @@ class CausalLMTask(Task):
         the likeliest choice is the reference."""
         n, pad = len(data), ctx.tokenizer.pad_token_id
         rows = {"loss": np.zeros(n), "correct": np.zeros(n), "tokens": np.zeros(n), "exact": np.zeros(n),
-                "chosen": np.zeros(n)}
+                "chosen": np.zeros(n), "answer": np.zeros(n, dtype=np.int64), "repeated": np.zeros(n),
+                "pick": np.zeros(n)}
         single = self._single_token_choices(ctx.tokenizer)
         for indices in eval_order(data.lengths, ctx.batch_size):
             batch = {k: v.to(ctx.device) for k, v in collate(data, indices, pad).items()}
@@ -267,15 +276,18 @@ class CausalLMTask(Task):
             np.add.at(rows["correct"], at, (logits.argmax(-1) == targets).double().cpu())
             np.add.at(rows["tokens"], at, 1.0)
             if self.generates:
-                rows["exact"][indices] = self._generate(model, examples, ctx)
+                rows["exact"][indices], rows["answer"][indices], rows["repeated"][indices] = self._generate(
+                    model, examples, ctx)
             if single is not None:  # one-token answers: their likelihoods are the next-token logits after the prompt
                 ends = torch.tensor([len(e.prompt_ids) - 1 for e in examples], device=hidden.device)
                 with ctx.autocast:
                     first = lm_head(model, hidden[torch.arange(len(examples), device=hidden.device), ends])  # (B, V)
-                picks = first.float()[:, single].argmax(-1).tolist()
-                rows["chosen"][indices] = [self.choice_names()[k] == e.reference for k, e in zip(picks, examples)]
+                rows["pick"][indices] = first.float()[:, single].argmax(-1).cpu().numpy()
             elif self.data.choices:
-                rows["chosen"][indices] = self._choose(model, examples, ctx)
+                rows["pick"][indices] = self._choose(model, examples, ctx)
+            if self.data.choices:
+                names, picks = self.choice_names(), rows["pick"][indices]
+                rows["chosen"][indices] = [names[int(k)] == e.reference for k, e in zip(picks, examples)]
         return rows
 
     def score(self, rows: Rows) -> dict[str, float]:
@@ -286,18 +298,35 @@ class CausalLMTask(Task):
             metrics["exact_match"] = float(rows["exact"].sum()) / max(n, 1)
         if self.data.choices:
             metrics["choice_accuracy"] = float(rows["chosen"].sum()) / n
+        if self.constant(rows):
+            metrics["constant_predictor"] = 1.0
         return metrics
 
-    def _generate(self, model: Any, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
-        """Greedy generation from each prompt (batched, left-padded); exact match after normalisation."""
+    def constant(self, rows: Rows) -> bool:
+        """Whether the model answers every example alike: one generated answer (or a token repeated in each), or one
+        choice."""
+        if self.generates and (collapse.constant(rows["answer"].tolist()) or
+                               (len(rows["repeated"]) > 1 and bool(rows["repeated"].all()))):
+            return True
+        return bool(self.data.choices) and collapse.constant(rows["pick"].tolist())
+
+    def _generate(self, model: Any, examples: list[Encoded], ctx: EvalContext) -> tuple[list[bool], list[int],
+                                                                                        list[bool]]:
+        """Greedy generation from each prompt (batched, left-padded): per example, exact match after normalisation,
+        the normalised answer's id (answer_id) and whether it is one token repeated."""
         tok = ctx.tokenizer
         inputs = left_padded([e.prompt_ids for e in examples], tok.pad_token_id, ctx.device)
         with ctx.autocast:
             out = model.generate(**inputs, max_new_tokens=self.data.max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
                                  temperature=None, top_p=None, top_k=None, synced_gpus=ctx.synced)
-        answers = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)]
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()  # (B, new tokens), padded after a row's stop
+        answers = tok.batch_decode(new, skip_special_tokens=True)
+        ends = set(stop_ids(model, tok)) | {tok.pad_token_id}
+        repeated = [len(ids) > 1 and len(set(ids)) == 1 for ids in ([t for t in row if t not in ends]
+                                                                  for row in new.tolist())]
+        return ([normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)],
+                [answer_id(a) for a in answers], repeated)
 
     def choice_names(self) -> list[str]:
         return list(self.data.choices or ())
@@ -307,8 +336,9 @@ class CausalLMTask(Task):
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in self.choice_names()]
         return [i[0] for i in ids] if ids and all(len(i) == 1 for i in ids) else None
 
-    def _choose(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[bool]:
-        """Which choice has the highest summed log-likelihood after each prompt; one forward over B × C rows."""
+    def _choose(self, model: nn.Module, examples: list[Encoded], ctx: EvalContext) -> list[int]:
+        """The index of the choice with the highest summed log-likelihood after each prompt; one forward over B × C
+        rows."""
         choices = self.choice_names()
         tok = ctx.tokenizer
         continuations = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
@@ -322,7 +352,7 @@ class CausalLMTask(Task):
         logp = torch.log_softmax(logits.float(), -1).gather(1, picked[:, None]).squeeze(1)  # (N,)
         owner = torch.repeat_interleave(torch.tensor([len(c) for c in continuations] * len(examples)))
         scores = torch.zeros(len(rows), dtype=logp.dtype).index_add_(0, owner, logp.cpu()).view(len(examples), -1)
-        return [choices[int(s.argmax())] == e.reference for s, e in zip(scores, examples)]
+        return [int(s.argmax()) for s in scores]
 
     def metric(self, metric_for_best: str | None) -> str:
         if metric_for_best is not None and metric_for_best not in METRICS:
