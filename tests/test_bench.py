@@ -471,3 +471,43 @@ def test_collapse_probe_finds_the_return_to_chance() -> None:
     rows = [{"step": i + 1, "loss": x} for i, x in enumerate([0.7] * 20 + [0.4] * 20 + [0.69] * 20)]
     assert collapse_probe.chance(rows, level) == 59  # (19 · 0.69 + 0.4) / 20 = 0.6755 > 0.97 ln 2 = 0.6723
     assert collapse_probe.chance([{"step": i + 1, "loss": 0.69} for i in range(60)], level) is None  # never learnt
+
+
+def test_stability_smoke_runs_each_cell_once_and_tallies_it(tmp_path: Path) -> None:
+    import stability
+
+    argv = ["--smoke", "--datasets", "rotten_tomatoes", "--lrs", "1e-3", "--seeds", "0", "1", "--steps", "6",
+            "--out", str(tmp_path)]
+    out = stability.main(argv)
+    runs = [json.loads(line) for line in (out / "stability-runs.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in stability.METHODS]
+    for r in runs:
+        assert r["steps"] == 6 and len(r["losses"]) == 1 and 0 <= r["accuracy"] <= 1  # one logged window of 6
+        assert r["collapsed"] == (r["collapse_step"] is not None or r["constant"])
+    cells = {(c["dataset"], c["lr"], c["method"]): c for c in json.loads((out / "stability.json").read_text())["cells"]}
+    for method in stability.METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        c = cells[("rotten_tomatoes", 1e-3, method)]
+        assert (c["runs"], c["collapsed"]) == (2, sum(r["collapsed"] for r in mine))
+        assert c["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in mine))
+    assert "| rotten_tomatoes | 0.001 |" in (out / "stability.md").read_text()
+    stability.main(argv)  # finished runs are skipped
+    assert len((out / "stability-runs.jsonl").read_text().splitlines()) == len(runs)
+
+
+def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
+    import stability
+
+    def run(method: str, lr: float, seed: int, collapsed: bool, accuracy: float) -> dict[str, object]:
+        return {"dataset": "rotten_tomatoes", "method": method, "lr": lr, "seed": seed, "collapsed": collapsed,
+                "accuracy": accuracy}
+
+    records = [run("sora", 2e-3, 0, False, 0.80), run("sora", 2e-3, 1, True, 0.58),
+               run("lora", 2e-3, 0, False, 0.81), run("lora", 2e-3, 1, False, 0.80),
+               run("sora", 1e-3, 0, False, 0.80), run("lora", 1e-3, 0, True, 0.42)]
+    checks = {what: (value, ok) for what, value, ok in stability.targets(stability.cells(records), 2e-3)}
+    assert checks == {
+        "rotten_tomatoes, lr 0.001: SoRA's collapse rate ≤ LoRA's": ("0/1 vs 1/1", True),
+        "rotten_tomatoes, lr 0.002: SoRA's collapse rate ≤ LoRA's": ("1/2 vs 0/2", False),
+        "rotten_tomatoes, lr 0.002: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-11.50 points", False),
+        "the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses": ("1/2", False)}
