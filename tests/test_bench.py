@@ -504,9 +504,12 @@ def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
 
     records = [run("sora", 2e-3, 0, False, 0.80), run("sora", 2e-3, 1, True, 0.58),
                run("lora", 2e-3, 0, False, 0.81), run("lora", 2e-3, 1, False, 0.80),
-               run("sora", 1e-3, 0, False, 0.80), run("lora", 1e-3, 0, True, 0.42)]
+               run("sora", 1e-3, 0, False, 0.80), run("lora", 1e-3, 0, True, 0.42),
+               run("sora", 5e-4, 0, False, 0.796), run("lora", 5e-4, 0, False, 0.80)]
     checks = {what: (value, ok) for what, value, ok in stability.targets(stability.cells(records), 2e-3)}
     assert checks == {
+        "rotten_tomatoes, lr 0.0005: SoRA's collapse rate ≤ LoRA's": ("0/1 vs 0/1", True),
+        "rotten_tomatoes, lr 0.0005: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-0.40 points", True),
         "rotten_tomatoes, lr 0.001: SoRA's collapse rate ≤ LoRA's": ("0/1 vs 1/1", True),
         "rotten_tomatoes, lr 0.002: SoRA's collapse rate ≤ LoRA's": ("1/2 vs 0/2", False),
         "rotten_tomatoes, lr 0.002: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-11.50 points", False),
