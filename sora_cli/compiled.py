@@ -67,8 +67,21 @@ def _by_mode(block: nn.Module, fast: Callable[..., Any], checkpointing: bool) ->
     return forward
 
 
+RECOMPILE_LIMIT = "Dynamo recompile limit exceeded"  # how torch 2.13 names it in dynamo's `unimplemented` counter
+
+
 def graph_breaks() -> int:
     """Graph breaks torch.compile has met in this process so far."""
     from torch._dynamo.utils import counters
 
     return int(sum(counters["graph_break"].values()))
+
+
+def eager_fallbacks() -> int:
+    """Times torch.compile gave up on a code object in this process so far because it hit dynamo's recompile limit
+    (`torch._dynamo.config.recompile_limit` variants of one function): those calls, and later ones that would need
+    another variant, run eagerly, and the speed-up silently goes with them."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(n for reason, n in counters["unimplemented"].items() if reason.startswith(RECOMPILE_LIMIT)))
+

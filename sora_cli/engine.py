@@ -663,10 +663,8 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
         state.last_dev = run.evaluate(data.dev)
         log.emit({"event": "eval", "split": "dev", "step": step, **state.last_dev})
     result = RunResult(run.out, step, dev=state.last_dev, best_step=state.best_step, stats=run.method.stats(run.model))
-    if run.recipe.train.compile:  # torch's count for this process: a break runs part of a block in Python
-        result.stats.update(compiled_blocks=run.compiled_blocks, graph_breaks=compiled.graph_breaks())
-        log.emit({"event": "compile", "step": step, "blocks": result.stats["compiled_blocks"],
-                  "graph_breaks": result.stats["graph_breaks"]})
+    if run.recipe.train.compile:
+        report_compile(run, result, log, step)
     if data.test is not None:
         result.test = run.evaluate(data.test)
         log.emit({"event": "test", "checkpoint": "final", "step": step, **result.test})
@@ -688,6 +686,16 @@ def finish(run: Run, state: TrainState, log: MetricsLog, memorization_samples: i
         result.best_dev = best["metrics"].get("dev", {})
         score_best(run, state, log, result, sample if best_memorization else [])
     return result
+
+
+def report_compile(run: Run, result: RunResult, log: MetricsLog, step: int) -> None:
+    """train.compile's outcome, torch's counts for this process: graph breaks (part of a block runs in Python) and
+    eager fallbacks (dynamo's recompile limit hit: a block's later variants run uncompiled)."""
+    found = {"compiled_blocks": run.compiled_blocks, "graph_breaks": compiled.graph_breaks(),
+             "eager_fallbacks": compiled.eager_fallbacks()}
+    result.stats.update(found)
+    log.emit({"event": "compile", "step": step, "blocks": found["compiled_blocks"],
+              "graph_breaks": found["graph_breaks"], "eager_fallbacks": found["eager_fallbacks"]})
 
 
 def score_best(run: Run, state: TrainState, log: MetricsLog, result: RunResult, sample: list[int]) -> None:

@@ -85,6 +85,10 @@ def stats_rows(stats: dict[str, int]) -> list[tuple[str, str]]:
                          f"cut took {stats['budget_cut']} ranks (smallest |g|)"))
     if "graph_breaks" in stats:  # train.compile
         rows.append(("compiled", f"{stats['compiled_blocks']} blocks, {stats['graph_breaks']} graph breaks"))
+        if stats.get("eager_fallbacks"):
+            rows.append(("warning", f"torch.compile hit dynamo's recompile limit {stats['eager_fallbacks']} times: "
+                                    "the blocks' later variants ran eagerly (raise "
+                                    "torch._dynamo.config.recompile_limit, or keep input shapes steady)"))
     if stats.get("adapter_numel"):  # RoseLoRA: the entries of A and B its masks kept
         nnz, numel = stats["adapter_nnz"], stats["adapter_numel"]
         rows.append(("adapter non-zeros", f"{nnz:,d} / {numel:,d} ({100 * nnz / numel:.1f}%)"))

@@ -46,7 +46,8 @@ def test_a_compiled_sora_run_is_the_eager_run(causal_recipe: Any) -> None:
     assert result.stats["compiled_blocks"] == 2 and result.stats["graph_breaks"] == 0
     a_run, b_run = Path(eager.train.output_dir), Path(fast.train.output_dir)
     [event] = events(b_run, "compile")
-    assert (event["blocks"], event["graph_breaks"]) == (2, 0)
+    assert (event["blocks"], event["graph_breaks"], event["eager_fallbacks"]) == (2, 0, 0)
+    assert result.stats["eager_fallbacks"] == 0
     losses = [(a["loss"], b["loss"]) for a, b in zip(events(a_run, "train"), events(b_run, "train"), strict=True)]
     assert len(losses) == 6 and all(abs(a - b) < 1e-5 for a, b in losses), losses
     a, b = load_file(a_run / "final" / "adapter.safetensors"), load_file(b_run / "final" / "adapter.safetensors")
@@ -147,3 +148,25 @@ def test_every_method_compiles_without_a_graph_break(tiny_llama_dir: Path, metho
                                          k)[0]) for k, b in enumerate(batches)]
     assert compiled.graph_breaks() == 0, dict(counters["graph_break"])
     assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-5, rel=0)
+
+
+def test_a_recompile_limit_hit_is_counted_and_reported() -> None:
+    """Past dynamo's recompile limit a function runs eagerly with no error: the run's summary must say so."""
+    from sora_cli.render import stats_rows
+
+    def scale(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x * k  # each new Python int k is a new guard: a recompile
+
+    fast = torch.compile(scale, backend="eager", dynamic=False)
+    before = compiled.eager_fallbacks()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        results = [fast(torch.ones(2), k) for k in range(5)]
+    assert [float(r[0]) for r in results] == [0, 1, 2, 3, 4]  # still right, only slower
+    hits = compiled.eager_fallbacks() - before
+    assert hits >= 1
+    rows = stats_rows({"compiled_blocks": 2, "graph_breaks": 0, "eager_fallbacks": hits})
+    assert ("warning", f"torch.compile hit dynamo's recompile limit {hits} times: the blocks' later variants ran "
+                       "eagerly (raise torch._dynamo.config.recompile_limit, or keep input shapes steady)") in rows
+    assert not any(r[0] == "warning" for r in stats_rows({"compiled_blocks": 2, "graph_breaks": 0,
+                                                          "eager_fallbacks": 0}))
+
