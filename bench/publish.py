@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 TABLES = ("quality.md", "speed.md", "speed_causal.md", "editing.md", "lors.md", "ddp.md", "memory.md", "fsdp.md",
-          "budget.md", "budget-causal.md", "throughput.md", "profile.md", "probe.md")
+          "budget.md", "budget-causal.md", "throughput.md", "profile.md", "probe.md", "stability.md")
 
 
 def section(*folders: Path) -> str:
