@@ -514,3 +514,18 @@ def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
         "rotten_tomatoes, lr 0.002: SoRA's collapse rate ≤ LoRA's": ("1/2 vs 0/2", False),
         "rotten_tomatoes, lr 0.002: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-11.50 points", False),
         "the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses": ("1/2", False)}
+
+
+def test_gate_survival_measures_against_hand_values() -> None:
+    import gate_survival
+
+    from sora_cli.recipe import load_recipe
+
+    # the quickstart: warm-up 36 of 600 steps, Σ factor = (0 + … + 35)/36 + (564 + … + 1)/564 = 17.5 + 282.5 = 300
+    assert gate_survival.total_pull(load_recipe(common.QUICKSTART)) == pytest.approx(1.0 * 2e-3 * 300, rel=1e-12)
+    a = torch.tensor([0.1, 0.5, 0.9, 1.3, 2.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 0.0, 0.4, 0.3, 1.5], dtype=torch.float64)  # two ties at 0: average rank 0.5
+    assert gate_survival.ranks(b).tolist() == [0.5, 0.5, 3.0, 2.0, 4.0]
+    # ranks a: 0..4; b: 0.5, 0.5, 3, 2, 4; centred: (-2,-1,0,1,2) and (-1.5,-1.5,1,0,2): Σ = 3+1.5+0+0+4 = 8.5,
+    # norms √10 and √(2.25+2.25+1+0+4) = √9.5
+    assert gate_survival.spearman(a, b) == pytest.approx(8.5 / math.sqrt(10 * 9.5), rel=1e-12)
