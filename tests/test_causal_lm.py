@@ -174,7 +174,8 @@ def test_causal_golden_run_and_exact_resume(causal_recipe) -> None:
     assert meta["task"] == {"type": "causal_lm", "format": "alpaca", "chat_template": True, "train_on_prompt": False}
     assert meta["modules_to_save"] == []
     assert "lm_head" not in meta["modules"] and len(meta["modules"]) == 14  # 7 projections x 2 layers
-    assert set(result.test) == {"loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"}
+    metrics = {"loss", "perplexity", "token_accuracy", "exact_match", "choice_accuracy"}
+    assert metrics <= set(result.test) <= metrics | {"constant_predictor"}  # the 2-layer model may answer all alike
     resumed = killed_at_step_4_and_resumed(load_recipe(causal_recipe("part", model={"dtype": "float64"})))
     a, b = load_file(run / "final" / "adapter.safetensors"), load_file(resumed / "final" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
