@@ -3,6 +3,7 @@ and dataset, and their test accuracy, side by side (issue 27, part 2).
 
     python bench/stability.py                                   # 3 datasets x 4 lrs x 5 seeds x 3 methods
     python bench/stability.py --datasets rotten_tomatoes --lrs 2e-3 --methods sora lora
+    python bench/stability.py --methods sora --set adapter.gate_init=ones --tag gate-ones   # a variant's column
     python bench/stability.py --smoke                           # CI: a tiny random BERT, a few steps
 
 Every run is the quickstart recipe (`recipes/quickstart.yaml`: all-MiniLM-L6-v2, r 8, alpha 16, all linears,
@@ -49,16 +50,27 @@ LABELS = {"sora": "SoRA", "lora": "sora LoRA", "peft-lora": "PEFT LoRA"}
 LOG_EVERY = 10  # the engine's logged window (train.log_every's default): PEFT's losses are read in the same windows
 
 
-def recipe_for(dataset: str, method: str, lr: float, seed: int, steps: int | None, smoke: list[str],
+def base_method(key: str) -> str:
+    """`sora+gate-ones` -> `sora`: a method key is a method, or a method and the tag of a variant (`--tag`)."""
+    return key.split("+", 1)[0]
+
+
+def label(key: str) -> str:
+    method, _, tag = key.partition("+")
+    return LABELS[method] + (f", {tag}" if tag else "")
+
+
+def recipe_for(dataset: str, key: str, lr: float, seed: int, steps: int | None, extra: list[str],
                out: Path) -> Recipe:
+    method = base_method(key)
     sets = [f"data.dataset=packaged:{dataset}", f"adapter.method={'lora' if method == 'peft-lora' else method}",
-            f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={out}", *smoke]
+            f"train.lr={lr}", f"train.seed={seed}", f"train.output_dir={out}"]
     if method != "sora":
         sets.append("adapter.sparse_lambda=null")
     if steps is not None:
         sets += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 3)}",
                  f"train.save_every={max(1, steps // 3)}"]
-    return load_recipe(common.QUICKSTART, sets)
+    return load_recipe(common.QUICKSTART, [*sets, *extra])
 
 
 def sora_run(recipe: Recipe) -> dict[str, Any]:
@@ -102,14 +114,14 @@ def peft_run(recipe: Recipe, smoke: bool, workdir: Path) -> dict[str, Any]:
             "constant": collapse.constant(logits.argmax(-1).tolist()), "seconds": time.perf_counter() - t0}
 
 
-def run_one(dataset: str, method: str, lr: float, seed: int, steps: int | None, smoke: list[str],
+def run_one(dataset: str, key: str, lr: float, seed: int, steps: int | None, extra: list[str], smoke: bool,
             tmp: Path) -> dict[str, Any]:
-    out = tmp / f"{dataset}-{method}-{lr:g}-{seed}"
-    recipe = recipe_for(dataset, method, lr, seed, steps, smoke, out)
-    found = peft_run(recipe, bool(smoke), tmp) if method == "peft-lora" else sora_run(recipe)
+    out = tmp / f"{dataset}-{key}-{lr:g}-{seed}"
+    recipe = recipe_for(dataset, key, lr, seed, steps, extra, out)
+    found = peft_run(recipe, smoke, tmp) if base_method(key) == "peft-lora" else sora_run(recipe)
     found["collapsed"] = found["collapse_step"] is not None or found["constant"]
-    return {"dataset": dataset, "method": method, "lr": lr, "seed": seed, "steps": int(recipe.train.max_steps or 0),
-            **found}
+    return {"dataset": dataset, "method": key, "lr": lr, "seed": seed, "steps": int(recipe.train.max_steps or 0),
+            "set": extra, **found}
 
 
 def cells(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str, Any]]:
@@ -162,7 +174,7 @@ def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[st
     return ("### Stability: collapse rate and test accuracy\n\n"
             f"`{command}`; machine {facts['cpu']} ({facts['torch_threads']} threads), commit {facts['commit']}; "
             f"torch {facts['torch']}, transformers {facts.get('transformers')}, peft {facts.get('peft')}.\n\n"
-            + common.markdown_table(["dataset", "lr", *(LABELS[m] for m in methods)], rows)
+            + common.markdown_table(["dataset", "lr", *(label(m) for m in methods)], rows)
             + "\n\nEach cell: runs collapsed / runs, then the final model's test accuracy in %, mean ± std over "
               "those runs, collapsed ones included. The quickstart recipe with the dataset, method, lr and seed "
               "changed; collapsed: the loss back at chance after it was clearly below it (the engine's collapse "
@@ -177,9 +189,14 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, help="train.max_steps (default: the recipe's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for a variant of the methods (needs --tag)")
+    parser.add_argument("--tag", help="the variant's name: its runs are kept as METHOD+TAG, a column of their own")
     parser.add_argument("--smoke", action="store_true", help="a tiny random BERT, 256 examples (CI)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
     args = parser.parse_args(argv)
+    if bool(args.set) != bool(args.tag):
+        parser.error("--set and --tag go together: a variant's runs need a name of their own")
     facts = common.machine(torch.device("cpu"))
     out = common.results_dir(args.out, facts, args.smoke)
     log = out / "stability-runs.jsonl"
@@ -194,12 +211,14 @@ def main(argv: list[str] | None = None) -> Path:
             for dataset in args.datasets:
                 for seed in args.seeds:
                     for method in args.methods:
+                        key = f"{method}+{args.tag}" if args.tag else method
                         steps = args.steps or int(load_recipe(common.QUICKSTART).train.max_steps or 0)
                         if any((r["dataset"], r["method"], r["lr"], r["seed"], r["steps"]) ==
-                               (dataset, method, lr, seed, steps) for r in done):
+                               (dataset, key, lr, seed, steps) for r in done):
                             continue
-                        print(f"{dataset} {method} lr {lr:g} seed {seed}", flush=True)
-                        record = run_one(dataset, method, lr, seed, args.steps, smoke, Path(tmp))
+                        print(f"{dataset} {key} lr {lr:g} seed {seed}", flush=True)
+                        record = run_one(dataset, key, lr, seed, args.steps, [*smoke, *args.set], args.smoke,
+                                         Path(tmp))
                         done.append(record)
                         with log.open("a") as f:
                             f.write(json.dumps(record) + "\n")
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> Path:
                                                          for (d, lr, m), c in sorted(found.items())],
                                                "targets": [{"target": t, "measured": v, "met": ok}
                                                            for t, v, ok in targets(found, shipped_lr)]})
-    text = markdown(found, facts, command, shipped_lr, [m for m in METHODS if any(k[2] == m for k in found)])
+    keys = sorted({k[2] for k in found}, key=lambda m: (METHODS.index(base_method(m)), m))
+    text = markdown(found, facts, command, shipped_lr, keys)
     (out / "stability.md").write_text(text)
     print(text)
     return out

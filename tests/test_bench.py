@@ -493,6 +493,15 @@ def test_stability_smoke_runs_each_cell_once_and_tallies_it(tmp_path: Path) -> N
     assert "| rotten_tomatoes | 0.001 |" in (out / "stability.md").read_text()
     stability.main(argv)  # finished runs are skipped
     assert len((out / "stability-runs.jsonl").read_text().splitlines()) == len(runs)
+    variant = ["--methods", "sora", "--set", "adapter.gate_init=ones", "--tag", "gate-ones"]
+    stability.main(["--smoke", "--datasets", "rotten_tomatoes", "--lrs", "1e-3", "--seeds", "0", "--steps", "6",
+                    "--out", str(tmp_path), *variant])
+    last = json.loads((out / "stability-runs.jsonl").read_text().splitlines()[-1])
+    assert (last["method"], last["seed"], last["set"][-1]) == ("sora+gate-ones", 0, "adapter.gate_init=ones")
+    header = (out / "stability.md").read_text().split("| dataset | lr |")[1].splitlines()[0]
+    assert header == " SoRA | SoRA, gate-ones | sora LoRA | PEFT LoRA |"
+    with pytest.raises(SystemExit):
+        stability.main([*argv, "--set", "adapter.gate_init=ones"])  # a variant needs its --tag
 
 
 def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
