@@ -64,11 +64,10 @@ def norms(model: nn.Module, before: dict[str, torch.Tensor], after: dict[str, to
     out = {"A": total(x.lora_A.detach() for x in layers), "B": total(x.lora_B.detach() for x in layers),
            "dW": total(v for k, v in after.items() if k.startswith("dw:")),
            "dW_step": total(after[k] - before[k] for k in after if k.startswith("dw:")),
-           # the largest single module's step, and its share of the module's LoRA-equivalent (√r-normalised) gates:
-           # a rank's update moves with |g_i| under Adam, so the worst module sees ‖g‖/√r times LoRA's step
-           "dW_step_max": max(float((after[k] - before[k]).norm()) for k in after if k.startswith("dw:"))}
+           "dW_step_max": max(float((after[k] - before[k]).norm()) for k in after if k.startswith("dw:"))}  # one module
     if all(hasattr(x, "gate") for x in layers):
         out["g"] = total(x.gate.detach() for x in layers)
+        # a rank's update moves with |g_i| under Adam: the module of largest RMS gate steps most against LoRA's
         out["g_rms_max"] = max(float(x.gate.detach().pow(2).mean().sqrt()) for x in layers)
         out["zero_gates"] = sum(int((x.gate == 0).sum()) for x in layers)
     for part in ("pooler", "classifier"):

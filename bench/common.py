@@ -365,8 +365,9 @@ def stepper(c: Contestant, s: Settings, task: ClassificationTask) -> Callable[[d
                                           contextlib.nullcontext(), step)
 
 
-def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]:
-    """Train for s.steps on the seed's batch order; returns wall seconds and the sha256 of every batch fed."""
+def train(c: Contestant, setup: Setup, s: Settings, seed: int, losses: list[float] | None = None) -> dict[str, Any]:
+    """Train for s.steps on the seed's batch order; returns wall seconds and the sha256 of every batch fed. With
+    `losses`, each step's training loss is appended to it."""
     order = TrainOrder(len(setup.train), s.batch_size, seed)
     warmup = warmup_length(None, s.warmup_ratio, s.steps)
     seen = hashlib.sha256()
@@ -379,7 +380,9 @@ def train(c: Contestant, setup: Setup, s: Settings, seed: int) -> dict[str, Any]
         batch = setup.task.collate(setup.train, order.indices(step)[1], setup.pad_id)
         seen.update(batch["input_ids"].numpy().tobytes())
         seen.update(batch["labels"].numpy().tobytes())
-        step_once({k: v.to(setup.device) for k, v in batch.items()}, step)
+        loss = step_once({k: v.to(setup.device) for k, v in batch.items()}, step)[0]
+        if losses is not None:
+            losses.append(float(loss))
     sync(setup.device)
     return {"train_seconds": time.perf_counter() - t0, "batches_sha256": seen.hexdigest()}
 

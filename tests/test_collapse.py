@@ -87,7 +87,7 @@ def test_a_causal_lm_answering_alike_is_marked() -> None:
     import numpy as np
 
     from sora_cli.recipe import DataConfig
-    from sora_cli.tasks.causal_lm import CausalLMTask, answer_id
+    from sora_cli.tasks.causal_lm import CausalLMTask, answer_id, normalize_answer
 
     task = CausalLMTask(DataConfig(train_file="x.jsonl", choices=("positive", "negative")))
     task.format = "alpaca"
@@ -95,7 +95,7 @@ def test_a_causal_lm_answering_alike_is_marked() -> None:
 
     def rows(answers: list[str], repeated: list[bool], picks: list[int]) -> dict[str, np.ndarray]:
         return {"loss": np.ones(n), "correct": np.ones(n), "tokens": np.ones(n), "exact": np.zeros(n),
-                "chosen": np.zeros(n), "answer": np.array([answer_id(a) for a in answers]),
+                "chosen": np.zeros(n), "answer": np.array([answer_id(normalize_answer(a)) for a in answers]),
                 "repeated": np.array(repeated, dtype=float), "pick": np.array(picks, dtype=float)}
 
     varied = ["positive", "Negative.", "negative", "positive"]

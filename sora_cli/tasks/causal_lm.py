@@ -75,9 +75,10 @@ def collate(data: CausalData, indices: list[int], pad_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def answer_id(answer: str) -> int:
-    """A normalised answer as a number (int64), so that answers gather across ranks with the other rows."""
-    return int.from_bytes(hashlib.sha256(normalize_answer(answer).encode()).digest()[:8], "little", signed=True)
+def answer_id(normalized: str) -> int:
+    """A normalised answer (`normalize_answer`'s) as a number (int64), so that answers gather across ranks with the
+    other rows."""
+    return int.from_bytes(hashlib.sha256(normalized.encode()).digest()[:8], "little", signed=True)
 
 
 def left_padded(sequences: list[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -314,18 +315,18 @@ class CausalLMTask(Task):
                                                                                         list[bool]]:
         """Greedy generation from each prompt (batched, left-padded): per example, exact match after normalisation,
         the normalised answer's id (answer_id) and whether it is one token repeated."""
-        tok = ctx.tokenizer
+        tok, stops = ctx.tokenizer, stop_ids(model, ctx.tokenizer)
         inputs = left_padded([e.prompt_ids for e in examples], tok.pad_token_id, ctx.device)
         with ctx.autocast:
             out = model.generate(**inputs, max_new_tokens=self.data.max_new_tokens, do_sample=False,
-                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stop_ids(model, tok),
+                                 num_beams=1, pad_token_id=tok.pad_token_id, eos_token_id=stops,
                                  temperature=None, top_p=None, top_k=None, synced_gpus=ctx.synced)
         new = out[:, inputs["input_ids"].shape[1]:].cpu()  # (B, new tokens), padded after a row's stop
-        answers = tok.batch_decode(new, skip_special_tokens=True)
-        ends = set(stop_ids(model, tok)) | {tok.pad_token_id}
+        answers = [normalize_answer(a) for a in tok.batch_decode(new, skip_special_tokens=True)]
+        ends = set(stops) | {tok.pad_token_id}
         repeated = [len(ids) > 1 and len(set(ids)) == 1 for ids in ([t for t in row if t not in ends]
                                                                   for row in new.tolist())]
-        return ([normalize_answer(a) == normalize_answer(e.reference) for a, e in zip(answers, examples)],
+        return ([a == normalize_answer(e.reference) for a, e in zip(answers, examples)],
                 [answer_id(a) for a in answers], repeated)
 
     def choice_names(self) -> list[str]:
