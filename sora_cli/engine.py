@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora_cli import __version__, collapse, compiled, packing, quantization, render
+from sora_cli import __version__, collapse, compiled, packing, pooling, quantization, render
 from sora_cli.adapters import Method, adapters_disabled, get_method
 from sora_cli.adapters.inject import Injection, count_parameters, inject
 from sora_cli.adapters.method import Calibration
@@ -39,7 +39,7 @@ from sora_cli.checkpoint import (
 from sora_cli.data import TrainOrder
 from sora_cli.dist import SINGLE, World, current
 from sora_cli.errors import CollapseError, DivergedError, InputError
-from sora_cli.models import base_fingerprint, load_model
+from sora_cli.models import base_fingerprint, load_model, resolve_model_path
 from sora_cli.optim import (
     lr_factor,
     reference_factor,
@@ -332,7 +332,7 @@ def adapter_meta(run: Run, step: int, metrics: dict[str, Any]) -> dict[str, Any]
         "base_model": r.model.name_or_path,
         "base_model_revision": r.model.revision,
         "base_model_loading": {"dtype": r.model.dtype, "gguf_file": r.model.gguf_file,
-                               "trust_remote_code": r.model.trust_remote_code,
+                               "trust_remote_code": r.model.trust_remote_code, "pooling": r.model.pooling,
                                "quantization": quantization.describe(r.model)},
         **run.facts,
         "task": run.task.meta(),
@@ -580,7 +580,8 @@ def on_collapse(run: Run, state: TrainState, log: MetricsLog, progress: render.T
 
 def collapse_tip(run: Run) -> str:
     tip = f"try a lower train.lr (now {run.recipe.train.lr:g})"
-    return tip + (" or adapter.gate_lr" if run.method.name == "sora" else "")
+    tip += " or adapter.gate_lr" if run.method.name == "sora" else ""
+    return tip + pooling.collapse_tip(resolve_model_path(run.recipe.model.name_or_path), run.recipe.model.pooling)
 
 
 def remove_checkpoints_since(run_dir: Path, step: int) -> None:

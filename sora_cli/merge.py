@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sora_cli import quantization
+from sora_cli import pooling, quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import inside
 from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
@@ -106,6 +106,9 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")
     tensors, meta = load_adapter(ckpt)
+    if pooling.recorded(meta) != "cls":
+        raise InputError(f"{ckpt}: not merged: {pooling.NOT_PORTABLE}; evaluate it with sora eval, or train with "
+                         "model.pooling: cls for a model to merge")
     quantized = quantization.recorded(meta)
     if into == "dequantized" and not quantized:
         raise InputError(f"--into: dequantized applies to a run on a quantized base (model.quantization); {ckpt} was "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sora_cli import quantization
+from sora_cli import pooling, quantization
 from sora_cli.adapters import method_class
 from sora_cli.adapters.inject import attach, linear_names, mark_fresh
 from sora_cli.checkpoint import load_adapter
@@ -102,6 +102,8 @@ def load_model(cfg: ModelConfig, task: Task, device: torch.device | None = None)
                          "task needs (e.g. a head for another number of labels); set model.ignore_mismatched_sizes: "
                          "true to start it fresh")
     mark_fresh(model, list(info.get("missing_keys", [])) + mismatched)  # mismatched: re-initialised when allowed
+    if cfg.pooling == "mean":
+        pooling.use_mean(model, cfg.name_or_path)
     if tokenizer.pad_token_id is None:  # decoder-only models: pad with EOS, as transformers suggests
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
@@ -161,7 +163,7 @@ def loading_config(meta: dict[str, Any], base: str | None = None) -> ModelConfig
                        dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
                        trust_remote_code=loading.get("trust_remote_code", False),
                        quantization=quantized.get("type"), double_quantization=quantized.get("double_quantization"),
-                       compute_dtype=quantized.get("compute_dtype"))
+                       compute_dtype=quantized.get("compute_dtype"), pooling=loading.get("pooling", "cls"))
 
 
 def load_base(directory: Path, meta: dict[str, Any], base: str | None = None,

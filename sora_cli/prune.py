@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sora_cli import pooling
 from sora_cli.adapters import method_class
 from sora_cli.adapters.lors import KEEP_SPARSITY_EXPORT
 from sora_cli.checkpoint import atomic_dir, load_adapter, save_adapter
@@ -80,6 +81,7 @@ def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None 
         raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
     pruned, pruned_meta = prune(tensors, meta, eps)
     reason = KEEP_SPARSITY_EXPORT if meta.get("keep_sparsity") else method_class(meta["method"]).peft_export
+    reason = reason or (pooling.NOT_PORTABLE if pooling.recorded(meta) != "cls" else None)
     if peft is not None and reason:
         raise InputError(f"--peft: {reason}; use sora merge for a plain model instead")
     if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):

@@ -51,6 +51,9 @@ class ModelConfig:
     double_quantization: bool | None = None  # 4-bit: quantize the block scales too (QLoRA's); null: true
     # 4-bit matmuls (W0 x and the adapter product); null: bfloat16 under train.precision bf16, else float32
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # A BERT-style classifier's sentence summary: cls, the first token's state (transformers' heads), or mean, the
+    # masked mean of the token states, as sentence-transformers checkpoints were trained (sora_cli/pooling.py)
+    pooling: Literal["cls", "mean"] = "cls"
 
 
 @dataclass(frozen=True)
