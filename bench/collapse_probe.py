@@ -10,7 +10,10 @@ and, after every step, record the training loss and: the norms of every A, B and
 adapted layers), of the update ΔW = s·B·diag(g)·A and of its change over the step (Adam's effective step on the
 product), the pooler's (where it trains: a checkpoint without one, as MiniLM's, gets a fresh pooler that trains
 with the head) and the classifier's weight norms and their change, and the share of the pooler's tanh outputs
-within 0.01 of ±1 on the step's batch (saturated: their gradient is < 2% of the unsaturated one). Writes
+within 0.01 of ±1 on the step's batch (saturated: their gradient is < 2% of the unsaturated one), and the last
+layer's [CLS] states on that batch: their mean pairwise cosine and mean norm (README "Reliability": on a checkpoint
+trained with mean pooling they barely depend on the sentence, and a run stuck at chance is one whose [CLS] states
+shrank and grew alike). `--set model.pooling=mean` probes the mean-pooled head. Writes
 probe.jsonl (one line per step) and probe.md (per run: the loss and those numbers at a few steps, and whether and
 when the loss returned to the chance level).
 """
@@ -91,11 +94,35 @@ def saturation(model: nn.Module) -> tuple[list[float], Any]:
     return seen, pooler.register_forward_hook(hook)
 
 
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
+    """The mean cosine over the n·(n − 1) ordered pairs of distinct rows of x (n, d): 1 when every row points alike."""
+    unit = nn.functional.normalize(x.double(), dim=-1)
+    n = unit.shape[0]
+    return float(((unit @ unit.T).sum() - n) / max(1, n * n - n))
+
+
+def first_token(model: nn.Module) -> tuple[list[tuple[float, float]], Any]:
+    """A list the last encoder layer's forward hook fills with its first ([CLS]) token's states on the batch: their
+    mean pairwise cosine and mean norm (how much the classifier's [CLS] head has to tell the sentences apart)."""
+    seen: list[tuple[float, float]] = []
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if layers is None:
+        return seen, None
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        cls = (out[0] if isinstance(out, tuple) else out).detach()[:, 0]  # (batch, d)
+        seen.append((mean_pairwise_cosine(cls), float(cls.double().norm(dim=-1).mean())))
+
+    return seen, layers[-1].register_forward_hook(hook)
+
+
 def probe(recipe_path: Path, overrides: list[str], steps: int, workdir: Path) -> list[dict[str, Any]]:
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={workdir}"])  # its own LR schedule's length
     run = prepare(recipe, workdir)
     run.model.train()
     seen, handle = saturation(run.model)
+    cls_seen, cls_handle = first_token(run.model)
     rows = []
     before = snapshot(run.model)
     for step in range(steps):
@@ -108,9 +135,12 @@ def probe(recipe_path: Path, overrides: list[str], steps: int, workdir: Path) ->
         before = after
         if seen:
             row["pooler_saturated"] = seen[-1]
+        if cls_seen:
+            row["cls_cos"], row["cls_norm"] = cls_seen[-1]
         rows.append(row)
-    if handle is not None:
-        handle.remove()
+    for h in (handle, cls_handle):
+        if h is not None:
+            h.remove()
     return rows
 
 
@@ -165,7 +195,7 @@ def write(out: Path, runs: dict[str, list[dict[str, Any]]], args: argparse.Names
     level = math.log(2)  # binary labels: the chance loss of balanced data
     marks = sorted({max(1, args.steps * k // 4) for k in range(1, 5)})
     columns = ["run", "step", "loss (mean of 10)", "|A|", "|B|", "|g|", "|ΔW|", "|ΔW step|", "|pooler|",
-               "|classifier|", "pooler saturated"]
+               "|classifier|", "pooler saturated", "[CLS] cos", "|[CLS]|"]
     lines = []
     for key, rows in runs.items():
         for m in marks:
@@ -174,12 +204,15 @@ def write(out: Path, runs: dict[str, list[dict[str, Any]]], args: argparse.Names
             lines.append([key, str(m), f"{sum(x['loss'] for x in window) / len(window):.3f}", f"{r['A']:.2f}",
                           f"{r['B']:.3f}", f"{r['g']:.2f}" if "g" in r else "–", f"{r['dW']:.3f}",
                           f"{r['dW_step']:.2e}", f"{r.get('pooler', 0):.2f}", f"{r.get('classifier', 0):.3f}",
-                          f"{100 * r.get('pooler_saturated', 0):.1f}%"])
+                          f"{100 * r.get('pooler_saturated', 0):.1f}%", f"{r.get('cls_cos', math.nan):.2f}",
+                          f"{r.get('cls_norm', math.nan):.2f}"])
     back = "; ".join(f"{k}: {'step ' + str(s) if (s := chance(rows, level)) else 'never'}" for k, rows in runs.items())
     command = "python bench/collapse_probe.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = (f"### Collapse probe\n\n`{command}`; machine {facts['cpu']}, commit {facts['commit']}.\n\n"
             + common.markdown_table(columns, lines)
-            + f"\n\nNorms over all adapted layers (Frobenius, summed in squares); ΔW = s·B·diag(g)·A. Back at the "
+            + f"\n\nNorms over all adapted layers (Frobenius, summed in squares); ΔW = s·B·diag(g)·A. [CLS] cos, "
+              f"|[CLS]|: the last layer's first-token states on the step's batch, their mean pairwise cosine and mean "
+              f"norm. Back at the "
               f"chance loss ln 2 (20-step mean within 3% after it was below 80%): {back}.\n")
     (out / "probe.md").write_text(text)
     print(text)

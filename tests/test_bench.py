@@ -453,6 +453,7 @@ def test_collapse_probe_smoke_measures_every_step(tmp_path: Path) -> None:
     assert [(r["run"], r["step"]) for r in rows] == [(m, s) for m in ("sora seed 0", "lora seed 0") for s in range(1, 5)]
     for r in rows:
         assert math.isfinite(r["loss"]) and 0 <= r["pooler_saturated"] <= 1 and r["classifier"] > 0
+        assert -1 <= r["cls_cos"] <= 1 and r["cls_norm"] > 0
         assert ("g" in r) == r["run"].startswith("sora")
         # the warm-up's first LR is 0: B stays 0 for a step; at the second B leaves 0, so ΔW is its own change
         if r["step"] == 1:
@@ -462,6 +463,15 @@ def test_collapse_probe_smoke_measures_every_step(tmp_path: Path) -> None:
         else:
             assert r["dW_step"] > 0
     assert "| sora seed 0 | 4 |" in (out / "probe.md").read_text()
+
+
+def test_collapse_probe_mean_pairwise_cosine() -> None:
+    """Rows (1, 0), (0, 1), (2, 0): pair cosines 0, 1, 0 each way: mean 2 / 6; identical rows: 1."""
+    import collapse_probe
+
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    assert collapse_probe.mean_pairwise_cosine(x) == pytest.approx(1 / 3, abs=1e-15)
+    assert collapse_probe.mean_pairwise_cosine(torch.tensor([[3.0, 4.0]] * 4)) == pytest.approx(1.0, abs=1e-15)
 
 
 def test_collapse_probe_finds_the_return_to_chance() -> None:

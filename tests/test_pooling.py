@@ -101,6 +101,6 @@ def test_what_a_checkpoint_declares_and_the_collapse_tip(tmp_path: Path) -> None
     assert collapse_tip(minilm, "mean") == ""
     (tmp_path / "pool").mkdir()
     (tmp_path / "modules.json").write_text('[{"path": "pool", "type": "sentence_transformers.models.Pooling"}]')
-    (tmp_path / "pool" / "config.json").write_text('{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    (tmp_path / "pool" / "config.json").write_text('{"pooling_mode_cls_token": true}')
     assert declared(str(tmp_path)) == "cls" and collapse_tip(str(tmp_path), "cls") == ""
     assert declared(str(tmp_path / "pool")) is None and declared("sentence-transformers/all-MiniLM-L6-v2") is None
