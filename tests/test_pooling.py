@@ -139,3 +139,14 @@ def test_the_quickstart_checkpoint_tells_sentences_apart_by_the_mean_not_cls() -
         with torch.no_grad():
             found[pooling] = mean_pairwise_cosine(model.eval().bert(**batch).pooler_output)
     assert found == pytest.approx({"cls": CLS_COS, "mean": MEAN_COS}, abs=1e-6)
+
+
+def test_sora_train_refuses_mean_pooling_for_a_causal_lm(causal_recipe, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sora_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(causal_recipe("mean")), "model.pooling=mean"])
+    assert result.exit_code != 0
+    assert "model.pooling: mean needs a BERT-style sequence classifier" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs" / "mean" / "checkpoints").exists()
