@@ -41,11 +41,13 @@ from sora_cli import collapse  # noqa: E402
 from sora_cli.engine import train  # noqa: E402
 from sora_cli.recipe import Recipe, load_recipe  # noqa: E402
 from sora_cli.rundir import read_events  # noqa: E402
+from sora_cli.tasks import get_task  # noqa: E402
 
 DATASETS = ("rotten_tomatoes", "convention_speeches", "debates_2016")
 LRS = (2e-3, 4e-3, 1e-3, 5e-4)  # the quickstart's first
 METHODS = ("sora", "lora", "peft-lora")
 LABELS = {"sora": "SoRA", "lora": "sora LoRA", "peft-lora": "PEFT LoRA"}
+AT_CHANCE = 0.01  # a final test accuracy within 1 point of the majority class's share: the run learnt nothing
 LOG_EVERY = 10  # the engine's logged window (train.log_every's default): PEFT's losses are read in the same windows
 
 
@@ -116,15 +118,27 @@ def run_one(dataset: str, key: str, lr: float, seed: int, steps: int | None, ext
             "set": extra, **found}
 
 
-def cells(records: list[dict[str, Any]]) -> dict[tuple[str, float, str], dict[str, Any]]:
-    """(dataset, lr, method) -> runs, collapsed and accuracy mean / std."""
+def majority_share(recipe: Recipe) -> float:
+    """The test accuracy of always answering the test split's most frequent class."""
+    task = get_task(recipe.data)
+    task.load_data()
+    labels = [int(x) for x in task.splits.test.labels]
+    return max(labels.count(c) for c in set(labels)) / len(labels)
+
+
+def cells(records: list[dict[str, Any]], majority: dict[str, float] | None = None
+          ) -> dict[tuple[str, float, str], dict[str, Any]]:
+    """(dataset, lr, method) -> runs, collapsed, at chance (final test accuracy within AT_CHANCE of the dataset's
+    `majority` share, whatever the watch saw: a run that never left chance) and accuracy mean / std."""
     grouped: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in records:
         grouped.setdefault((r["dataset"], r["lr"], r["method"]), []).append(r)
     found = {}
     for key, runs in grouped.items():
         acc = [r["accuracy"] for r in runs]
+        floor = (majority or {}).get(key[0], -1.0) + AT_CHANCE
         found[key] = {"runs": len(runs), "collapsed": sum(r["collapsed"] for r in runs),
+                      "at_chance": sum(a <= floor for a in acc),
                       "seeds": sorted(r["seed"] for r in runs), "accuracy_mean": statistics.fmean(acc),
                       "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0}
     return found
@@ -134,17 +148,24 @@ def targets(found: dict[tuple[str, float, str], dict[str, Any]], shipped_lr: flo
     """Issue 27's targets over the cells run so far."""
     checks = []
     for (dataset, lr, method), c in sorted(found.items()):
-        if method != "sora":
+        if base_method(method) != "sora":
             continue
-        lora = found.get((dataset, lr, "lora"))
+        tag = method.partition("+")[2]
+        sora, lora_name = ("SoRA", "LoRA") if not tag else (f"SoRA ({tag})", f"LoRA ({tag})")
+        lora = found.get((dataset, lr, "lora" + (f"+{tag}" if tag else "")))  # a variant against LoRA's same variant
         if lora is not None:
             rate, lora_rate = c["collapsed"] / c["runs"], lora["collapsed"] / lora["runs"]
-            checks.append((f"{dataset}, lr {lr:g}: SoRA's collapse rate ≤ LoRA's",
+            checks.append((f"{dataset}, lr {lr:g}: {sora}'s collapse rate ≤ {lora_name}'s",
                            f"{c['collapsed']}/{c['runs']} vs {lora['collapsed']}/{lora['runs']}", rate <= lora_rate))
+            checks.append((f"{dataset}, lr {lr:g}: {sora} ends at chance no more often than {lora_name}",
+                           f"{c['at_chance']}/{c['runs']} vs {lora['at_chance']}/{lora['runs']}",
+                           c["at_chance"] / c["runs"] <= lora["at_chance"] / lora["runs"]))
             if lora["collapsed"] == 0:
                 gap = 100 * (c["accuracy_mean"] - lora["accuracy_mean"])
-                checks.append((f"{dataset}, lr {lr:g}: SoRA's accuracy ≥ LoRA's − 0.5 point", f"{gap:+.2f} points",
-                               gap >= -0.5))
+                checks.append((f"{dataset}, lr {lr:g}: {sora}'s accuracy ≥ {lora_name}'s − 0.5 point",
+                               f"{gap:+.2f} points", gap >= -0.5))
+        if tag:
+            continue
         if dataset == "rotten_tomatoes" and lr == shipped_lr:
             checks.append(("the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses",
                            f"{c['collapsed']}/{c['runs']}", c["collapsed"] == 0))
@@ -152,25 +173,27 @@ def targets(found: dict[tuple[str, float, str], dict[str, Any]], shipped_lr: flo
 
 
 def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[str, Any], command: str,
-             shipped_lr: float, methods: list[str]) -> str:
+             shipped_lr: float, methods: list[str], majority: dict[str, float]) -> str:
     rows = []
     for dataset in DATASETS:
         for lr in sorted({k[1] for k in found if k[0] == dataset}):
             row = [dataset, f"{lr:g}"]
             for method in methods:
                 c = found.get((dataset, lr, method))
-                row.append("–" if c is None else f"{c['collapsed']}/{c['runs']} · {100 * c['accuracy_mean']:.2f} ± "
-                                                 f"{100 * c['accuracy_std']:.2f}")
+                row.append("–" if c is None else f"{c['collapsed']}/{c['runs']} · {c['at_chance']}/{c['runs']} · "
+                                                 f"{100 * c['accuracy_mean']:.2f} ± {100 * c['accuracy_std']:.2f}")
             rows.append(row)
     checks = common.target_lines(targets(found, shipped_lr))
     return ("### Stability: collapse rate and test accuracy\n\n"
             f"`{command}`; machine {facts['cpu']} ({facts['torch_threads']} threads), commit {facts['commit']}; "
             f"torch {facts['torch']}, transformers {facts.get('transformers')}, peft {facts.get('peft')}.\n\n"
             + common.markdown_table(["dataset", "lr", *(label(m) for m in methods)], rows)
-            + "\n\nEach cell: runs collapsed / runs, then the final model's test accuracy in %, mean ± std over "
-              "those runs, collapsed ones included. The quickstart recipe with the dataset, method, lr and seed "
-              "changed; collapsed: the loss back at chance after it was clearly below it (the engine's collapse "
-              "watch), or one class for every test example.\n"
+            + "\n\nEach cell: runs collapsed / runs, runs at chance / runs, then the final model's test accuracy in "
+              "%, mean ± std over those runs, all included. The quickstart recipe with the dataset, method, lr and "
+              "seed changed; collapsed: the loss back at chance after it was clearly below it (the engine's collapse "
+              "watch), or one class for every test example; at chance: a final test accuracy within 1 point of "
+              "always answering the majority class (" + ", ".join(f"{d} {100 * m:.2f}%" for d, m in
+                                                                 sorted(majority.items())) + "), collapsed or not.\n"
             + (f"\n{checks}\n" if checks else ""))
 
 
@@ -210,15 +233,19 @@ def main(argv: list[str] | None = None) -> Path:
             done.append(record)
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-    found = cells([r for r in done if r["steps"] == steps])
+        mine = [r for r in done if r["steps"] == steps]
+        majority = {d: majority_share(recipe_for(d, "lora", shipped_lr, 0, args.steps, smoke, Path(tmp)))
+                    for d in sorted({r["dataset"] for r in mine})}
+    found = cells(mine, majority)
     command = "python bench/stability.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     common.write_json(out / "stability.json", {"machine": facts, "command": command, "steps": steps,
+                                               "majority_share": majority,
                                                "cells": [{"dataset": d, "lr": lr, "method": m, **c}
                                                          for (d, lr, m), c in sorted(found.items())],
                                                "targets": [{"target": t, "measured": v, "met": ok}
                                                            for t, v, ok in targets(found, shipped_lr)]})
     keys = sorted({k[2] for k in found}, key=lambda m: (METHODS.index(base_method(m)), m))
-    text = markdown(found, facts, command, shipped_lr, keys)
+    text = markdown(found, facts, command, shipped_lr, keys, majority)
     (out / "stability.md").write_text(text)
     print(text)
     return out

@@ -494,11 +494,15 @@ def test_stability_smoke_runs_each_cell_once_and_tallies_it(tmp_path: Path) -> N
     for r in runs:
         assert r["steps"] == 6 and len(r["losses"]) == 1 and 0 <= r["accuracy"] <= 1  # one logged window of 6
         assert r["collapsed"] == (r["collapse_step"] is not None or r["constant"])
-    cells = {(c["dataset"], c["lr"], c["method"]): c for c in json.loads((out / "stability.json").read_text())["cells"]}
+    summary = json.loads((out / "stability.json").read_text())
+    cells = {(c["dataset"], c["lr"], c["method"]): c for c in summary["cells"]}
+    share = summary["majority_share"]["rotten_tomatoes"]  # of the 64 test examples the smoke keeps
+    assert 0.5 <= share <= 1 and (64 * share) == pytest.approx(round(64 * share))
     for method in stability.METHODS:
         mine = [r for r in runs if r["method"] == method]
         c = cells[("rotten_tomatoes", 1e-3, method)]
         assert (c["runs"], c["collapsed"]) == (2, sum(r["collapsed"] for r in mine))
+        assert c["at_chance"] == sum(r["accuracy"] <= share + 0.01 for r in mine)
         assert c["accuracy_mean"] == pytest.approx(statistics.fmean(r["accuracy"] for r in mine))
     assert "| rotten_tomatoes | 0.001 |" in (out / "stability.md").read_text()
     stability.main(argv)  # finished runs are skipped
@@ -525,12 +529,22 @@ def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
                run("lora", 2e-3, 0, False, 0.81), run("lora", 2e-3, 1, False, 0.80),
                run("sora", 1e-3, 0, False, 0.80), run("lora", 1e-3, 0, True, 0.42),
                run("sora", 5e-4, 0, False, 0.796), run("lora", 5e-4, 0, False, 0.80)]
-    checks = {what: (value, ok) for what, value, ok in stability.targets(stability.cells(records), 2e-3)}
+    records += [{**run("sora", 2e-3, 0, False, 0.81), "method": "sora+mean-pool"},
+                {**run("lora", 2e-3, 0, False, 0.80), "method": "lora+mean-pool"}]  # a variant: against its own
+    found = stability.cells(records, {"rotten_tomatoes": 0.572})  # at chance: accuracy ≤ 0.582
+    checks = {what: (value, ok) for what, value, ok in stability.targets(found, 2e-3)}
     assert checks == {
         "rotten_tomatoes, lr 0.0005: SoRA's collapse rate ≤ LoRA's": ("0/1 vs 0/1", True),
+        "rotten_tomatoes, lr 0.0005: SoRA ends at chance no more often than LoRA": ("0/1 vs 0/1", True),
         "rotten_tomatoes, lr 0.0005: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-0.40 points", True),
         "rotten_tomatoes, lr 0.001: SoRA's collapse rate ≤ LoRA's": ("0/1 vs 1/1", True),
+        "rotten_tomatoes, lr 0.001: SoRA ends at chance no more often than LoRA": ("0/1 vs 1/1", True),
         "rotten_tomatoes, lr 0.002: SoRA's collapse rate ≤ LoRA's": ("1/2 vs 0/2", False),
+        "rotten_tomatoes, lr 0.002: SoRA ends at chance no more often than LoRA": ("1/2 vs 0/2", False),
+        "rotten_tomatoes, lr 0.002: SoRA (mean-pool)'s collapse rate ≤ LoRA (mean-pool)'s": ("0/1 vs 0/1", True),
+        "rotten_tomatoes, lr 0.002: SoRA (mean-pool) ends at chance no more often than LoRA (mean-pool)":
+            ("0/1 vs 0/1", True),
+        "rotten_tomatoes, lr 0.002: SoRA (mean-pool)'s accuracy ≥ LoRA (mean-pool)'s − 0.5 point": ("+1.00 points", True),
         "rotten_tomatoes, lr 0.002: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-11.50 points", False),
         "the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses": ("1/2", False)}
 
