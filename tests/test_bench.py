@@ -544,7 +544,8 @@ def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
         "rotten_tomatoes, lr 0.002: SoRA (mean-pool)'s collapse rate ≤ LoRA (mean-pool)'s": ("0/1 vs 0/1", True),
         "rotten_tomatoes, lr 0.002: SoRA (mean-pool) ends at chance no more often than LoRA (mean-pool)":
             ("0/1 vs 0/1", True),
-        "rotten_tomatoes, lr 0.002: SoRA (mean-pool)'s accuracy ≥ LoRA (mean-pool)'s − 0.5 point": ("+1.00 points", True),
+        "rotten_tomatoes, lr 0.002: SoRA (mean-pool)'s accuracy ≥ LoRA (mean-pool)'s − 0.5 point":
+            ("+1.00 points", True),
         "rotten_tomatoes, lr 0.002: SoRA's accuracy ≥ LoRA's − 0.5 point": ("-11.50 points", False),
         "the quickstart as shipped (SoRA, lr 2e-3, Rotten Tomatoes) never collapses": ("1/2", False)}
 
