@@ -272,7 +272,11 @@ def test_compiled_blocks_under_torchrun_are_the_eager_run(strategy: str, tmp_pat
     """train.compile under torchrun: DDP's gradient sums and FSDP2's all-gather and reduce-scatter hooks run around
     the compiled blocks (FSDP2's per-block hooks stay outside the graph). Float32 SoRA, 6 steps with a placeholder
     micro-batch: the losses and adapter are one eager process's to the tolerance test_compile.py argues (inductor's
-    float32 reordering, ~1e-6 on the weights), no block breaks its graph, and the same ranks switch off."""
+    float32 reordering), no block breaks its graph, and the same ranks switch off. The weights' tolerance is wider than
+    one compiled process's (test_compile.py): the ranks also sum their gradients in another order, and Adam's
+    normalised step turns a gradient's relative error into up to lr × that error on entries whose gradient is small
+    (measured: 2.1e-5 on an Intel Xeon, under 2e-5 on an AMD EPYC). 1e-4 is 1% of lr = 1e-2; a missed reduction or
+    a gradient of the wrong sign moves an entry by ~lr, 100× more."""
     recipe = causal_recipe(tmp_path / "r.yaml", tiny_llama_dir, odd_file,
                            adapter={"method": "sora", "sparse_lambda": 0.5},
                            train={"batch_size": 5, "max_steps": 6, "eval_every": 6, "save_every": 6})
@@ -285,6 +289,6 @@ def test_compiled_blocks_under_torchrun_are_the_eager_run(strategy: str, tmp_pat
     losses = [(a["loss"], b["loss"]) for a, b in zip(events(eager, "train"), events(fast, "train"), strict=True)]
     assert len(losses) == 6 and all(abs(a - b) < 1e-5 for a, b in losses), losses
     a, b = tensors(eager / "final"), tensors(fast / "final")
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-5
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     gates = [k for k in a if k.endswith(".gate")]
     assert gates and all(torch.equal(a[k] == 0, b[k] == 0) for k in gates)
