@@ -51,13 +51,18 @@ AT_CHANCE = 0.01  # a final test accuracy within 1 point of the majority class's
 LOG_EVERY = 10  # the engine's logged window (train.log_every's default): PEFT's losses are read in the same windows
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """`sora+gate-ones` -> (`sora`, `gate-ones`): a method key is a method, or a method and a variant's `--tag`."""
+    method, _, tag = key.partition("+")
+    return method, tag
+
+
 def base_method(key: str) -> str:
-    """`sora+gate-ones` -> `sora`: a method key is a method, or a method and the tag of a variant (`--tag`)."""
-    return key.split("+", 1)[0]
+    return split_key(key)[0]
 
 
 def label(key: str) -> str:
-    method, _, tag = key.partition("+")
+    method, tag = split_key(key)
     return LABELS[method] + (f", {tag}" if tag else "")
 
 
@@ -148,9 +153,9 @@ def targets(found: dict[tuple[str, float, str], dict[str, Any]], shipped_lr: flo
     """Issue 27's targets over the cells run so far."""
     checks = []
     for (dataset, lr, method), c in sorted(found.items()):
-        if base_method(method) != "sora":
+        base, tag = split_key(method)
+        if base != "sora":
             continue
-        tag = method.partition("+")[2]
         sora, lora_name = ("SoRA", "LoRA") if not tag else (f"SoRA ({tag})", f"LoRA ({tag})")
         lora = found.get((dataset, lr, "lora" + (f"+{tag}" if tag else "")))  # a variant against LoRA's same variant
         if lora is not None:

@@ -163,7 +163,7 @@ def loading_config(meta: dict[str, Any], base: str | None = None) -> ModelConfig
                        dtype=loading.get("dtype", "float32"), gguf_file=loading.get("gguf_file"),
                        trust_remote_code=loading.get("trust_remote_code", False),
                        quantization=quantized.get("type"), double_quantization=quantized.get("double_quantization"),
-                       compute_dtype=quantized.get("compute_dtype"), pooling=loading.get("pooling", "cls"))
+                       compute_dtype=quantized.get("compute_dtype"), pooling=pooling.recorded(meta))
 
 
 def load_base(directory: Path, meta: dict[str, Any], base: str | None = None,

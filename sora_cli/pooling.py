@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -66,9 +66,9 @@ NOT_PORTABLE = ("it was trained with model.pooling: mean, which no transformers 
                 "poolers read the first token), so the saved model would predict differently")
 
 
-def recorded(meta: dict[str, Any]) -> str:
+def recorded(meta: dict[str, Any]) -> Literal["cls", "mean"]:
     """The pooling an adapter checkpoint was trained with (cls for checkpoints older than model.pooling)."""
-    return str(meta.get("base_model_loading", {}).get("pooling", "cls"))
+    return "mean" if meta.get("base_model_loading", {}).get("pooling") == "mean" else "cls"
 
 
 def declared(directory: str) -> str | None:
