@@ -96,7 +96,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):  # files and folders at any depth (a sentence-transformers merge has subfolders)
             _fsync(f)
         _fsync(tmp)
         if target.exists():
@@ -130,7 +130,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any] | list[Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 

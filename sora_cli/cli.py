@@ -279,7 +279,8 @@ def prune_command(
 @app.command("merge")
 def merge_command(
     ckpt: CkptArgument,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged transformers model.",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged model: transformers (a "
+                                         "sentence-transformers folder for a model.pooling: mean run).",
                                          show_default=False)],
     base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one the checkpoint "
                                                             "records).")] = None,
@@ -292,7 +293,8 @@ def merge_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Fold the adapter into the base weights: an ordinary transformers model, no adapter code needed."""
+    """Fold the adapter into the base weights: an ordinary transformers model (a sentence-transformers one for a
+    mean-pooled run), no adapter code needed."""
     from sora_cli.merge import MERGE_REPORT, merge_checkpoint
 
     def go() -> dict[str, Any]:
@@ -300,6 +302,9 @@ def merge_command(
 
     report = _run(go, debug)
     render.note(f"merged {report['modules_merged']} adapted modules into the base weights: {output}")
+    if report["format"] == "sentence-transformers":
+        render.note("a sentence-transformers model (the run pooled the mean of the token states, which no transformers "
+                    f"classifier does): SentenceTransformer({str(output)!r}).encode(texts) gives the logits")
     render.merge_summary(report, str(output / MERGE_REPORT))
 
 

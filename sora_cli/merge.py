@@ -21,6 +21,7 @@ from sora_cli.checkpoint import atomic_dir, load_adapter, write_json
 from sora_cli.errors import InputError, SoraError
 from sora_cli.precision import wide_dtype
 from sora_cli.report import SPARSE_BASE_SHARE
+from sora_cli.sentence_export import write_sentence_transformers
 
 MERGE_REPORT = "sora_merge.json"  # beside the merged model: per-module counts of changed / rounded-away weights
 
@@ -95,7 +96,8 @@ def _saved_dtype(model: Any, counts: dict[str, dict[str, int]]) -> str:
 def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: str = "auto",
                      force: bool = False, into: str = "full") -> dict[str, Any]:
     """`sora merge`: the base as it was trained (checked by fingerprint), merged, saved with its tokenizer
-    as a plain transformers model; `dtype` auto keeps the base's. Beside the model, `sora_merge.json` holds the
+    as a plain transformers model (a mean-pooled run, model.pooling: mean, as a sentence-transformers folder:
+    sora_cli/sentence_export.py); `dtype` auto keeps the base's. Beside the model, `sora_merge.json` holds the
     counts of changed and rounded-away weights per module (counted in the saved dtype). Returns that report.
 
     A run on a quantized base merges into the full-precision weights it was quantized from (`into` full: what one
@@ -106,9 +108,7 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
     if output.exists() and not force:
         raise InputError(f"--output: {output} already exists; choose another path or pass --force")
     tensors, meta = load_adapter(ckpt)
-    if pooling.recorded(meta) != "cls":
-        raise InputError(f"{ckpt}: not merged: {pooling.NOT_PORTABLE}; evaluate it with sora eval, or train with "
-                         "model.pooling: cls for a model to merge")
+    mean_pooled = pooling.recorded(meta) == "mean"
     quantized = quantization.recorded(meta)
     if into == "dequantized" and not quantized:
         raise InputError(f"--into: dequantized applies to a run on a quantized base (model.quantization); {ckpt} was "
@@ -135,14 +135,31 @@ def merge_checkpoint(ckpt: Path, output: Path, base: str | None = None, dtype: s
               "sparse_base": not quantized and total["zeros_before"] >= SPARSE_BASE_SHARE * total["weights"],
               # the merged weights' zeros are exactly the base's (a sparsity-keeping merge promises it)
               "zero_pattern_kept": total["zeros_after"] == total["zeros_before"] and not total["kept_rounded_to_zero"],
+              # mean-pooled (model.pooling: mean): no transformers classifier pools the mean, sentence-transformers does
+              "format": "sentence-transformers" if mean_pooled else "transformers",
               "total": total, "modules": counts}
     if quantized:
         report["quantization"] = {**quantized, "merged_into": into, "error": quantization_error(errors)}
     with atomic_dir(output) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if mean_pooled:
+            write_sentence_transformers(tmp, model, tokenizer, trained_length(ckpt), str(ckpt))
+        else:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         write_json(tmp / MERGE_REPORT, report)
     return report
+
+
+def trained_length(ckpt: Path) -> int | None:
+    """data.max_length of the run's recipe (the truncation the model was trained and evaluated with), None when the
+    checkpoint has left its run directory."""
+    from sora_cli.evaluate import find_recipe
+    from sora_cli.recipe import load_recipe
+
+    try:
+        return load_recipe(find_recipe(ckpt)).data.max_length
+    except InputError:
+        return None
 
 
 def quantization_error(errors: dict[str, dict[str, float]]) -> dict[str, Any]:

@@ -61,9 +61,9 @@ def use_mean(model: nn.Module, name: str) -> None:
     base.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
-# Why a mean-pooled run cannot leave sora as a plain transformers model or a PEFT adapter
+# Why a mean-pooled run cannot leave sora as a PEFT adapter (sora merge writes it as a sentence-transformers model)
 NOT_PORTABLE = ("it was trained with model.pooling: mean, which no transformers sequence classifier expresses (their "
-                "poolers read the first token), so the saved model would predict differently")
+                "poolers read the first token), so the adapter would predict differently there")
 
 
 def recorded(meta: dict[str, Any]) -> Literal["cls", "mean"]:

@@ -81,9 +81,11 @@ def prune_checkpoint(ckpt: Path, out: Path, eps: float = 0.0, peft: Path | None 
         raise InputError(f"--peft: {peft} overlaps --output {out}; give two separate directories")
     pruned, pruned_meta = prune(tensors, meta, eps)
     reason = KEEP_SPARSITY_EXPORT if meta.get("keep_sparsity") else method_class(meta["method"]).peft_export
-    reason = reason or (pooling.NOT_PORTABLE if pooling.recorded(meta) != "cls" else None)
+    mean_pooled = pooling.recorded(meta) == "mean"
+    reason = reason or (pooling.NOT_PORTABLE if mean_pooled else None)
     if peft is not None and reason:
-        raise InputError(f"--peft: {reason}; use sora merge for a plain model instead")
+        merged = "a sentence-transformers model that pools the mean" if mean_pooled else "a plain model"
+        raise InputError(f"--peft: {reason}; use sora merge for {merged} instead")
     if peft is not None and not any(m["r"] for m in pruned_meta["modules"].values()):
         raise InputError(f"--peft: no rank survives in {ckpt}, so there is no LoRA adapter to export; "
                          "the base model with the trained head is the whole model (see sora merge)")

@@ -255,7 +255,8 @@ def merge_summary(report: dict[str, Any], details: str) -> None:
     note(f"changed {t['changed']:,d} of {t['weights']:,d} base weights of the adapted modules{share}, counted in "
          f"{report['dtype']}; {t['rounded_away']:,d} non-zero updates rounded away by the cast; per module: {details}")
     if t["rounded_away"]:
-        keep = "sora eval CKPT" + ("" if report["keep_sparsity"] else ", or sora prune CKPT --peft DIR")
+        peft = not report["keep_sparsity"] and report["format"] == "transformers"  # what --peft can export
+        keep = "sora eval CKPT" + (", or sora prune CKPT --peft DIR" if peft else "")
         note(f"hint: those updates are below the {report['dtype']} spacing of their weights, so the merged model "
              f"lacks them; the unmerged adapter keeps them ({keep})")
     if report["sparse_base"] or report["keep_sparsity"]:

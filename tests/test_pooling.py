@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sora_cli.engine import train
 from sora_cli.errors import InputError
@@ -78,8 +79,8 @@ def test_mean_pooling_needs_a_bert_style_pooler() -> None:
 def test_a_mean_pooled_run_trains_reloads_mean_pooled_and_stays_inside_sora(make_recipe, tmp_path: Path,
                                                                             method: str) -> None:
     """Trained with model.pooling: mean, SoRA and LoRA both learn the tiny task; the checkpoint records the pooling,
-    every reload pools the mean (sora eval gives the run's own test scores), and merge / a PEFT export refuse, since
-    transformers' classifiers read [CLS]."""
+    every reload pools the mean (sora eval gives the run's own test scores), and a PEFT export refuses, since
+    transformers' classifiers read [CLS] (merge writes a sentence-transformers folder: the next test)."""
     adapter = {"method": method, "sparse_lambda": 5.0 if method == "sora" else None}
     recipe = load_recipe(make_recipe("mean", model={"pooling": "mean"}, adapter=adapter,
                                      train={"max_steps": 20, "eval_every": 20}))
@@ -89,11 +90,42 @@ def test_a_mean_pooled_run_trains_reloads_mean_pooled_and_stays_inside_sora(make
     model, _, meta = load_adapted(final)
     assert meta["base_model_loading"]["pooling"] == "mean" and isinstance(model.bert.pooler, MeanPooler)
     assert evaluate_checkpoint(final, [])["metrics"] == pytest.approx(result.test, abs=1e-9)
-    with pytest.raises(InputError, match=r"not merged: it was trained with model\.pooling: mean"):
-        merge_checkpoint(final, tmp_path / "merged")
-    with pytest.raises(InputError, match=r"^--peft: it was trained with model\.pooling: mean"):
+    with pytest.raises(InputError, match=r"^--peft: it was trained with model\.pooling: mean.*; use sora merge for a "
+                                         r"sentence-transformers model that pools the mean instead$"):
         prune_checkpoint(final, tmp_path / "pruned", peft=tmp_path / "peft")
-    assert not (tmp_path / "merged").exists() and not (tmp_path / "pruned").exists()
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "peft").exists()
+
+
+def test_a_mean_pooled_merge_loads_in_sentence_transformers_with_the_runs_logits(make_recipe, tmp_path: Path) -> None:
+    """sora merge of a mean-pooled SoRA run writes a sentence-transformers folder whose encode() gives the adapted
+    model's logits (float32: two paths through the same float32 weights agree to ~1e-6), and whose root folder is a
+    plain transformers BertModel giving the same logits by hand: mean pool, the pooler's dense + tanh, the
+    classifier. Truncation is the run's data.max_length (16 here)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    recipe = load_recipe(make_recipe("mean-merge", model={"pooling": "mean"}, train={"max_steps": 20}))
+    final = train(recipe).output_dir / "final"
+    report = merge_checkpoint(final, tmp_path / "merged")
+    assert report["format"] == "sentence-transformers" and report["modules_merged"] > 0
+    texts = ["the movie was good and the plot was great", "awful", "it was very bad " * 8]  # the last: truncated
+    model, tokenizer, _ = load_adapted(final)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits  # (3, 2)
+        st = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+        found = st.encode(texts, convert_to_tensor=True)
+        bert = AutoModel.from_pretrained(tmp_path / "merged").eval()
+        enc = AutoTokenizer.from_pretrained(tmp_path / "merged")(texts, padding=True, truncation=True,
+                                                                  max_length=16, return_tensors="pt")
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        mean = (bert(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
+        dense, head = (load_file(tmp_path / "merged" / d / "model.safetensors") for d in ("2_Dense", "3_Dense"))
+        by_hand = torch.tanh(mean @ dense["linear.weight"].T + dense["linear.bias"]) @ head["linear.weight"].T
+    assert st.max_seq_length == 16 and tuple(found.shape) == (3, 2)
+    torch.testing.assert_close(found, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_hand + head["linear.bias"], expected, rtol=0, atol=1e-5)
+    assert (expected[:, 1] - expected[:, 0]).abs().max() > 1e-3  # a trained head: the match is not of constants
 
 
 def test_what_a_checkpoint_declares_and_the_collapse_tip(tmp_path: Path) -> None:
