@@ -177,7 +177,7 @@ def targets(found: dict[tuple[str, float, str], dict[str, Any]], shipped_lr: flo
     return checks
 
 
-def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[str, Any], command: str,
+def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[str, Any], source: str,
              shipped_lr: float, methods: list[str], majority: dict[str, float]) -> str:
     rows = []
     for dataset in DATASETS:
@@ -190,7 +190,7 @@ def markdown(found: dict[tuple[str, float, str], dict[str, Any]], facts: dict[st
             rows.append(row)
     checks = common.target_lines(targets(found, shipped_lr))
     return ("### Stability: collapse rate and test accuracy\n\n"
-            f"`{command}`; machine {facts['cpu']} ({facts['torch_threads']} threads), commit {facts['commit']}; "
+            f"{source}, commit {facts['commit']}; "
             f"torch {facts['torch']}, transformers {facts.get('transformers')}, peft {facts.get('peft')}.\n\n"
             + common.markdown_table(["dataset", "lr", *(label(m) for m in methods)], rows)
             + "\n\nEach cell: runs collapsed / runs, runs at chance / runs, then the final model's test accuracy in "
@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--tag", help="the variant's name: its runs are kept as METHOD+TAG, a column of their own")
     parser.add_argument("--smoke", action="store_true", help="a tiny random BERT, 256 examples (CI)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<date>-<machine>)")
+    parser.add_argument("--report", action="store_true", help="train nothing: the table of the runs finished so far")
     args = parser.parse_args(argv)
     if bool(args.set) != bool(args.tag):
         parser.error("--set and --tag go together: a variant's runs need a name of their own")
@@ -229,12 +230,14 @@ def main(argv: list[str] | None = None) -> Path:
             tiny = common.tiny_model_dir(Path(tmp) / "tiny-bert")
             smoke = [f"model.name_or_path={tiny}", "data.max_train_samples=256", "data.max_eval_samples=64"]
         finished = {(r["dataset"], r["method"], r["lr"], r["seed"], r["steps"]) for r in done}
-        for lr, dataset, seed, method in itertools.product(args.lrs, args.datasets, args.seeds, args.methods):
+        grid = [] if args.report else itertools.product(args.lrs, args.datasets, args.seeds, args.methods)
+        for lr, dataset, seed, method in grid:
             key = f"{method}+{args.tag}" if args.tag else method
             if (dataset, key, lr, seed, steps) in finished:
                 continue
             print(f"{dataset} {key} lr {lr:g} seed {seed}", flush=True)
             record = run_one(dataset, key, lr, seed, args.steps, [*smoke, *args.set], args.smoke, Path(tmp))
+            record["cpu"] = facts["cpu"]  # a collapse is a knife-edge of the numerics: which CPU's kernels ran it
             done.append(record)
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -243,6 +246,10 @@ def main(argv: list[str] | None = None) -> Path:
                     for d in sorted({r["dataset"] for r in mine})}
     found = cells(mine, majority)
     command = "python bench/stability.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    source = f"`{command}`; machine {facts['cpu']} ({facts['torch_threads']} threads)"
+    if args.report:  # every finished run, from any sitting: not one command's cells, nor one machine's
+        source = (f"`python bench/stability.py --out {args.out}` (the whole grid; `--report` tabulates the {len(mine)} "
+                  f"runs finished so far, kept in {log.name}, from sittings on 2-core CPUs, 1 thread a run)")
     common.write_json(out / "stability.json", {"machine": facts, "command": command, "steps": steps,
                                                "majority_share": majority,
                                                "cells": [{"dataset": d, "lr": lr, "method": m, **c}
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> Path:
                                                "targets": [{"target": t, "measured": v, "met": ok}
                                                            for t, v, ok in targets(found, shipped_lr)]})
     keys = sorted({k[2] for k in found}, key=lambda m: (METHODS.index(base_method(m)), m))
-    text = markdown(found, facts, command, shipped_lr, keys, majority)
+    text = markdown(found, facts, source, shipped_lr, keys, majority)
     (out / "stability.md").write_text(text)
     print(text)
     return out

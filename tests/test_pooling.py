@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from safetensors.torch import load_file
 from sora_cli.engine import train
 from sora_cli.errors import InputError
 from sora_cli.evaluate import evaluate_checkpoint
-from sora_cli.merge import merge_checkpoint
 from sora_cli.models import load_adapted
 from sora_cli.pooling import MeanPooler, use_mean
 from sora_cli.prune import prune_checkpoint
@@ -103,10 +103,16 @@ def test_a_mean_pooled_merge_loads_in_sentence_transformers_with_the_runs_logits
     classifier. Truncation is the run's data.max_length (16 here)."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from sora_cli.cli import app
 
     recipe = load_recipe(make_recipe("mean-merge", model={"pooling": "mean"}, train={"max_steps": 20}))
     final = train(recipe).output_dir / "final"
-    report = merge_checkpoint(final, tmp_path / "merged")
+    result = CliRunner().invoke(app, ["merge", str(final), "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "a sentence-transformers model" in result.output and ".encode(texts) gives the logits" in result.output
+    report = json.loads((tmp_path / "merged" / "sora_merge.json").read_text())
     assert report["format"] == "sentence-transformers" and report["modules_merged"] > 0
     texts = ["the movie was good and the plot was great", "awful", "it was very bad " * 8]  # the last: truncated
     model, tokenizer, _ = load_adapted(final)
