@@ -516,6 +516,11 @@ def test_stability_smoke_runs_each_cell_once_and_tallies_it(tmp_path: Path) -> N
     assert header == " SoRA | SoRA, gate-ones | sora LoRA | PEFT LoRA |"
     with pytest.raises(SystemExit):
         stability.main([*argv, "--set", "adapter.gate_init=ones"])  # a variant needs its --tag
+    # --report trains nothing (not even the missing seed 2) and tabulates every finished run, variants included
+    stability.main(["--smoke", "--report", "--seeds", "0", "1", "2", "--steps", "6", "--out", str(tmp_path)])
+    assert len((out / "stability-runs.jsonl").read_text().splitlines()) == len(runs) + 1
+    text = (out / "stability.md").read_text()
+    assert f"`--report` tabulates the {len(runs) + 1} runs finished so far" in text and "SoRA, gate-ones" in text
 
 
 def test_stability_targets_compare_rates_and_accuracy_per_cell() -> None:
