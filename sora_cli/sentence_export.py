@@ -10,8 +10,9 @@ the logits (sentence-transformers' own loader; sora is not needed to use the mod
     2_Dense     Dense        the pooler: W_p, b_p, its activation (tanh)      (d -> d)
     3_Dense     Dense        the classifier: C, c, no activation              (d -> num_labels)
 
-The root folder alone is a plain transformers `BertModel` (its config keeps id2label), so the model is usable
-without sentence-transformers too: mean-pool `last_hidden_state`, then the two dense layers.
+The root folder alone is a plain transformers `BertModel` (its config keeps the label names, id2label, where the
+data had them), so the model is usable without sentence-transformers too: mean-pool `last_hidden_state`, then the
+two dense layers.
 """
 
 from __future__ import annotations
