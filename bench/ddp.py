@@ -106,7 +106,9 @@ def launch(nproc: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
            str(Path(__file__).resolve()), "--worker", "--result", str(result), "--work", str(work),
            "--device", args.device, "--steps", str(args.steps), "--repeats", str(args.repeats),
            *(["--smoke"] if args.smoke else [])]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(common.REPO)})
+    # N processes x 1 thread on CPU, whatever OMP_NUM_THREADS says (torchrun sets 1 only where it is unset)
+    threads = {"OMP_NUM_THREADS": "1"} if nproc > 1 and args.device == "cpu" else {}
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(common.REPO), **threads})
     return json.loads(result.read_text())
 
 
