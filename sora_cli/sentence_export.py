@@ -59,7 +59,8 @@ def write_dense(directory: Path, linear: nn.Linear, activation: nn.Module | None
 def write_sentence_transformers(directory: Path, model: Any, tokenizer: Any, max_length: int | None,
                                 name: str) -> None:
     """The merged, mean-pooled `model` as a sentence-transformers folder in `directory` (which exists, empty).
-    `max_length`: the token length it was trained and evaluated with (truncation), None for the tokenizer's own."""
+    `max_length`: the token length it was trained and evaluated with (truncation); None for the longest the model
+    takes (its positions, or the tokenizer's limit where lower)."""
     dense, activation, head = dense_layers(model, name)
     base = getattr(model, model.base_model_prefix)
     base.save_pretrained(directory)  # the BertModel; its pooler's weights stay (unused; loads without a warning)
@@ -69,8 +70,9 @@ def write_sentence_transformers(directory: Path, model: Any, tokenizer: Any, max
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
         {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}])
-    write_json(directory / "sentence_bert_config.json",
-               {"max_seq_length": max_length or tokenizer.model_max_length, "do_lower_case": False})
+    longest = min(tokenizer.model_max_length, getattr(base.config, "max_position_embeddings", 1 << 30))
+    write_json(directory / "sentence_bert_config.json", {"max_seq_length": max_length or longest,
+                                                         "do_lower_case": False})
     (directory / "1_Pooling").mkdir()
     write_json(directory / "1_Pooling" / "config.json", {
         "word_embedding_dimension": dense.in_features, "pooling_mode_cls_token": False,

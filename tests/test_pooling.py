@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from sora_cli.engine import train
 from sora_cli.errors import InputError
 from sora_cli.evaluate import evaluate_checkpoint
+from sora_cli.merge import merge_checkpoint
 from sora_cli.models import load_adapted
 from sora_cli.pooling import MeanPooler, use_mean
 from sora_cli.prune import prune_checkpoint
@@ -132,6 +134,10 @@ def test_a_mean_pooled_merge_loads_in_sentence_transformers_with_the_runs_logits
     torch.testing.assert_close(found, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(by_hand + head["linear.bias"], expected, rtol=0, atol=1e-5)
     assert (expected[:, 1] - expected[:, 0]).abs().max() > 1e-3  # a trained head: the match is not of constants
+    # a checkpoint moved out of its run directory has no recipe to read: truncation at the model's 64 positions
+    shutil.copytree(final, tmp_path / "moved")
+    merge_checkpoint(tmp_path / "moved", tmp_path / "merged-moved")
+    assert json.loads((tmp_path / "merged-moved" / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
 
 
 def test_what_a_checkpoint_declares_and_the_collapse_tip(tmp_path: Path) -> None:
