@@ -36,8 +36,7 @@ def module_path(module: nn.Module) -> str:
 
 def dense_layers(model: Any, name: str) -> tuple[nn.Linear, nn.Module, nn.Linear]:
     """(pooler dense, pooler activation, classifier) of a mean-pooled BERT-style classifier."""
-    base = getattr(model, model.base_model_prefix)
-    pooler, head = base.pooler, getattr(model, "classifier", None)
+    pooler, head = model.base_model.pooler, getattr(model, "classifier", None)
     if not isinstance(head, nn.Linear) or not isinstance(pooler.dense, nn.Linear):
         raise InputError(f"{name}: not merged: its head ({type(head).__name__}) is not one linear layer after the "
                          "pooler, so it has no sentence-transformers form; evaluate it with sora eval")
@@ -62,7 +61,7 @@ def write_sentence_transformers(directory: Path, model: Any, tokenizer: Any, max
     `max_length`: the token length it was trained and evaluated with (truncation); None for the longest the model
     takes (its positions, or the tokenizer's limit where lower)."""
     dense, activation, head = dense_layers(model, name)
-    base = getattr(model, model.base_model_prefix)
+    base = model.base_model
     base.save_pretrained(directory)  # the BertModel; its pooler's weights stay (unused; loads without a warning)
     tokenizer.save_pretrained(directory)
     write_json(directory / "modules.json", [
